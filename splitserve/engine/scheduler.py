@@ -1,0 +1,230 @@
+"""The engine scheduler: pure Python, shared by the live engine and the simulator.
+
+`schedule()` returns a StepPlan; the caller executes it (a model runner or a cost model) and
+hands the sampled tokens to `update()`. No torch, no I/O, no clock.
+
+Policy (one code path, no phase flag):
+  1. Running requests first, in arrival order: each gets the tokens it still lacks (1 for
+     decode, a chunk for a long prefill), within the step's token budget. When blocks run
+     out, the newest running request is preempted (its blocks freed, recomputed later).
+  2. Then waiting requests, oldest first, reusing cached prefix blocks, while budget, seats
+     and blocks last. Nothing waiting is admitted in a step that had to preempt.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from splitserve.config import SchedulerConfig
+from splitserve.engine.block_manager import BlockManager
+from splitserve.engine.request import Request, RequestStatus
+
+
+@dataclass(slots=True)
+class ScheduledChunk:
+    request: Request
+    start: int  # tokens already in the KV cache
+    num_tokens: int  # tokens computed this step: token_ids[start : start + num_tokens]
+    sample: bool  # True when this step reaches the end of the known tokens
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_tokens
+
+
+@dataclass(slots=True)
+class StepPlan:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+@dataclass(slots=True)
+class TokenEvent:
+    """What one request gained in a step: at most one new token, maybe a finish."""
+
+    request: Request
+    new_token: int | None
+    finished: bool
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self.block_manager = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self._arrivals = 0
+        self.num_preemptions = 0
+
+    # ---- admission -----------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"duplicate request id {request.request_id!r}")
+        limit = self.config.max_model_len
+        if request.num_tokens >= limit:
+            raise ValueError(f"prompt of {request.num_tokens} tokens does not fit max_model_len={limit}")
+        request.arrival_index = self._arrivals
+        self._arrivals += 1
+        request.status = RequestStatus.WAITING
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def is_idle(self) -> bool:
+        return not self.requests and not self.waiting and not self.running and self.block_manager.is_idle()
+
+    # ---- planning ------------------------------------------------------------------------
+    def schedule(self) -> StepPlan:
+        plan = StepPlan()
+        budget = self.config.max_num_batched_tokens
+        bm = self.block_manager
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if num_new <= 0:  # nothing to compute (should not happen); keep it seated
+                i += 1
+                continue
+            scheduled = True
+            while not bm.allocate_slots(req, req.num_computed_tokens + num_new):
+                victim = self.running.pop()
+                self._preempt(victim)
+                plan.preempted.append(victim.request_id)
+                if victim is req:
+                    scheduled = False
+                    break
+            if not scheduled:
+                break
+            plan.chunks.append(self._chunk(req, num_new))
+            budget -= num_new
+            i += 1
+
+        if not plan.preempted:
+            while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+                req = self.waiting[0]
+                if req.status == RequestStatus.WAITING_FOR_KV:
+                    break  # its KV is on its way; admission happens when it lands
+                computed_blocks, num_cached = bm.get_computed_blocks(req)
+                num_new = min(req.num_tokens - num_cached, budget)
+                if not bm.allocate_slots(req, num_cached + num_new, computed_blocks):
+                    break
+                self.waiting.popleft()
+                req.num_computed_tokens = num_cached
+                if req.num_cached_tokens < 0:
+                    req.num_cached_tokens = num_cached
+                req.status = RequestStatus.RUNNING
+                self.running.append(req)
+                plan.chunks.append(self._chunk(req, num_new))
+                budget -= num_new
+        return plan
+
+    def _chunk(self, req: Request, num_new: int) -> ScheduledChunk:
+        start = req.num_computed_tokens
+        return ScheduledChunk(req, start, num_new, sample=start + num_new == req.num_tokens)
+
+    def _preempt(self, req: Request) -> None:
+        """Free everything and recompute later: the prefix cache usually makes that cheap."""
+        self.block_manager.free(req)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    # ---- results -------------------------------------------------------------------------
+    def update(self, plan: StepPlan, sampled: dict[str, int]) -> list[TokenEvent]:
+        """Apply a step's results. `sampled` maps request id to the token drawn for it."""
+        events: list[TokenEvent] = []
+        finished: list[Request] = []
+        for chunk in plan.chunks:
+            req = chunk.request
+            if req.status != RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            req.num_computed_tokens = chunk.end
+            self.block_manager.cache_full_blocks(req)
+            if not chunk.sample:
+                continue
+            token = sampled[req.request_id]
+            req.append_token(token)
+            done = self._check_stop(req, token)
+            if done:
+                finished.append(req)
+            events.append(TokenEvent(req, token, done))
+        if finished:
+            gone = set(id(r) for r in finished)
+            self.running = [r for r in self.running if id(r) not in gone]
+            for req in finished:
+                self._release(req)
+        return events
+
+    def _check_stop(self, req: Request, token: int) -> bool:
+        params = req.sampling_params
+        n_out = req.num_output_tokens
+        if n_out >= params.min_tokens:
+            if not params.ignore_eos and token in req.eos_token_ids:
+                req.status = RequestStatus.FINISHED_STOPPED
+                return True
+            if token in params.stop_token_ids:
+                req.status = RequestStatus.FINISHED_STOPPED
+                req.stop_reason = token
+                return True
+        if n_out >= params.max_tokens or req.num_tokens >= self.config.max_model_len:
+            req.status = RequestStatus.FINISHED_LENGTH
+            return True
+        return False
+
+    def finish(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> Request | None:
+        """Finish a request from outside (abort, client gone, stop string matched)."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return None
+        if req.status == RequestStatus.RUNNING:
+            self.running.remove(req)
+        else:
+            try:
+                self.waiting.remove(req)
+            except ValueError:
+                pass
+        req.status = status
+        self._release(req)
+        return req
+
+    def _release(self, req: Request) -> None:
+        self.block_manager.free(req)
+        self.requests.pop(req.request_id, None)
+
+    def check_integrity(self) -> None:
+        self.block_manager.check_integrity()
+        ids = {r.request_id for r in self.running} | {r.request_id for r in self.waiting}
+        assert ids == set(self.requests), "scheduler queues disagree with the request table"
+        assert len(self.running) <= self.config.max_num_seqs
+        for r in self.running:
+            assert r.status == RequestStatus.RUNNING
+            assert r.num_computed_tokens <= r.num_tokens
+        for r in self.waiting:
+            assert r.request_id not in self.block_manager.req_blocks or r.status == RequestStatus.WAITING_FOR_KV

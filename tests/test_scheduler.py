@@ -1,0 +1,236 @@
+"""Scheduler and block-manager lifecycle on fake runner outputs; every scenario ends in a leak check."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from splitserve.config import SchedulerConfig
+from splitserve.engine.block_manager import BlockManager
+from splitserve.engine.request import Request, RequestStatus
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.engine.scheduler import Scheduler
+
+EOS = 2
+
+
+def make_request(rid: str, n_prompt: int, max_tokens: int = 4, base: int = 100, **kw) -> Request:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, **kw)
+    return Request(rid, [base + i for i in range(n_prompt)], params, eos_token_ids=frozenset({EOS}))
+
+
+def fake_token(req: Request) -> int:
+    """Deterministic 'model': next token is a function of the sequence so far, never EOS."""
+    return 1000 + (sum(req.token_ids) + req.num_tokens) % 500
+
+
+def run_to_completion(sched: Scheduler, max_steps: int = 10_000, on_step=None) -> dict[str, list[int]]:
+    outputs: dict[str, list[int]] = {}
+    for step in range(max_steps):
+        if not sched.has_unfinished():
+            break
+        plan = sched.schedule()
+        assert plan.num_tokens <= sched.config.max_num_batched_tokens
+        sched.check_integrity()
+        sampled = {c.request_id: fake_token(c.request) for c in plan.chunks if c.sample}
+        for ev in sched.update(plan, sampled):
+            outputs.setdefault(ev.request.request_id, []).append(ev.new_token)
+        if on_step:
+            on_step(step, sched)
+        sched.check_integrity()
+    else:
+        raise AssertionError("scheduler did not finish")
+    assert sched.is_idle(), "leak: the scheduler or block manager still holds something"
+    return outputs
+
+
+def reference_outputs(prompts: dict[str, int], max_tokens: int) -> dict[str, list[int]]:
+    out = {}
+    for rid, n in prompts.items():
+        req = make_request(rid, n, max_tokens)
+        toks = []
+        for _ in range(max_tokens):
+            t = fake_token(req)
+            req.append_token(t)
+            toks.append(t)
+        out[rid] = toks
+    return out
+
+
+def test_single_request_prefill_then_decode():
+    sched = Scheduler(SchedulerConfig(num_blocks=16, block_size=4, max_model_len=64))
+    sched.add_request(make_request("a", 10, max_tokens=3))
+    plan = sched.schedule()
+    assert [(c.start, c.num_tokens, c.sample) for c in plan.chunks] == [(0, 10, True)]
+    sched.update(plan, {"a": 7})
+    plan = sched.schedule()
+    assert [(c.start, c.num_tokens, c.sample) for c in plan.chunks] == [(10, 1, True)]
+    sched.update(plan, {"a": 8})
+    plan = sched.schedule()
+    events = sched.update(plan, {"a": 9})
+    assert events[0].finished and events[0].request.finish_reason == "length"
+    assert events[0].request.output_token_ids == [7, 8, 9]
+    assert sched.is_idle()
+
+
+def test_chunked_prefill_respects_budget_and_only_last_chunk_samples():
+    sched = Scheduler(SchedulerConfig(num_blocks=64, block_size=4, max_model_len=128, max_num_batched_tokens=16))
+    sched.add_request(make_request("long", 40, max_tokens=2))
+    chunks = []
+    while True:
+        plan = sched.schedule()
+        c = plan.chunks[0]
+        chunks.append((c.start, c.num_tokens, c.sample))
+        sched.update(plan, {"long": 5} if c.sample else {})
+        if c.sample:
+            break
+    assert chunks == [(0, 16, False), (16, 16, False), (32, 8, True)]
+    run_to_completion(sched)
+
+
+def test_eos_and_stop_token_ids_and_min_tokens():
+    sched = Scheduler(SchedulerConfig(num_blocks=16, block_size=4, max_model_len=64))
+    sched.add_request(make_request("eos", 3, max_tokens=10))
+    sched.add_request(make_request("stopid", 3, max_tokens=10, stop_token_ids=(77,)))
+    sched.add_request(make_request("min", 3, max_tokens=10, min_tokens=2))
+    sched.add_request(make_request("ign", 3, max_tokens=2, ignore_eos=True))
+    plan = sched.schedule()
+    ev = {e.request.request_id: e for e in sched.update(plan, {"eos": EOS, "stopid": 77, "min": EOS, "ign": EOS})}
+    assert ev["eos"].finished and ev["eos"].request.finish_reason == "stop"
+    assert ev["stopid"].finished and ev["stopid"].request.stop_reason == 77
+    assert not ev["min"].finished and not ev["ign"].finished
+    run_to_completion(sched)
+
+
+def test_prefix_cache_hit_shares_blocks_and_leaves_last_token():
+    sched = Scheduler(SchedulerConfig(num_blocks=32, block_size=4, max_model_len=64))
+    sched.add_request(make_request("first", 12, max_tokens=1))
+    run_to_completion(sched)
+    # Same 12-token prompt: 2 full blocks cached (the 3rd would leave no token to compute).
+    sched.add_request(make_request("second", 12, max_tokens=1))
+    plan = sched.schedule()
+    c = plan.chunks[0]
+    assert (c.start, c.num_tokens) == (8, 4)
+    assert c.request.num_cached_tokens == 8
+    sched.update(plan, {"second": 3})
+    assert sched.is_idle()
+    # A longer prompt with the same prefix reuses all three blocks.
+    sched.add_request(make_request("third", 14, max_tokens=1))
+    plan = sched.schedule()
+    assert (plan.chunks[0].start, plan.chunks[0].num_tokens) == (12, 2)
+    sched.update(plan, {"third": 3})
+    sched.check_integrity()
+    assert sched.is_idle()
+
+
+def test_concurrent_identical_prompts_share_nothing_but_stay_consistent():
+    sched = Scheduler(SchedulerConfig(num_blocks=32, block_size=4, max_model_len=64))
+    for rid in "abc":
+        sched.add_request(make_request(rid, 9, max_tokens=3))
+    out = run_to_completion(sched)
+    assert out["a"] == out["b"] == out["c"]
+
+
+def test_preemption_by_recompute_matches_unpressured_run():
+    prompts = {f"r{i}": 5 + 3 * i for i in range(8)}
+    ref = reference_outputs(prompts, max_tokens=12)
+    # 12 blocks of 4 tokens cannot hold 8 requests of up to 38 tokens at once.
+    sched = Scheduler(SchedulerConfig(num_blocks=12, block_size=4, max_model_len=48, max_num_batched_tokens=32))
+    for rid, n in prompts.items():
+        sched.add_request(make_request(rid, n, max_tokens=12))
+    out = run_to_completion(sched)
+    assert sched.num_preemptions > 0
+    assert out == ref
+
+
+def test_abort_in_every_state_frees_blocks():
+    sched = Scheduler(SchedulerConfig(num_blocks=16, block_size=4, max_model_len=64, max_num_batched_tokens=8))
+    sched.add_request(make_request("decoding", 4, max_tokens=50))
+    sched.add_request(make_request("prefilling", 30, max_tokens=5))
+    sched.add_request(make_request("queued", 4, max_tokens=5))
+    for _ in range(3):
+        plan = sched.schedule()
+        sched.update(plan, {c.request_id: 9 for c in plan.chunks if c.sample})
+    states = {rid: (r.status, r.num_computed_tokens) for rid, r in sched.requests.items()}
+    assert states["decoding"][0] == RequestStatus.RUNNING and states["decoding"][1] > 4
+    assert states["prefilling"][0] == RequestStatus.RUNNING and 0 < states["prefilling"][1] < 30
+    # Abort one while its step is in flight: the late update must not resurrect it.
+    plan = sched.schedule()
+    for rid in ("decoding", "prefilling", "queued"):
+        assert sched.finish(rid).status == RequestStatus.FINISHED_ABORTED
+    sched.update(plan, {c.request_id: 9 for c in plan.chunks if c.sample})
+    sched.check_integrity()
+    assert sched.is_idle()
+    assert sched.finish("unknown") is None
+
+
+def test_rejects_prompt_longer_than_context_and_duplicate_ids():
+    sched = Scheduler(SchedulerConfig(num_blocks=16, block_size=4, max_model_len=32))
+    with pytest.raises(ValueError):
+        sched.add_request(make_request("big", 32))
+    sched.add_request(make_request("x", 3))
+    with pytest.raises(ValueError):
+        sched.add_request(make_request("x", 3))
+    sched.finish("x")
+    assert sched.is_idle()
+
+
+def test_length_capped_by_max_model_len():
+    sched = Scheduler(SchedulerConfig(num_blocks=16, block_size=4, max_model_len=12))
+    sched.add_request(make_request("a", 8, max_tokens=100))
+    out = run_to_completion(sched)
+    assert len(out["a"]) == 4
+
+
+def test_max_num_seqs_bounds_the_batch():
+    sched = Scheduler(SchedulerConfig(num_blocks=64, block_size=4, max_model_len=64, max_num_seqs=3))
+    for i in range(7):
+        sched.add_request(make_request(f"r{i}", 4, max_tokens=3))
+    run_to_completion(sched, on_step=lambda s, sc: None)
+    assert sched.is_idle()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_workload_with_aborts_never_leaks(seed):
+    rng = random.Random(seed)
+    block_size = rng.choice([1, 2, 4, 8])
+    cfg = SchedulerConfig(num_blocks=-(-40 // block_size) + rng.choice([0, 3, 20]), block_size=block_size,
+                          max_model_len=40, max_num_batched_tokens=rng.choice([8, 16, 64]),
+                          max_num_seqs=rng.choice([2, 4, 16]))
+    sched = Scheduler(cfg)
+    live: list[str] = []
+    for step in range(400):
+        if rng.random() < 0.3:
+            rid = f"q{step}"
+            n = rng.randint(1, 20)
+            # Shared prefixes make the prefix cache work.
+            sched.add_request(make_request(rid, n, max_tokens=rng.randint(1, 15), base=rng.choice([100, 100, 300])))
+            live.append(rid)
+        if live and rng.random() < 0.05:
+            sched.finish(live.pop(rng.randrange(len(live))))
+        plan = sched.schedule()
+        sched.check_integrity()
+        sched.update(plan, {c.request_id: fake_token(c.request) for c in plan.chunks if c.sample})
+        sched.check_integrity()
+    run_to_completion(sched)
+
+
+def test_block_manager_eviction_prefers_uncached_blocks():
+    bm = BlockManager(num_blocks=4, block_size=2)
+    a = make_request("a", 4)
+    assert bm.allocate_slots(a, 4)
+    a.num_computed_tokens = 4
+    bm.cache_full_blocks(a)
+    bm.free(a)
+    assert len(bm.free_cached) == 2 and len(bm.free_uncached) == 2
+    b = make_request("b", 4, base=500)
+    assert bm.allocate_slots(b, 4)  # takes the two uncached blocks
+    assert len(bm.cached) == 2
+    c = make_request("c", 2, base=900)
+    assert bm.allocate_slots(c, 2)  # now it must evict one cached block
+    assert len(bm.cached) == 1
+    assert not bm.allocate_slots(make_request("d", 4, base=700), 4)
+    bm.check_integrity()
+    bm.free(b), bm.free(c)
+    bm.check_integrity()
