@@ -32,7 +32,8 @@ class EngineConfig:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     device: str = "cpu"  # cpu | cuda | cuda:N
     threads: int | None = None  # torch intra-op threads (CPU); None keeps torch's default
-    kv_cache_memory_gb: float | None = None  # None: size the pool from max_model_len and max_num_seqs
+    kv_cache_memory_gb: float | None = None  # None: 2 GB on CPU, 80% of free memory on CUDA
+    num_kv_blocks: int | None = None  # overrides kv_cache_memory_gb (tests, forcing preemption)
     max_model_len: int | None = None  # None: the model's context length, capped at 8192
     block_size: int = 16
     max_num_seqs: int = 64

@@ -37,7 +37,7 @@ class Request:
     __slots__ = (
         "request_id", "token_ids", "num_prompt_tokens", "sampling_params", "num_computed_tokens",
         "num_cached_tokens", "status", "stop_reason", "block_hashes", "arrival_index",
-        "num_preemptions", "eos_token_ids",
+        "num_preemptions", "eos_token_ids", "seed",
     )
 
     def __init__(
@@ -47,6 +47,7 @@ class Request:
         sampling_params: SamplingParams,
         eos_token_ids: frozenset[int] = frozenset(),
         arrival_index: int = 0,
+        seed: int | None = None,
     ) -> None:
         if not prompt_token_ids:
             raise ValueError("the prompt must contain at least one token")
@@ -62,6 +63,9 @@ class Request:
         self.block_hashes: list[bytes] = []  # chained hashes of the full blocks of token_ids
         self.arrival_index = arrival_index
         self.num_preemptions = 0
+        # The sampling stream's seed: the user's, or one the front end drew, so every worker
+        # that continues this request draws the same tokens.
+        self.seed = sampling_params.seed if sampling_params.seed is not None else (seed or 0)
 
     @property
     def num_tokens(self) -> int:

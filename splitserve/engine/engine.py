@@ -1,0 +1,174 @@
+"""The synchronous engine: scheduler + runner + model, one `step()` at a time.
+
+Everything asynchronous (HTTP, worker processes) wraps this object; tests drive it directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, replace
+
+import torch
+
+from splitserve.config import EngineConfig, SchedulerConfig
+from splitserve.engine.request import Request, RequestStatus
+from splitserve.engine.runner import ModelRunner, kv_bytes_per_token
+from splitserve.engine.sampler import TokenLogprobs
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.engine.scheduler import Scheduler
+from splitserve.models.llama import LlamaModel
+from splitserve.models.loader import iter_weights, load_arch_config
+from splitserve.models.registry import resolve_model_path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CPU_KV_GB = 2.0
+DEFAULT_MAX_MODEL_LEN = 8192
+
+
+@dataclass(slots=True)
+class StepOutput:
+    request_id: str
+    new_token: int | None
+    logprobs: TokenLogprobs | None
+    finished: bool
+    finish_reason: str | None
+    stop_reason: int | str | None
+    num_prompt_tokens: int
+    num_cached_tokens: int
+
+
+def resolve_dtype(name: str, device: torch.device, config_dtype: str | None) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        return torch.float16 if config_dtype == "float16" else torch.bfloat16
+    # On CPU: bf16 where the chip has native bf16 dot products, else float32.
+    return torch.bfloat16 if torch.backends.mkldnn.is_available() and _cpu_has_bf16() else torch.float32
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        return False
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, tokenizer_eos: frozenset[int] = frozenset()) -> None:
+        t0 = time.perf_counter()
+        self.config = config
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.model_path = resolve_model_path(config.model)
+        self.arch = load_arch_config(self.model_path)
+        self.device = torch.device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device, self.arch.torch_dtype)
+        max_len = config.max_model_len or min(self.arch.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
+        if self.arch.sliding_window:
+            # We do not implement windowed attention; within the window it is plain attention.
+            max_len = min(max_len, self.arch.sliding_window)
+        self.max_model_len = max_len
+        self.model = LlamaModel(self.arch, iter_weights(self.model_path, self.dtype), self.dtype, self.device, max_len)
+        num_blocks = self._num_kv_blocks()
+        self.scheduler = Scheduler(SchedulerConfig(
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=max_len,
+            block_size=config.block_size,
+            num_blocks=num_blocks,
+            enable_prefix_caching=config.enable_prefix_caching,
+            max_waiting=config.max_waiting,
+        ))
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size)
+        self.eos_token_ids = frozenset(self.arch.eos_token_ids) | tokenizer_eos
+        self._rng = random.Random(config.seed)
+        self.num_steps = 0
+        self.load_seconds = time.perf_counter() - t0
+        log.info("engine ready in %.2fs: %s, %s on %s, %d KV blocks of %d tokens, max_model_len=%d",
+                 self.load_seconds, self.arch.family, self.dtype, self.device, num_blocks, config.block_size, max_len)
+
+    def _num_kv_blocks(self) -> int:
+        need = -(-self.max_model_len // self.config.block_size)
+        if self.config.num_kv_blocks is not None:
+            if self.config.num_kv_blocks < need:
+                raise ValueError(f"num_kv_blocks={self.config.num_kv_blocks} cannot hold one request of "
+                                 f"max_model_len={self.max_model_len} ({need} blocks)")
+            return self.config.num_kv_blocks
+        per_block = kv_bytes_per_token(self.model) * self.config.block_size
+        gb = self.config.kv_cache_memory_gb
+        if gb is None and self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            gb = 0.8 * free / 1e9
+        if gb is None:
+            gb = DEFAULT_CPU_KV_GB
+        num_blocks = int(gb * 1e9 // per_block)
+        if num_blocks < need:
+            raise ValueError(f"KV cache of {gb} GB holds {num_blocks} blocks; one request of "
+                             f"max_model_len={self.max_model_len} needs {need}")
+        return num_blocks
+
+    # ---- requests --------------------------------------------------------------------------
+    def make_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                     seed: int | None = None) -> Request:
+        vocab = self.arch.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if seed is None:
+            seed = self._rng.getrandbits(63)
+        return Request(request_id, prompt_token_ids, params, self.eos_token_ids, seed=seed)
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    seed: int | None = None) -> Request:
+        req = self.make_request(request_id, prompt_token_ids, params, seed)
+        self.scheduler.add_request(req)
+        return req
+
+    def abort_request(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> bool:
+        return self.scheduler.finish(request_id, status) is not None
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- stepping --------------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return []
+        result = self.runner.execute(plan, self.scheduler.block_manager.req_blocks)
+        events = self.scheduler.update(plan, result.sampled)
+        self.num_steps += 1
+        return [
+            StepOutput(
+                e.request.request_id, e.new_token, result.logprobs.get(e.request.request_id), e.finished,
+                e.request.finish_reason if e.finished else None, e.request.stop_reason,
+                e.request.num_prompt_tokens, max(e.request.num_cached_tokens, 0),
+            )
+            for e in events
+        ]
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
+        """Offline convenience: run prompts to completion, return output token ids in order."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        ids = []
+        for i, (p, sp) in enumerate(zip(prompts, plist)):
+            rid = f"gen-{self.num_steps}-{i}-{self._rng.getrandbits(32)}"
+            self.add_request(rid, p, sp)
+            ids.append(rid)
+        outputs: dict[str, list[int]] = {rid: [] for rid in ids}
+        while self.has_unfinished():
+            for out in self.step():
+                if out.request_id in outputs and out.new_token is not None:
+                    outputs[out.request_id].append(out.new_token)
+        return [outputs[rid] for rid in ids]
+
+    def is_idle(self) -> bool:
+        return self.scheduler.is_idle()
+
+    def check_integrity(self) -> None:
+        self.scheduler.check_integrity()

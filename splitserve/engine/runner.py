@@ -1,0 +1,120 @@
+"""Execute a StepPlan on the model: build the flattened batch, run the forward, sample.
+
+Token order within a step: every single-token chunk (decode) first, then multi-token chunks
+(prefill). The KV cache is one tensor per layer pair, [num_blocks * block_size, kv_heads, head_dim].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from splitserve.engine.request import Request
+from splitserve.engine.sampler import TokenLogprobs, sample
+from splitserve.engine.scheduler import ScheduledChunk, StepPlan
+from splitserve.models.attention import AttentionMetadata, PrefillChunk
+from splitserve.models.llama import LlamaModel
+
+
+@dataclass
+class StepResult:
+    sampled: dict[str, int]
+    logprobs: dict[str, TokenLogprobs]
+
+
+def kv_bytes_per_token(model: LlamaModel) -> int:
+    cfg = model.cfg
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.finfo(model.dtype).bits // 8
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        cfg = model.cfg
+        shape = (cfg.num_layers, 2, num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.kv_cache = torch.zeros(shape, dtype=model.dtype, device=model.device)
+        self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(cfg.num_layers)]
+        self.device = model.device
+
+    # ---- batch construction ----------------------------------------------------------------
+    def _slots(self, block_ids: list[int], start: int, end: int) -> torch.Tensor:
+        pos = torch.arange(start, end)
+        table = torch.tensor(block_ids, dtype=torch.long)
+        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def prepare(self, plan: StepPlan, block_tables: dict[str, list[int]]):
+        decodes = [c for c in plan.chunks if c.num_tokens == 1]
+        prefills = [c for c in plan.chunks if c.num_tokens > 1]
+        ordered: list[ScheduledChunk] = decodes + prefills
+        ids: list[int] = []
+        positions: list[int] = []
+        for c in ordered:
+            ids.extend(c.request.token_ids[c.start : c.end])
+            positions.extend(range(c.start, c.end))
+        slot_parts = [self._slots(block_tables[c.request_id], c.start, c.end) for c in ordered]
+
+        decode_slots = decode_padding = None
+        if decodes:
+            ctx = torch.tensor([c.end for c in decodes])
+            max_len = int(ctx.max())
+            max_blocks = -(-max_len // self.block_size)
+            table = torch.zeros(len(decodes), max_blocks, dtype=torch.long)
+            for i, c in enumerate(decodes):
+                bt = block_tables[c.request_id][:max_blocks]
+                table[i, : len(bt)] = torch.tensor(bt, dtype=torch.long)
+            pos = torch.arange(max_len)
+            decode_slots = table[:, pos // self.block_size] * self.block_size + pos % self.block_size
+            decode_padding = (pos.unsqueeze(0) >= ctx.unsqueeze(1))[:, None, None, :]
+
+        chunks: list[PrefillChunk] = []
+        row = len(decodes)
+        for c in prefills:
+            n = c.num_tokens
+            if c.start == 0:
+                chunks.append(PrefillChunk(row, row + n, 0, None, None))
+            else:
+                ctx_slots = self._slots(block_tables[c.request_id], 0, c.end)
+                q_pos = torch.arange(c.start, c.end).unsqueeze(1)
+                mask = torch.arange(c.end).unsqueeze(0) <= q_pos
+                chunks.append(PrefillChunk(row, row + n, c.start, ctx_slots.to(self.device), mask.to(self.device)))
+            row += n
+
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.cat(slot_parts).to(dev),
+            num_decode=len(decodes),
+            decode_slots=None if decode_slots is None else decode_slots.to(dev),
+            decode_padding=None if decode_padding is None else decode_padding.to(dev),
+            prefills=chunks,
+        )
+        # Rows whose logits are sampled: the last token of each chunk that reaches the end.
+        sample_rows: list[int] = []
+        sample_reqs: list[Request] = []
+        row = 0
+        for c in ordered:
+            row += c.num_tokens
+            if c.sample:
+                sample_rows.append(row - 1)
+                sample_reqs.append(c.request)
+        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
+        pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
+        return input_ids, pos_t, meta, sample_rows, sample_reqs
+
+    # ---- execution -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan, block_tables: dict[str, list[int]]) -> StepResult:
+        if plan.is_empty:
+            return StepResult({}, {})
+        input_ids, positions, meta, sample_rows, sample_reqs = self.prepare(plan, block_tables)
+        hidden = self.model.forward(input_ids, positions, meta, self.kv_caches)
+        if not sample_rows:
+            return StepResult({}, {})
+        rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
+        logits = self.model.compute_logits(hidden.index_select(0, rows))
+        tokens, logprobs = sample(logits, sample_reqs)
+        sampled = {r.request_id: t for r, t in zip(sample_reqs, tokens)}
+        lps = {r.request_id: lp for r, lp in zip(sample_reqs, logprobs) if lp is not None}
+        return StepResult(sampled, lps)

@@ -1,0 +1,115 @@
+"""Turn a step's logits into tokens: penalties, temperature, top-k/top-p/min-p, seeded draws, logprobs.
+
+Randomness is stateless: row r draws from a generator seeded with (request seed, output index),
+so a request's tokens do not depend on what else is in the batch, survive preemption, and come
+out the same when another worker (a decode worker after a prefill worker) continues the request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from splitserve.engine.request import Request
+
+_MASK = float("-inf")
+
+
+@dataclass(slots=True)
+class TokenLogprobs:
+    token_logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), most likely first
+
+
+def _step_seed(seed: int, index: int) -> int:
+    # splitmix64-style mixing keeps consecutive steps' streams unrelated.
+    z = (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & (2**64 - 1)
+    z ^= z >> 31
+    return z & (2**63 - 1)
+
+
+def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> None:
+    for row, req in enumerate(requests):
+        p = req.sampling_params
+        if not p.needs_penalties:
+            continue
+        vocab = logits.shape[1]
+        out_ids = torch.tensor(req.output_token_ids, dtype=torch.long, device=logits.device)
+        out_ids = out_ids[out_ids < vocab]
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(req.token_ids, dtype=torch.long, device=logits.device)
+            seen = torch.unique(seen[seen < vocab])
+            vals = logits[row, seen]
+            logits[row, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if out_ids.numel() and (p.frequency_penalty or p.presence_penalty):
+            counts = torch.bincount(out_ids, minlength=vocab).to(logits.dtype)
+            logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+
+
+def sample(logits: torch.Tensor, requests: list[Request]) -> tuple[list[int], list[TokenLogprobs | None]]:
+    """logits: [R, V] float32, one row per request that samples this step."""
+    want_logprobs = [r.sampling_params.logprobs is not None for r in requests]
+    raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
+    if any(r.sampling_params.needs_penalties for r in requests):
+        logits = logits.clone()
+        apply_penalties(logits, requests)
+
+    tokens = torch.argmax(logits, dim=-1)
+    random_rows = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
+    if random_rows:
+        sub = _process_for_sampling(logits[random_rows], [requests[i].sampling_params for i in random_rows])
+        probs = torch.softmax(sub, dim=-1)
+        noise = torch.empty_like(probs)
+        for j, i in enumerate(random_rows):
+            req = requests[i]
+            gen = torch.Generator(device=probs.device)
+            gen.manual_seed(_step_seed(req.seed, req.num_output_tokens))
+            noise[j].exponential_(generator=gen)
+        # argmax(p / E) with E ~ Exp(1) draws from p (the exponential race).
+        tokens[random_rows] = torch.argmax(probs / noise, dim=-1)
+
+    token_list = tokens.tolist()
+    logprob_list: list[TokenLogprobs | None] = [None] * len(requests)
+    if raw_logprobs is not None:
+        for i, req in enumerate(requests):
+            k = req.sampling_params.logprobs
+            if k is None:
+                continue
+            row = raw_logprobs[i]
+            top: list[tuple[int, float]] = []
+            if k:
+                vals, ids = torch.topk(row, k)
+                top = list(zip(ids.tolist(), vals.tolist()))
+            logprob_list[i] = TokenLogprobs(float(row[token_list[i]]), top)
+    return token_list, logprob_list
+
+
+def _process_for_sampling(logits: torch.Tensor, params) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p filtering, vectorised over rows."""
+    dev = logits.device
+    temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=dev)
+    logits = logits / temps.unsqueeze(1)
+    vocab = logits.shape[1]
+    ks = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
+    if any(ks):
+        kmax = max(ks)
+        top_vals = torch.topk(logits, kmax, dim=-1).values
+        k_idx = torch.tensor([max(k, 1) - 1 for k in ks], device=dev)
+        kth = top_vals.gather(1, k_idx.unsqueeze(1))
+        kth[torch.tensor([k == 0 for k in ks], device=dev)] = _MASK
+        logits = logits.masked_fill(logits < kth, _MASK)
+    if any(p.top_p < 1.0 for p in params):
+        top_p = torch.tensor([p.top_p for p in params], dtype=logits.dtype, device=dev)
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the mass before it already reaches top_p; the first always stays.
+        drop = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= top_p.unsqueeze(1)
+        sorted_logits = sorted_logits.masked_fill(drop, _MASK)
+        logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
+    if any(p.min_p > 0.0 for p in params):
+        min_p = torch.tensor([p.min_p for p in params], dtype=logits.dtype, device=dev)
+        probs = torch.softmax(logits, dim=-1)
+        threshold = probs.max(dim=-1, keepdim=True).values * min_p.unsqueeze(1)
+        logits = logits.masked_fill(probs < threshold, _MASK)
+    return logits

@@ -1,0 +1,108 @@
+"""One Llama-architecture implementation for Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3 and SmolLM2.
+
+Differences between the families are configuration: GQA, qkv bias (Qwen2), per-head q/k RMSNorm
+(Qwen3), rope scaling (llama3), tied embeddings. Weights are fused at load time (qkv, gate+up)
+so a layer is four matrix products. Plain tensors, no nn.Module: nothing here trains.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from splitserve.kernels.linear import prepare_linear
+except ImportError:  # pragma: no cover - until the kernels package lands
+    def prepare_linear(weight, bias):
+        return lambda x: F.linear(x, weight, bias)
+from splitserve.models.attention import AttentionMetadata, paged_attention, write_kv
+from splitserve.models.config import ModelArchConfig
+from splitserve.models.rotary import RotaryEmbedding
+
+LinearOp = Callable[[torch.Tensor], torch.Tensor]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Same arithmetic as transformers' LlamaRMSNorm: normalise in float32, scale in the model dtype.
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+class DecoderLayer:
+    def __init__(self, cfg: ModelArchConfig, w: dict[str, torch.Tensor]) -> None:
+        self.eps = cfg.rms_norm_eps
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.scale = cfg.head_dim ** -0.5
+        self.input_norm = w["input_layernorm.weight"]
+        self.post_norm = w["post_attention_layernorm.weight"]
+        qkv_w = torch.cat([w["self_attn.q_proj.weight"], w["self_attn.k_proj.weight"], w["self_attn.v_proj.weight"]])
+        qkv_b = None
+        if cfg.qkv_bias:
+            qkv_b = torch.cat([w["self_attn.q_proj.bias"], w["self_attn.k_proj.bias"], w["self_attn.v_proj.bias"]])
+        self.qkv: LinearOp = prepare_linear(qkv_w, qkv_b)
+        self.o_proj: LinearOp = prepare_linear(w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"))
+        self.q_norm = w.get("self_attn.q_norm.weight") if cfg.qk_norm else None
+        self.k_norm = w.get("self_attn.k_norm.weight") if cfg.qk_norm else None
+        self.intermediate = cfg.intermediate_size
+        self.gate_up: LinearOp = prepare_linear(torch.cat([w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"]]), None)
+        self.down: LinearOp = prepare_linear(w["mlp.down_proj.weight"], None)
+
+    def forward(self, h: torch.Tensor, residual: torch.Tensor, positions, rotary: RotaryEmbedding,
+                kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        T = h.shape[0]
+        qkv = self.qkv(h)
+        q = qkv[:, : self.q_size].view(T, self.num_heads, self.head_dim)
+        k = qkv[:, self.q_size : self.q_size + self.kv_size].view(T, self.num_kv_heads, self.head_dim)
+        v = qkv[:, self.q_size + self.kv_size :].view(T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = rms_norm(q, self.q_norm, self.eps)
+            k = rms_norm(k, self.k_norm, self.eps)
+        q, k = rotary(positions, q, k)
+        k_cache, v_cache = kv
+        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        attn = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
+        residual = residual + self.o_proj(attn.view(T, self.q_size))
+        x = rms_norm(residual, self.post_norm, self.eps)
+        gate_up = self.gate_up(x)
+        x = F.silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :]
+        return residual + self.down(x)
+
+
+class LlamaModel:
+    def __init__(self, cfg: ModelArchConfig, weights: Iterable[tuple[str, torch.Tensor]],
+                 dtype: torch.dtype, device: torch.device, max_positions: int) -> None:
+        self.cfg = cfg
+        self.dtype, self.device = dtype, device
+        per_layer: list[dict[str, torch.Tensor]] = [{} for _ in range(cfg.num_layers)]
+        top: dict[str, torch.Tensor] = {}
+        for name, tensor in weights:
+            tensor = tensor.to(device=device, dtype=dtype)
+            if name.startswith("model.layers."):
+                idx, rest = name[len("model.layers."):].split(".", 1)
+                per_layer[int(idx)][rest] = tensor
+            else:
+                top[name] = tensor
+        self.embed = top["model.embed_tokens.weight"]
+        self.norm = top["model.norm.weight"]
+        lm_head = self.embed if cfg.tie_word_embeddings or "lm_head.weight" not in top else top["lm_head.weight"]
+        self.lm_head: LinearOp = prepare_linear(lm_head, None)
+        self.layers = [DecoderLayer(cfg, w) for w in per_layer]
+        self.rotary = RotaryEmbedding(cfg, max_positions, dtype, device)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        h = F.embedding(input_ids, self.embed)
+        residual = h
+        for layer, kv in zip(self.layers, kv_caches):
+            residual = layer.forward(rms_norm(residual, layer.input_norm, layer.eps), residual,
+                                     positions, self.rotary, kv, meta)
+        return rms_norm(residual, self.norm, self.cfg.rms_norm_eps)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
