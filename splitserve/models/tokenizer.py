@@ -312,7 +312,9 @@ def _tokenizer_from_gguf(path: str) -> Tokenizer:
     elif model in ("llama", "gemma4"):
         tok, vocab = _gguf_sentencepiece(meta, "gemma3" if model == "gemma4" else architecture)
     else:
-        raise ValueError(f"{path}: cannot build a tokenizer for tokenizer.ggml.model={model!r} (gpt2 and llama are supported)")
+        raise ValueError(
+            f"{path}: cannot build a tokenizer for tokenizer.ggml.model={model!r} (gpt2 and llama are supported)"
+        )
 
     byte_level = model == "gpt2"
     alphabet = _CHAR_TO_BYTE.keys()
