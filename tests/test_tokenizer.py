@@ -273,6 +273,16 @@ def test_chat_template_matches_transformers(ours, ref, conversation, add_generat
     assert ours.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt) == expected
 
 
+def test_continue_final_message_matches_transformers(ours, ref):
+    conversation = CONVERSATIONS[1] + [{"role": "assistant", "content": "The answer is "}]
+    expected = ref.apply_chat_template(conversation, tokenize=False, continue_final_message=True)
+    got = ours.apply_chat_template(conversation, add_generation_prompt=False, continue_final_message=True)
+    assert got == expected
+    assert got.endswith("<|im_start|>assistant\nThe answer is ")
+    with pytest.raises(ValueError):
+        ours.apply_chat_template(conversation, add_generation_prompt=True, continue_final_message=True)
+
+
 def test_chat_content_parts_are_flattened(ours):
     as_string = [{"role": "user", "content": "one\ntwo"}]
     as_parts = [{"role": "user", "content": [{"type": "text", "text": "one"}, {"type": "text", "text": "two"}]}]

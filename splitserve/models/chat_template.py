@@ -34,6 +34,7 @@ __all__ = [
 
 # Names a message's reasoning is passed under; templates read the first, gpt-oss ones `thinking`.
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 
 
 class ChatTemplateError(ValueError):
@@ -226,21 +227,31 @@ def render_chat_template(
     tools: Any = None,
     documents: Any = None,
     special_tokens: Mapping[str, Any] | None = None,
+    continue_final_message: bool = False,
     **kwargs: Any,
 ) -> str:
     """Render `source` for a conversation.
 
     `special_tokens` (bos_token, eos_token, ...) are passed as template variables; `kwargs`
-    (e.g. `enable_thinking`) override them, as in transformers.
+    (e.g. `enable_thinking`) override them, as in transformers. `continue_final_message` renders
+    the conversation so that the model continues the last message (no end-of-turn after it).
     """
     template = compile_chat_template(source)
     chat = normalize_messages(messages)
     if tools is not None:
         if not isinstance(tools, (list, tuple)) or not all(isinstance(t, Mapping) for t in tools):
             raise ValueError("tools must be a list of JSON-schema objects")
+    final_message = None
+    if continue_final_message:
+        if add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be set")
+        if not chat or not isinstance(chat[-1].get("content"), str):
+            raise ValueError("continue_final_message needs a final message with text content")
+        final_message = chat[-1]["content"]
+        chat[-1]["content"] = final_message + _CONTINUE_TAG
     variables = {**(special_tokens or {}), **kwargs}
     try:
-        return template.render(
+        rendered = template.render(
             messages=chat,
             tools=_plain(tools),
             documents=_plain(documents),
@@ -249,3 +260,14 @@ def render_chat_template(
         )
     except jinja2.exceptions.TemplateError as exc:
         raise ChatTemplateError(str(exc)) from exc
+    if final_message is not None:
+        # cut the render right after the final message, as transformers does
+        tag = _CONTINUE_TAG.strip()
+        if final_message.strip() not in rendered or tag not in rendered:
+            raise ChatTemplateError("continue_final_message: the template does not render the final message as given")
+        at = rendered.rindex(tag)
+        if rendered[at : at + len(_CONTINUE_TAG)] == _CONTINUE_TAG:
+            rendered = rendered[:at]
+        else:  # the template trimmed the message's trailing space
+            rendered = rendered[:at].rstrip()
+    return rendered
