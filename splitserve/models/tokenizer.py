@@ -404,6 +404,9 @@ def _tokenizer_from_hf_dir(path: str) -> Tokenizer:
     if not os.path.isfile(tokenizer_file):
         raise FileNotFoundError(f"{path} has no tokenizer.json (slow-only tokenizers are not supported)")
     tok = tokenizers.Tokenizer.from_file(tokenizer_file)
+    # padding/truncation saved in tokenizer.json would apply to every encode() call
+    tok.no_padding()
+    tok.no_truncation()
     config = _read_json(os.path.join(path, "tokenizer_config.json"))
     generation = _read_json(os.path.join(path, "generation_config.json"))
     model_config = _read_json(os.path.join(path, "config.json"))
