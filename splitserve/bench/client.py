@@ -1,8 +1,9 @@
 """Async streaming client for OpenAI-compatible endpoints, timed at the client.
 
-One aiohttp session, one request per call, Server-Sent Events parsed by hand from raw network
-reads (no per-line awaits): each read is timestamped once with time.perf_counter, and every
-content chunk in it gets that time. msgspec decodes each event into small typed structs that
+Keep-alive HTTP/1.1 connections (splitserve.bench.http), one request per call, Server-Sent
+Events parsed by hand inside the protocol callback as bytes arrive (no per-chunk awaits): each
+network read is timestamped once with time.perf_counter, and every content chunk in it gets
+that time. msgspec decodes each event into small typed structs that
 ignore unknown fields. Every failure becomes an error kind on the record, never an exception
 out of `request` (except cancellation, which marks the record "cancelled" and propagates).
 """
@@ -14,9 +15,9 @@ import json
 from time import perf_counter
 from typing import Any
 
-import aiohttp
 import msgspec
 
+from splitserve.bench.http import BufferSink, ConnectError, DisconnectError, HTTPClient, ProtocolError
 from splitserve.bench.schema import RequestRecord
 
 
@@ -66,7 +67,6 @@ class OpenAIClient:
         endpoint: str = "chat",
         api_key: str | None = None,
         timeout_s: float = 600.0,
-        max_connections: int = 0,
         ignore_eos: bool = True,
         min_tokens: bool = True,
         extra_body: dict[str, Any] | None = None,
@@ -81,51 +81,44 @@ class OpenAIClient:
         self.model = model
         self.endpoint = endpoint
         self.timeout_s = timeout_s
-        self.max_connections = max_connections
         self.ignore_eos = ignore_eos
         self.min_tokens = min_tokens
         self.extra_body = dict(extra_body or {})
         self.max_response_bytes = max_response_bytes
         self.count_tokens = count_tokens  # text -> int, for outputs when the server sends no usage
-        self.headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+        self.headers = {"Content-Type": "application/json", "Accept": "text/event-stream",
+                        "User-Agent": "splitserve-bench"}
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
         self.headers.update(headers or {})
         self.t_start = perf_counter()  # the run's zero; the runner resets it
         self.dropped_fields: list[str] = []  # extension fields the server rejected
-        self._session: aiohttp.ClientSession | None = None
+        self._http = HTTPClient(self.root, connect_timeout=min(timeout_s, 60.0))
+        self._path = self._http_path(self.url)
+
+    @staticmethod
+    def _http_path(url: str) -> str:
+        from urllib.parse import urlsplit
+
+        u = urlsplit(url)
+        return u.path + (f"?{u.query}" if u.query else "")
 
     async def __aenter__(self) -> OpenAIClient:
-        await self.start()
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
         await self.close()
 
-    async def start(self) -> None:
-        if self._session is None:
-            connector = aiohttp.TCPConnector(
-                limit=self.max_connections, limit_per_host=0, keepalive_timeout=60, ttl_dns_cache=300
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=min(self.timeout_s, 60.0)),
-                auto_decompress=True,
-                read_bufsize=1 << 18,
-            )
-
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._http.close()
 
     async def list_models(self) -> list[str]:
-        await self.start()
-        assert self._session is not None
+        sink = BufferSink()
         async with asyncio.timeout(min(self.timeout_s, 30.0)):
-            async with self._session.get(self.root + "/models", headers=self.headers) as resp:
-                resp.raise_for_status()
-                data = await resp.json(content_type=None)
+            await self._http.request("GET", self._http_path(self.root + "/models"), self.headers, b"", sink)
+        if sink.status != 200:
+            raise ConnectError(f"GET /models answered HTTP {sink.status}")
+        data = json.loads(bytes(sink.body))
         return [str(m.get("id")) for m in data.get("data", []) if isinstance(m, dict)]
 
     # ----------------------------------------------------------------------------------------
@@ -163,82 +156,14 @@ class OpenAIClient:
         return text
 
     async def _request_once(self, rec: RequestRecord, body: bytes) -> str:
-        if self._session is None:
-            await self.start()
-        session = self._session
-        assert session is not None
         headers = dict(self.headers)
         headers["X-Request-Id"] = f"splitserve-bench-{rec.request_id}"
-        pieces: list[str] = []
-        itl = rec.itl_ms
-        first = last = 0.0
-        got_first = done = finished = False
-        usage: _Usage | None = None
-        chat = self.endpoint == "chat"
+        sink = _SSESink(self.endpoint == "chat", self.max_response_bytes)
         t0 = perf_counter()
         rec.start_s = t0 - self.t_start
         try:
             async with asyncio.timeout(self.timeout_s):
-                async with session.post(self.url, data=body, headers=headers) as resp:
-                    rec.http_status = resp.status
-                    if resp.status != 200:
-                        detail = await resp.content.read(4096)
-                        rec.error = f"http_{resp.status}"
-                        rec.error_detail = detail.decode("utf-8", "replace")[:MAX_ERROR_DETAIL]
-                        rec.e2e_ms = (perf_counter() - t0) * 1000.0
-                        return ""
-                    tail = b""
-                    pending: list[bytes] = []
-                    nbytes = 0
-                    limit = self.max_response_bytes
-                    async for data in resp.content.iter_any():
-                        now = perf_counter()
-                        nbytes += len(data)
-                        if nbytes > limit:
-                            raise _ProtocolError(f"response larger than {limit} bytes")
-                        if tail:
-                            data = tail + data
-                        lines = data.split(b"\n")
-                        tail = lines.pop()
-                        if len(tail) > limit:
-                            raise _ProtocolError("SSE line too long")
-                        for line in lines:
-                            if line.startswith(b"data:"):
-                                pending.append(line[5:])
-                                continue
-                            if line and line != b"\r" or not pending:
-                                continue  # comment, other field, or an empty keep-alive
-                            payload = (pending[0] if len(pending) == 1 else b"\n".join(pending)).strip()
-                            pending = []
-                            if payload == b"[DONE]":
-                                done = True
-                                continue
-                            chunk = _decode(payload)
-                            if chunk.error is not None:
-                                raise _StreamError(str(chunk.error))
-                            if chunk.usage is not None:
-                                usage = chunk.usage
-                            for choice in chunk.choices:
-                                if chat:
-                                    d = choice.delta
-                                    piece = (d.content or d.reasoning_content) if d is not None else None
-                                else:
-                                    piece = choice.text
-                                if piece:
-                                    if got_first:
-                                        itl.append((now - last) * 1000.0)
-                                    else:
-                                        got_first = True
-                                        first = now
-                                    last = now
-                                    pieces.append(piece)
-                                if choice.finish_reason:
-                                    finished = True
-                    # Lenient end: a final event without its blank line.
-                    if tail.startswith(b"data:"):
-                        pending.append(tail[5:])
-                    if pending and b"".join(pending).strip() == b"[DONE]":
-                        done = True
+                await self._http.request("POST", self._path, headers, body, sink)
             end = perf_counter()
         except asyncio.CancelledError:
             rec.error = "cancelled"
@@ -246,27 +171,34 @@ class OpenAIClient:
             raise
         except TimeoutError:
             return _fail(rec, t0, "timeout", f"no complete response within {self.timeout_s:g} s")
-        except aiohttp.ClientConnectorError as exc:
+        except ConnectError as exc:
             return _fail(rec, t0, "connect", str(exc))
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError,
-                ConnectionError) as exc:
-            return _fail(rec, t0, "disconnect", f"{type(exc).__name__}: {exc}")
+        except (DisconnectError, ConnectionError) as exc:
+            if sink.status and sink.status != 200:
+                return _http_fail(rec, t0, sink)
+            return _fail(rec, t0, "disconnect", str(exc))
         except _StreamError as exc:
             return _fail(rec, t0, "stream_error", str(exc))
-        except (_ProtocolError, msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+        except (ProtocolError, msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
             return _fail(rec, t0, "protocol", f"{type(exc).__name__}: {exc}")
         except Exception as exc:  # noqa: BLE001 - counted, never fatal
             return _fail(rec, t0, "client_error", f"{type(exc).__name__}: {exc}")
 
+        rec.http_status = sink.status
+        if sink.status != 200:
+            return _http_fail(rec, t0, sink)
+        sink.close()
         rec.e2e_ms = (end - t0) * 1000.0
-        text = "".join(pieces)
-        if not (done or finished):
+        rec.itl_ms = sink.itl
+        text = "".join(sink.pieces)
+        if not (sink.done or sink.finished):
             rec.error = "disconnect"
             rec.error_detail = "stream ended before [DONE] or a finish_reason"
             return text
         rec.ok = True
-        if got_first:
-            rec.ttft_ms = (first - t0) * 1000.0
+        if sink.got_first:
+            rec.ttft_ms = (sink.first - t0) * 1000.0
+        usage = sink.usage
         if usage is not None and usage.completion_tokens is not None:
             rec.output_tokens = usage.completion_tokens
             rec.input_tokens = usage.prompt_tokens
@@ -275,12 +207,105 @@ class OpenAIClient:
             rec.output_tokens = self.count_tokens(text) if text else 0
             rec.token_source = "tokenizer"
         else:
-            rec.output_tokens = len(pieces)
+            rec.output_tokens = len(sink.pieces)
             rec.token_source = "chunks"
         n = rec.output_tokens
-        if got_first and n is not None and n >= 2:
+        if sink.got_first and n is not None and n >= 2:
             rec.tpot_ms = (rec.e2e_ms - rec.ttft_ms) / (n - 1)
         return text
+
+
+class _SSESink:
+    """Parses a Server-Sent Events body as it arrives; called from the protocol, synchronously.
+
+    Every network read arrives with one timestamp `now`; each event carrying content in that
+    read is a token chunk at `now`. The role-only first chunk of chat streams (empty content)
+    does not count. Multi-line `data:` fields are joined per the SSE spec.
+    """
+
+    __slots__ = ("chat", "limit", "status", "nbytes", "tail", "pending", "pieces", "itl", "first", "last",
+                 "got_first", "done", "finished", "usage", "error_body")
+
+    def __init__(self, chat: bool, limit: int):
+        self.chat = chat
+        self.limit = limit
+        self.status = 0
+        self.nbytes = 0
+        self.tail = b""
+        self.pending: list[bytes] = []
+        self.pieces: list[str] = []
+        self.itl: list[float] = []
+        self.first = self.last = 0.0
+        self.got_first = self.done = self.finished = False
+        self.usage: _Usage | None = None
+        self.error_body = b""
+
+    def on_head(self, status: int, headers: dict[str, str]) -> None:
+        self.status = status
+
+    def on_body(self, data: bytes, now: float) -> None:
+        if self.status != 200:
+            if len(self.error_body) < 4096:
+                self.error_body += data[: 4096 - len(self.error_body)]
+            return
+        self.nbytes += len(data)
+        if self.nbytes > self.limit:
+            raise ProtocolError(f"response larger than {self.limit} bytes")
+        if self.tail:
+            data = self.tail + data
+        lines = data.split(b"\n")
+        self.tail = lines.pop()
+        pending = self.pending
+        for line in lines:
+            if line.startswith(b"data:"):
+                pending.append(line[5:])
+            elif pending and (not line or line == b"\r"):
+                payload = (pending[0] if len(pending) == 1 else b"\n".join(pending)).strip()
+                pending.clear()
+                self._event(payload, now)
+
+    def close(self) -> None:
+        """End of body: a final event without its blank line is still taken."""
+        if self.tail.startswith(b"data:"):
+            self.pending.append(self.tail[5:])
+            self.tail = b""
+        if self.pending:
+            payload = b"\n".join(self.pending).strip()
+            self.pending.clear()
+            self._event(payload, perf_counter())
+
+    def _event(self, payload: bytes, now: float) -> None:
+        if payload == b"[DONE]":
+            self.done = True
+            return
+        if not payload:
+            return
+        chunk = _decode(payload)
+        if chunk.error is not None:
+            raise _StreamError(str(chunk.error)[:MAX_ERROR_DETAIL])
+        if chunk.usage is not None:
+            self.usage = chunk.usage
+        for choice in chunk.choices:
+            if self.chat:
+                d = choice.delta
+                piece = (d.content or d.reasoning_content) if d is not None else None
+            else:
+                piece = choice.text
+            if piece:
+                if self.got_first:
+                    self.itl.append((now - self.last) * 1000.0)
+                else:
+                    self.got_first = True
+                    self.first = now
+                self.last = now
+                self.pieces.append(piece)
+            if choice.finish_reason:
+                self.finished = True
+
+
+def _http_fail(rec: RequestRecord, t0: float, sink: _SSESink) -> str:
+    rec.http_status = sink.status
+    return _fail(rec, t0, f"http_{sink.status}", sink.error_body.decode("utf-8", "replace"))
 
 
 class _ProtocolError(Exception):
