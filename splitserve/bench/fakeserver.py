@@ -35,6 +35,7 @@ class Script:
     output_tokens: int | None = None  # None: the request's max_tokens (default 16)
     tokens_per_chunk: int = 1
     status: int = 200  # != 200: answer with this status and a JSON error body
+    error_message: str | None = None  # that body's message
     disconnect_after: int | None = None  # abort the connection after this many tokens
     error_after: int | None = None  # send an in-stream error event after this many tokens
     hang: bool = False  # read the request, never answer
@@ -52,6 +53,8 @@ class FakeOpenAIServer:
         self.model = model
         self.token_text = token_text
         self.num_requests = 0
+        self.active = 0  # completions being streamed now
+        self.max_active = 0
         self.bodies: list[dict[str, Any]] = []  # the last 10,000 request bodies
         self.timings: dict[str, tuple[float, float]] = {}  # X-Request-Id -> (read, first token sent)
         self.port: int | None = None
@@ -136,11 +139,20 @@ class FakeOpenAIServer:
         if len(self.bodies) > 10_000:
             del self.bodies[:5_000]
         s = self._script_for(index, body)
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            return await self._stream(writer, chat, body, headers, t_recv, index, s)
+        finally:
+            self.active -= 1
+
+    async def _stream(self, writer: asyncio.StreamWriter, chat: bool, body: dict[str, Any], headers: dict[str, str],
+                      t_recv: float, index: int, s: Script) -> bool:
         if s.hang:
             await asyncio.sleep(3600)
             return False
         if s.status != 200:
-            await _respond(writer, s.status, {"error": {"message": f"scripted status {s.status}"}})
+            await _respond(writer, s.status, {"error": {"message": s.error_message or f"scripted status {s.status}"}})
             return True
         if not body.get("stream"):
             await _respond(writer, 400, {"error": {"message": "this fake server only streams"}})

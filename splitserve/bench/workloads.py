@@ -161,11 +161,14 @@ class Arrival:
         if math.isinf(self.rate):
             while True:
                 yield 0.0
+        if self.kind == "constant":
+            i = 0
+            while True:
+                yield i / self.rate  # no accumulated rounding
+                i += 1
         while True:
             yield t
-            if self.kind == "constant":
-                t += 1.0 / self.rate
-            elif self.kind == "poisson":
+            if self.kind == "poisson":
                 t += rng.expovariate(self.rate)
             else:
                 t += rng.gammavariate(self.burstiness, 1.0 / (self.rate * self.burstiness))
