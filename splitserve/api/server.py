@@ -60,6 +60,42 @@ class ServerState:
     api_key: str | None
     metrics: ServerMetrics
     started: float
+    admitted: int = 0  # sub-requests accepted and not yet answered: the bounded queue
+
+
+class Admission:
+    """A claim on `n` seats of the bounded queue, released exactly once."""
+
+    def __init__(self, state: ServerState, n: int) -> None:
+        if state.admitted + n > state.max_inflight:
+            raise APIError(503, "the server is overloaded; retry later", "service_unavailable", code="overloaded")
+        state.admitted += n
+        self.state, self.n = state, n
+
+    def release(self) -> None:
+        if self.n:
+            self.state.admitted -= self.n
+            self.n = 0
+
+
+class AdmittedStream:
+    """An SSE body that gives its seats back however it ends: done, error, disconnect, or never started."""
+
+    def __init__(self, gen, admission: Admission) -> None:
+        self.gen, self.admission = gen, admission
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        try:
+            return await self.gen.__anext__()
+        except BaseException:
+            self.admission.release()
+            raise
+
+    def __del__(self) -> None:
+        self.admission.release()
 
 
 @dataclass
@@ -152,6 +188,23 @@ def build_app(state: ServerState) -> FastAPI:
     async def metrics():
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    @app.get("/cluster")
+    async def cluster(request: Request):
+        authorize(request)
+        c = state.client
+        st = c.stats
+        worker = {
+            "id": "worker-0", "role": "both", "pid": c.process.pid if c.process else None,
+            "state": "ready" if c.healthy else "starting" if c.process and c.process.poll() is None else "dead",
+            "restarts": c.num_restarts,
+            "load": None if st is None else {
+                "num_waiting": st.num_waiting, "num_running": st.num_running,
+                "kv_blocks_used": st.kv_blocks_used, "kv_blocks_free": st.kv_blocks_free,
+                "num_steps": st.num_steps,
+            },
+        }
+        return {"mode": "aggregated", "gateway_inflight": c.num_inflight + state.admitted, "workers": [worker]}
+
     @app.get("/v1/models")
     async def models(request: Request):
         authorize(request)
@@ -212,8 +265,6 @@ def build_app(state: ServerState) -> FastAPI:
                 idx = p_idx * req.n + j
                 subs.append(SubRequest(f"{base_id}-{idx}", prompt_ids, params, seed,
                                        ChoiceState(idx, params, state.tokenizer)))
-        if state.client.num_inflight + len(subs) > state.max_inflight:
-            raise APIError(503, "the server is overloaded; retry later", "service_unavailable", code="overloaded")
         if not state.client.healthy:
             raise APIError(503, "the engine is not ready; retry later", "service_unavailable", code="unavailable")
         return subs
@@ -366,12 +417,17 @@ def build_app(state: ServerState) -> FastAPI:
         prompt_ids = tok.encode(prompt_text, add_special_tokens=False)
         base_id = f"chatcmpl-{uuid.uuid4().hex}"
         subs = build_subrequests(base_id, [prompt_ids], req, req.requested_max_tokens(), req.requested_logprobs())
+        admission = Admission(state, len(subs))
         created = int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(stream_events(chat_stream(base_id, created, subs, include_usage, t0)),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        await collect(request, subs, t0)
+            body = stream_events(chat_stream(base_id, created, subs, include_usage, t0))
+            return StreamingResponse(AdmittedStream(body, admission), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        try:
+            await collect(request, subs, t0)
+        finally:
+            admission.release()
         choices = []
         for s in subs:
             c = s.choice
@@ -417,6 +473,7 @@ def build_app(state: ServerState) -> FastAPI:
         prompts = [tok.encode(p) if isinstance(p, str) else list(p) for p in raw_prompts]
         base_id = f"cmpl-{uuid.uuid4().hex}"
         subs = build_subrequests(base_id, prompts, req, req.max_tokens, req.logprobs)
+        admission = Admission(state, len(subs))
         echo_text = {}
         if req.echo:
             for s in subs:
@@ -424,10 +481,13 @@ def build_app(state: ServerState) -> FastAPI:
         created = int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(
-                stream_events(completion_stream(base_id, created, subs, include_usage, echo_text, t0)),
-                media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        await collect(request, subs, t0)
+            body = stream_events(completion_stream(base_id, created, subs, include_usage, echo_text, t0))
+            return StreamingResponse(AdmittedStream(body, admission), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        try:
+            await collect(request, subs, t0)
+        finally:
+            admission.release()
         choices = []
         for s in subs:
             c = s.choice

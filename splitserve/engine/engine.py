@@ -120,7 +120,7 @@ class LLMEngine:
         if any(not 0 <= t < vocab for t in prompt_token_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if seed is None:
-            seed = self._rng.getrandbits(63)
+            seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         return Request(request_id, prompt_token_ids, params, self.eos_token_ids, seed=seed)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,

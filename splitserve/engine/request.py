@@ -63,9 +63,11 @@ class Request:
         self.block_hashes: list[bytes] = []  # chained hashes of the full blocks of token_ids
         self.arrival_index = arrival_index
         self.num_preemptions = 0
-        # The sampling stream's seed: the user's, or one the front end drew, so every worker
-        # that continues this request draws the same tokens.
-        self.seed = sampling_params.seed if sampling_params.seed is not None else (seed or 0)
+        # The sampling stream's seed, fixed when the request is created (by the front end, from the
+        # user's seed or at random), so every worker that continues this request draws the same tokens.
+        if seed is None:
+            seed = sampling_params.seed if sampling_params.seed is not None else 0
+        self.seed = seed
 
     @property
     def num_tokens(self) -> int:
