@@ -100,4 +100,6 @@ def _iter_gguf(path: str, dtype: torch.dtype):
                 w = _unpermute_rope(w, cfg.num_heads)
             elif m and m.group(2).startswith("attn_k."):
                 w = _unpermute_rope(w, cfg.num_kv_heads)
-        yield name, torch.from_numpy(np.ascontiguousarray(w)).to(dtype)
+        if not w.flags.writeable or not w.flags.c_contiguous:
+            w = np.array(w)  # float32 tensors are read-only views of the mapped file
+        yield name, torch.from_numpy(w).to(dtype)
