@@ -13,7 +13,10 @@ import sys
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "serve": ("splitserve.api.serve_cli", "main", "run the OpenAI-compatible server"),
     "bench": ("splitserve.bench.cli", "main", "load-test any OpenAI-compatible endpoint"),
-    "generate": ("splitserve.engine.generate_cli", "main", "offline generation from the command line"),
+    "simulate": ("splitserve.sim.cli", "simulate_main", "simulate a deployment on a virtual clock"),
+    "plan": ("splitserve.sim.cli", "plan_main", "size a disaggregated deployment for a workload and SLOs"),
+    "hardware": ("splitserve.sim.cli", "hardware_main", "list the simulator's hardware catalog"),
+    "models": ("splitserve.sim.cli", "models_main", "list the simulator's model catalog"),
 }
 
 
