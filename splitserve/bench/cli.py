@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--duration", type=float, default=None, help="stop starting requests after S seconds")
     g.add_argument("--rate", default=None,
                    help="open-loop arrivals per second (agent: chains/s); `inf` sends all at once; "
-                   "a comma list runs a sweep (default: inf, or the preset's trace rate)")
+                   "a comma list runs a sweep (default: inf; for a preset without --concurrency, "
+                   "the trace's mean rate)")
     g.add_argument("--arrival", choices=("poisson", "gamma", "constant"), default="poisson")
     g.add_argument("--burstiness", type=float, default=1.0, help="gamma shape: <1 burstier, 1 = Poisson")
     g.add_argument("--concurrency", type=int, default=None, help="max requests (agent: sessions) in flight")
@@ -301,7 +302,7 @@ async def _amain(args: argparse.Namespace) -> int:
     rates = _parse_rates(args.rate)
     if args.workload == "trace":
         rates = [None]  # the trace's own timestamps, or closed loop with --concurrency
-    if args.workload in _presets() and args.rate is None:
+    if args.workload in _presets() and args.rate is None and args.concurrency is None:
         from splitserve.bench.workloads import PRESETS
 
         rates = [PRESETS[args.workload].rate]
