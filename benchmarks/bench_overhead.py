@@ -13,7 +13,9 @@ overhead plus loopback transport.
 
 Scenario "saturation": 256 streams with ITL 4 ms (the server offers ~64,000 tokens/s, more
 than one Python core of fake server can write). Shows who saturates first: if the client's CPU
-stays below 100% while the server's is at 100%, the client is not the bottleneck.
+stays below 100% while the server cannot keep up, the client is not the bottleneck. Its "added
+TTFT" is not the client's: a saturated server reads new requests late, and that wait (before
+the server's own clock starts) lands in the difference.
 
 Both report "client tokens per CPU-second": streamed tokens over the client process's CPU time,
 i.e. the token rate the client could sustain on one full core.
