@@ -234,3 +234,80 @@ def test_block_manager_eviction_prefers_uncached_blocks():
     bm.check_integrity()
     bm.free(b), bm.free(c)
     bm.check_integrity()
+
+
+# ---- disaggregation paths ------------------------------------------------------------------------
+def test_prefill_only_request_finishes_remote_after_first_token():
+    sched = Scheduler(SchedulerConfig(num_blocks=16, block_size=4, max_model_len=64))
+    req = make_request("p", 10, max_tokens=5)
+    req.prefill_only = True
+    sched.add_request(req)
+    plan = sched.schedule()
+    (ev,) = sched.update(plan, {"p": 42})
+    assert ev.finished and req.status == RequestStatus.FINISHED_REMOTE and req.finish_reason is None
+    assert sched.is_idle()
+
+
+def test_prefill_only_request_that_truly_ends_reports_its_reason():
+    sched = Scheduler(SchedulerConfig(num_blocks=16, block_size=4, max_model_len=64))
+    req = make_request("p", 10, max_tokens=1)
+    req.prefill_only = True
+    sched.add_request(req)
+    (ev,) = sched.update(sched.schedule(), {"p": 42})
+    assert req.finish_reason == "length"
+
+
+def test_remote_kv_reservation_admission_and_decode():
+    sched = Scheduler(SchedulerConfig(num_blocks=16, block_size=4, max_model_len=64, max_num_seqs=1))
+    sched.add_request(make_request("local", 3, max_tokens=3))
+    remote = make_request("remote", 10, max_tokens=3)
+    assert sched.reserve_remote(remote, reuse_tokens=0)
+    assert remote.status == RequestStatus.WAITING_FOR_KV
+    assert len(sched.block_manager.blocks_of("remote")) == 3
+    plan = sched.schedule()
+    assert [c.request_id for c in plan.chunks] == ["local"]  # KV not landed: nothing to compute
+    sched.update(plan, {"local": 7})
+    sched.check_integrity()
+    sched.admit_remote("remote", 55)
+    assert remote.output_token_ids == [55] and remote.num_computed_tokens == 10
+    out = run_to_completion(sched)
+    assert out["remote"] == [out["remote"][0], out["remote"][1]] and len(out["remote"]) == 2
+    assert remote.output_token_ids[0] == 55 and len(remote.output_token_ids) == 3
+
+
+def test_remote_reservation_reuses_cached_prefix_only_when_present():
+    sched = Scheduler(SchedulerConfig(num_blocks=16, block_size=4, max_model_len=64))
+    sched.add_request(make_request("turn1", 9, max_tokens=1))
+    run_to_completion(sched)
+    turn2 = make_request("turn2", 14, max_tokens=2)
+    assert sched.reserve_remote(turn2, reuse_tokens=8)
+    assert turn2.num_computed_tokens == 8
+    sched.finish("turn2")
+    assert not sched.reserve_remote(make_request("other", 14, max_tokens=2, base=900), reuse_tokens=8)
+    assert sched.is_idle()
+
+
+def test_remote_reservation_fails_cleanly_when_full_and_abort_frees():
+    sched = Scheduler(SchedulerConfig(num_blocks=4, block_size=4, max_model_len=16))
+    a = make_request("a", 12, max_tokens=2)
+    assert sched.reserve_remote(a, 0)
+    assert not sched.reserve_remote(make_request("b", 12, max_tokens=2, base=500), 0)
+    sched.check_integrity()
+    sched.finish("a")
+    assert sched.is_idle()
+    # Abort after admission, before a seat.
+    assert sched.reserve_remote(make_request("c", 5, max_tokens=2), 0)
+    sched.admit_remote("c", 9)
+    sched.finish("c")
+    sched.check_integrity()
+    assert sched.is_idle()
+
+
+def test_resubmitted_request_counts_prior_outputs():
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    req = Request("r", [100, 101, 102], params, output_token_ids=[7, 8], seed=1)
+    assert req.num_output_tokens == 2 and req.num_tokens == 5
+    sched = Scheduler(SchedulerConfig(num_blocks=16, block_size=4, max_model_len=64))
+    sched.add_request(req)
+    out = run_to_completion(sched)
+    assert len(out["r"]) == 3 and req.output_token_ids[:2] == [7, 8]

@@ -39,6 +39,7 @@ class StepOutput:
     stop_reason: int | str | None
     num_prompt_tokens: int
     num_cached_tokens: int
+    remote: bool = False  # prefill worker: first token out, decode continues elsewhere
 
 
 def resolve_dtype(name: str, device: torch.device, config_dtype: str | None) -> torch.dtype:
@@ -87,6 +88,8 @@ class LLMEngine:
         ))
         self.runner = ModelRunner(self.model, num_blocks, config.block_size)
         self.eos_token_ids = frozenset(self.arch.eos_token_ids) | tokenizer_eos
+        self.kv_sender = None  # set by a prefill worker (splitserve.kv.connector.KVSender)
+        self.kv_receiver = None  # set by a decode worker (splitserve.kv.connector.KVReceiver)
         self._rng = random.Random(config.seed)
         self.num_steps = 0
         self.load_seconds = time.perf_counter() - t0
@@ -115,22 +118,51 @@ class LLMEngine:
 
     # ---- requests --------------------------------------------------------------------------
     def make_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                     seed: int | None = None) -> Request:
+                     seed: int | None = None, output_token_ids: list[int] | None = None,
+                     prefill_only: bool = False) -> Request:
         vocab = self.arch.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_token_ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if any(not 0 <= t < vocab for t in prompt_token_ids) or any(not 0 <= t < vocab for t in output_token_ids or ()):
+            raise ValueError(f"token ids must be in [0, {vocab})")
         if seed is None:
             seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
-        return Request(request_id, prompt_token_ids, params, self.eos_token_ids, seed=seed)
+        return Request(request_id, prompt_token_ids, params, self.eos_token_ids, seed=seed,
+                       output_token_ids=output_token_ids, prefill_only=prefill_only)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    seed: int | None = None) -> Request:
-        req = self.make_request(request_id, prompt_token_ids, params, seed)
+                    seed: int | None = None, output_token_ids: list[int] | None = None) -> Request:
+        req = self.make_request(request_id, prompt_token_ids, params, seed, output_token_ids)
         self.scheduler.add_request(req)
         return req
 
+    def add_prefill_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, seed: int,
+                            dest_addr: str, send_from: int, transport: str,
+                            output_token_ids: list[int] | None = None) -> Request:
+        """Prefill here and stream the KV of tokens [send_from, end) to a decode worker."""
+        req = self.make_request(request_id, prompt_token_ids, params, seed, output_token_ids, prefill_only=True)
+        if not 0 <= send_from < req.num_tokens:
+            raise ValueError("send_from must be inside the prompt")
+        self.scheduler.add_request(req)
+        self.kv_sender.add(request_id, dest_addr, send_from, transport, req.num_tokens)
+        return req
+
+    def reserve_kv(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, seed: int,
+                   reuse_tokens: int, output_token_ids: list[int] | None = None) -> None:
+        """Decode side of a handoff: blocks for KV a prefill worker is computing. Raises ValueError
+        when it cannot work (bad ids, too long, prefix gone)."""
+        req = self.make_request(request_id, prompt_token_ids, params, seed, output_token_ids)
+        if req.num_tokens >= self.max_model_len:
+            raise ValueError(f"prompt of {req.num_tokens} tokens does not fit max_model_len={self.max_model_len}")
+        error = self.kv_receiver.reserve(req, reuse_tokens)
+        if error:
+            raise ValueError(error)
+
     def abort_request(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> bool:
-        return self.scheduler.finish(request_id, status) is not None
+        found = False
+        if self.kv_receiver is not None:
+            found = self.kv_receiver.drop(request_id)
+        if self.kv_sender is not None:
+            self.kv_sender.abort(request_id)
+        return self.scheduler.finish(request_id, status) is not None or found
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -140,17 +172,38 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return []
-        result = self.runner.execute(plan, self.scheduler.block_manager.req_blocks)
+        tables = self.scheduler.block_manager.req_blocks
+        sender = self.kv_sender
+        hook = None
+        if sender is not None:
+            sender.begin_step(plan, tables)
+            hook = sender.on_layer if sender.active else None
+        try:
+            result = self.runner.execute(plan, tables, layer_hook=hook)
+        finally:
+            if sender is not None:
+                sender.end_step()
         events = self.scheduler.update(plan, result.sampled)
         self.num_steps += 1
-        return [
-            StepOutput(
-                e.request.request_id, e.new_token, result.logprobs.get(e.request.request_id), e.finished,
-                e.request.finish_reason if e.finished else None, e.request.stop_reason,
-                e.request.num_prompt_tokens, max(e.request.num_cached_tokens, 0),
-            )
-            for e in events
-        ]
+        outputs = []
+        for e in events:
+            req = e.request
+            remote = req.status == RequestStatus.FINISHED_REMOTE
+            if e.finished and req.prefill_only and sender is not None:
+                sender.finish(req.request_id, e.new_token if remote else None)
+            outputs.append(StepOutput(
+                req.request_id, e.new_token, result.logprobs.get(req.request_id), e.finished,
+                req.finish_reason if e.finished else None, req.stop_reason,
+                req.num_prompt_tokens, max(req.num_cached_tokens, 0), remote,
+            ))
+        return outputs
+
+    def poll_transfers(self) -> list[str]:
+        """Decode side: land arrived KV, admit complete requests. Returns ids whose transfer failed."""
+        return self.kv_receiver.poll() if self.kv_receiver is not None else []
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
         """Offline convenience: run prompts to completion, return output token ids in order."""
@@ -168,7 +221,9 @@ class LLMEngine:
         return [outputs[rid] for rid in ids]
 
     def is_idle(self) -> bool:
-        return self.scheduler.is_idle()
+        busy_transfers = (self.kv_sender is not None and self.kv_sender.transfers) or (
+            self.kv_receiver is not None and (self.kv_receiver.transfers or self.kv_receiver.orphans))
+        return self.scheduler.is_idle() and not busy_transfers
 
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()

@@ -20,6 +20,7 @@ class RequestStatus(enum.IntEnum):
     FINISHED_STOPPED = 4
     FINISHED_LENGTH = 5
     FINISHED_ABORTED = 6
+    FINISHED_REMOTE = 7  # prefill worker: first token sampled, decode continues elsewhere
 
     @property
     def finished(self) -> bool:
@@ -30,14 +31,14 @@ FINISH_REASONS = {
     RequestStatus.FINISHED_STOPPED: "stop",
     RequestStatus.FINISHED_LENGTH: "length",
     RequestStatus.FINISHED_ABORTED: "abort",
-}
+}  # FINISHED_REMOTE has no client-visible finish reason: the request goes on elsewhere
 
 
 class Request:
     __slots__ = (
         "request_id", "token_ids", "num_prompt_tokens", "sampling_params", "num_computed_tokens",
         "num_cached_tokens", "status", "stop_reason", "block_hashes", "arrival_index",
-        "num_preemptions", "eos_token_ids", "seed",
+        "num_preemptions", "eos_token_ids", "seed", "prefill_only",
     )
 
     def __init__(
@@ -48,12 +49,18 @@ class Request:
         eos_token_ids: frozenset[int] = frozenset(),
         arrival_index: int = 0,
         seed: int | None = None,
+        output_token_ids: list[int] | None = None,
+        prefill_only: bool = False,
     ) -> None:
+        """`output_token_ids`: tokens already generated (and sent to the client) by a worker that
+        died or handed off; they are recomputed like prompt tokens but count as output for
+        max_tokens, penalties and the sampling stream."""
         if not prompt_token_ids:
             raise ValueError("the prompt must contain at least one token")
         self.request_id = request_id
-        self.token_ids: list[int] = list(prompt_token_ids)
+        self.token_ids: list[int] = list(prompt_token_ids) + list(output_token_ids or ())
         self.num_prompt_tokens = len(prompt_token_ids)
+        self.prefill_only = prefill_only
         self.sampling_params = sampling_params
         self.eos_token_ids = eos_token_ids
         self.num_computed_tokens = 0

@@ -105,11 +105,11 @@ class ModelRunner:
 
     # ---- execution -------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, plan: StepPlan, block_tables: dict[str, list[int]]) -> StepResult:
+    def execute(self, plan: StepPlan, block_tables: dict[str, list[int]], layer_hook=None) -> StepResult:
         if plan.is_empty:
             return StepResult({}, {})
         input_ids, positions, meta, sample_rows, sample_reqs = self.prepare(plan, block_tables)
-        hidden = self.model.forward(input_ids, positions, meta, self.kv_caches)
+        hidden = self.model.forward(input_ids, positions, meta, self.kv_caches, layer_hook)
         if not sample_rows:
             return StepResult({}, {})
         rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)

@@ -7,8 +7,16 @@ Policy (one code path, no phase flag):
   1. Running requests first, in arrival order: each gets the tokens it still lacks (1 for
      decode, a chunk for a long prefill), within the step's token budget. When blocks run
      out, the newest running request is preempted (its blocks freed, recomputed later).
-  2. Then waiting requests, oldest first, reusing cached prefix blocks, while budget, seats
+  2. Then requests whose KV arrived from a prefill worker (they hold their blocks already).
+  3. Then waiting requests, oldest first, reusing cached prefix blocks, while budget, seats
      and blocks last. Nothing waiting is admitted in a step that had to preempt.
+
+Disaggregation adds two small paths, no phase flag:
+  * prefill worker: a `prefill_only` request finishes as FINISHED_REMOTE after its first
+    token; the caller ships its KV and frees it.
+  * decode worker: `reserve_remote()` gives a request blocks for the KV that will arrive
+    (status WAITING_FOR_KV), `admit_remote()` marks the prompt computed, appends the first
+    token sampled on the prefill worker, and queues it for a seat in the running batch.
 """
 
 from __future__ import annotations
@@ -67,6 +75,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
+        self.waiting_for_kv: dict[str, Request] = {}
+        self.kv_ready: deque[Request] = deque()
         self._arrivals = 0
         self.num_preemptions = 0
 
@@ -94,8 +104,62 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
+    def has_work(self) -> bool:
+        """Something a step could compute (requests waiting only for KV cannot be stepped)."""
+        return bool(self.running or self.waiting or self.kv_ready)
+
     def is_idle(self) -> bool:
-        return not self.requests and not self.waiting and not self.running and self.block_manager.is_idle()
+        return (not self.requests and not self.waiting and not self.running and not self.waiting_for_kv
+                and not self.kv_ready and self.block_manager.is_idle())
+
+    @property
+    def num_waiting_tokens(self) -> int:
+        """Prompt tokens still to compute: the router's measure of a prefill worker's queue."""
+        return sum(r.num_tokens - r.num_computed_tokens for r in self.waiting) + sum(
+            r.num_tokens - r.num_computed_tokens for r in self.running if r.num_tokens - r.num_computed_tokens > 1)
+
+    # ---- KV from elsewhere (decode worker of a disaggregated pair) ---------------------------
+    def reserve_remote(self, request: Request, reuse_tokens: int) -> bool:
+        """Give `request` blocks for its prompt; KV for tokens [reuse_tokens, num_tokens) will arrive.
+
+        The first `reuse_tokens` (block aligned) must come from this worker's prefix cache.
+        Returns False, changing nothing, when the cache lacks that prefix or space is short.
+        """
+        rid = request.request_id
+        if rid in self.requests:
+            raise ValueError(f"duplicate request id {rid!r}")
+        if request.num_tokens >= self.config.max_model_len:
+            raise ValueError(f"prompt of {request.num_tokens} tokens does not fit max_model_len={self.config.max_model_len}")
+        bm = self.block_manager
+        bs = bm.block_size
+        if reuse_tokens % bs:
+            raise ValueError("reuse_tokens must be a multiple of the block size")
+        computed, _ = bm.get_computed_blocks(request)
+        if len(computed) * bs < reuse_tokens:
+            return False
+        computed = computed[: reuse_tokens // bs]
+        if not bm.allocate_slots(request, request.num_tokens, computed):
+            return False
+        request.arrival_index = self._arrivals
+        self._arrivals += 1
+        request.num_computed_tokens = reuse_tokens
+        request.num_cached_tokens = reuse_tokens
+        request.status = RequestStatus.WAITING_FOR_KV
+        self.requests[rid] = request
+        self.waiting_for_kv[rid] = request
+        return True
+
+    def admit_remote(self, request_id: str, first_token: int) -> Request | None:
+        """All KV landed: the prompt is computed, the first token is known. Queue for a seat."""
+        req = self.waiting_for_kv.pop(request_id, None)
+        if req is None:
+            return None
+        req.num_computed_tokens = req.num_tokens
+        self.block_manager.cache_full_blocks(req)
+        req.append_token(first_token)
+        req.status = RequestStatus.WAITING
+        self.kv_ready.append(req)
+        return req
 
     # ---- planning ------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
@@ -124,11 +188,19 @@ class Scheduler:
             budget -= num_new
             i += 1
 
+        while not plan.preempted and self.kv_ready and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.kv_ready[0]
+            if not bm.allocate_slots(req, req.num_tokens):
+                break
+            self.kv_ready.popleft()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            plan.chunks.append(self._chunk(req, req.num_tokens - req.num_computed_tokens))
+            budget -= plan.chunks[-1].num_tokens
+
         if not plan.preempted:
             while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
                 req = self.waiting[0]
-                if req.status == RequestStatus.WAITING_FOR_KV:
-                    break  # its KV is on its way; admission happens when it lands
                 computed_blocks, num_cached = bm.get_computed_blocks(req)
                 num_new = min(req.num_tokens - num_cached, budget)
                 if not bm.allocate_slots(req, num_cached + num_new, computed_blocks):
@@ -196,6 +268,9 @@ class Scheduler:
         if n_out >= params.max_tokens or req.num_tokens >= self.config.max_model_len:
             req.status = RequestStatus.FINISHED_LENGTH
             return True
+        if req.prefill_only:
+            req.status = RequestStatus.FINISHED_REMOTE
+            return True
         return False
 
     def finish(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> Request | None:
@@ -205,11 +280,14 @@ class Scheduler:
             return None
         if req.status == RequestStatus.RUNNING:
             self.running.remove(req)
+        elif req.status == RequestStatus.WAITING_FOR_KV:
+            del self.waiting_for_kv[request_id]
         else:
-            try:
-                self.waiting.remove(req)
-            except ValueError:
-                pass
+            for queue in (self.waiting, self.kv_ready):
+                try:
+                    queue.remove(req)
+                except ValueError:
+                    pass
         req.status = status
         self._release(req)
         return req
@@ -220,11 +298,15 @@ class Scheduler:
 
     def check_integrity(self) -> None:
         self.block_manager.check_integrity()
-        ids = {r.request_id for r in self.running} | {r.request_id for r in self.waiting}
-        assert ids == set(self.requests), "scheduler queues disagree with the request table"
+        queues = [self.running, self.waiting, self.kv_ready, list(self.waiting_for_kv.values())]
+        ids = [r.request_id for q in queues for r in q]
+        assert len(ids) == len(set(ids)), "a request sits in two queues"
+        assert set(ids) == set(self.requests), "scheduler queues disagree with the request table"
         assert len(self.running) <= self.config.max_num_seqs
         for r in self.running:
             assert r.status == RequestStatus.RUNNING
             assert r.num_computed_tokens <= r.num_tokens
         for r in self.waiting:
-            assert r.request_id not in self.block_manager.req_blocks or r.status == RequestStatus.WAITING_FOR_KV
+            assert r.request_id not in self.block_manager.req_blocks, f"{r.request_id} waits holding blocks"
+        for r in list(self.waiting_for_kv.values()) + list(self.kv_ready):
+            assert r.request_id in self.block_manager.req_blocks, f"{r.request_id} lost its reserved blocks"

@@ -96,12 +96,16 @@ class LlamaModel:
         self.rotary = RotaryEmbedding(cfg, max_positions, dtype, device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], layer_hook=None) -> torch.Tensor:
+        """`layer_hook(i)` runs after layer i wrote its KV: the prefill side of a KV handoff
+        ships that layer while the next ones compute."""
         h = F.embedding(input_ids, self.embed)
         residual = h
-        for layer, kv in zip(self.layers, kv_caches):
+        for i, (layer, kv) in enumerate(zip(self.layers, kv_caches)):
             residual = layer.forward(rms_norm(residual, layer.input_norm, layer.eps), residual,
                                      positions, self.rotary, kv, meta)
+            if layer_hook is not None:
+                layer_hook(i)
         return rms_norm(residual, self.norm, self.cfg.rms_norm_eps)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
