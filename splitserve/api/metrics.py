@@ -1,5 +1,6 @@
 """Prometheus metrics. Names follow vLLM's (`vllm:x` -> `splitserve:x`) so its Grafana dashboards
-carry over by changing the prefix."""
+carry over by changing the prefix. Engine-side figures come from the workers' latest Stats
+messages, summed over the cluster and repeated per worker (`splitserve:worker_*`)."""
 
 from __future__ import annotations
 
@@ -20,39 +21,68 @@ class _EngineStatsCollector:
         self.model_name = model_name
 
     def collect(self):
-        s = self.client.stats
-        labels = ["model_name"]
-        vals = [self.model_name]
+        c = self.client
+        stats = [(w.worker_id, w.role, w.stats) for w in c.workers.values() if w.stats is not None]
+        base = ["model_name"]
 
-        def gauge(name, doc, value):
-            g = GaugeMetricFamily(name, doc, labels=labels)
-            g.add_metric(vals, value)
-            return g
+        def family(kind, name, doc, value, per_worker=None):
+            fam = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(name, doc, labels=base)
+            fam.add_metric([self.model_name], value)
+            yield fam
+            if per_worker is not None:
+                pw = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(
+                    name.replace("splitserve:", "splitserve:worker_"), doc + " (per worker)",
+                    labels=base + ["worker_id", "role"])
+                for wid, role, s in stats:
+                    pw.add_metric([self.model_name, wid, role], per_worker(s))
+                yield pw
 
-        def counter(name, doc, value):
-            c = CounterMetricFamily(name, doc, labels=labels)
-            c.add_metric(vals, value)
-            return c
+        def total(attr):
+            return sum(getattr(s, attr) for _, _, s in stats)
 
-        running = s.num_running if s else 0
-        waiting = s.num_waiting if s else 0
-        used = s.kv_blocks_used if s else 0
-        free = s.kv_blocks_free if s else 0
-        total = used + free
-        yield gauge("splitserve:num_requests_running", "Requests in the engine's running batch.", running)
-        yield gauge("splitserve:num_requests_waiting", "Requests waiting in the engine queue.", waiting)
-        yield gauge("splitserve:kv_cache_usage_perc", "Fraction of KV blocks in use (0-1).", used / total if total else 0.0)
-        yield gauge("splitserve:kv_blocks_used", "KV cache blocks held by requests or awaiting reuse.", used)
-        yield gauge("splitserve:kv_blocks_free", "KV cache blocks free.", free)
-        yield gauge("splitserve:num_requests_inflight", "Requests accepted by the gateway and not finished.",
-                    self.client.num_inflight)
-        yield counter("splitserve:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-                      s.prefix_queried_tokens if s else 0)
-        yield counter("splitserve:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
-                      s.prefix_hit_tokens if s else 0)
-        yield counter("splitserve:num_preemptions", "Requests preempted for lack of KV blocks.",
-                      s.num_preemptions if s else 0)
-        yield counter("splitserve:engine_restarts", "Engine worker restarts after a crash.", self.client.num_restarts)
+        used, free = total("kv_blocks_used"), total("kv_blocks_free")
+        yield from family("gauge", "splitserve:num_requests_running", "Requests in running batches.",
+                          total("num_running"), lambda s: s.num_running)
+        yield from family("gauge", "splitserve:num_requests_waiting", "Requests waiting in engine queues.",
+                          total("num_waiting") + total("num_waiting_for_kv"), lambda s: s.num_waiting + s.num_waiting_for_kv)
+        yield from family("gauge", "splitserve:kv_cache_usage_perc", "Fraction of KV blocks in use (0-1).",
+                          used / (used + free) if used + free else 0.0,
+                          lambda s: s.kv_blocks_used / max(1, s.kv_blocks_used + s.kv_blocks_free))
+        yield from family("gauge", "splitserve:kv_blocks_used", "KV cache blocks held by requests.", used,
+                          lambda s: s.kv_blocks_used)
+        yield from family("gauge", "splitserve:kv_blocks_free", "KV cache blocks free.", free, lambda s: s.kv_blocks_free)
+        yield from family("gauge", "splitserve:queued_prefill_tokens", "Prompt tokens waiting to be computed.",
+                          total("queued_prefill_tokens"), lambda s: s.queued_prefill_tokens)
+        yield from family("gauge", "splitserve:num_requests_inflight", "Requests accepted by the gateway.",
+                          c.num_inflight)
+        yield from family("counter", "splitserve:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                          total("prefix_queried_tokens"))
+        yield from family("counter", "splitserve:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                          total("prefix_hit_tokens"))
+        yield from family("counter", "splitserve:num_preemptions", "Requests preempted for lack of KV blocks.",
+                          total("num_preemptions"))
+        yield from family("counter", "splitserve:kv_transfer_bytes", "KV bytes moved between workers.",
+                          total("kv_bytes_received"))
+        yield from family("counter", "splitserve:kv_transfers", "Completed KV transfers.", total("kv_transfers_done"))
+        yield from family("counter", "splitserve:kv_transfers_failed", "KV transfers that failed or timed out.",
+                          total("kv_transfers_failed"))
+        secs = total("kv_transfer_seconds")
+        yield from family("counter", "splitserve:kv_transfer_time_seconds",
+                          "Seconds from reservation to last layer landed, summed over transfers.", secs)
+        yield from family("gauge", "splitserve:kv_transfer_gbps", "Mean KV transfer throughput (GB/s).",
+                          total("kv_bytes_received") / secs / 1e9 if secs else 0.0)
+        ph = c.phase
+        yield from family("counter", "splitserve:request_prefill_time_seconds",
+                          "Dispatch to first token (queue + prefill + handoff), summed.", ph["prefill_s"])
+        yield from family("counter", "splitserve:request_prefill_count", "Requests timed in the prefill phase.",
+                          ph["prefill_n"])
+        yield from family("counter", "splitserve:request_decode_time_seconds", "First token to finish, summed.",
+                          ph["decode_s"])
+        yield from family("counter", "splitserve:request_decode_count", "Requests timed in the decode phase.",
+                          ph["decode_n"])
+        yield from family("counter", "splitserve:requests_replaced", "Requests placed again after a worker failure.",
+                          c.num_replaced)
+        yield from family("counter", "splitserve:engine_restarts", "Worker restarts after a crash.", c.num_restarts)
 
 
 class ServerMetrics:

@@ -1,4 +1,4 @@
-"""`splitserve serve`: the OpenAI-compatible server (aggregated: one engine worker)."""
+"""`splitserve serve`: the OpenAI-compatible server, aggregated or disaggregated."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import time
+from dataclasses import replace
 
 from splitserve.config import EngineConfig
 
@@ -17,7 +18,8 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", default="demo", help="`demo`, a .gguf file or a Hugging Face directory")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: all cores)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: all cores; "
+                    "disaggregated: cores split between workers)")
     ap.add_argument("--max-model-len", type=int, default=None)
     ap.add_argument("--max-num-seqs", type=int, default=64, help="running requests per step")
     ap.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget per step (chunk size)")
@@ -48,15 +50,49 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     help="require `Authorization: Bearer KEY` (or set SPLITSERVE_API_KEY)")
     ap.add_argument("--served-model-name", default=None)
     ap.add_argument("--log-level", default="INFO")
+    d = ap.add_argument_group("disaggregation")
+    d.add_argument("--disaggregated", action="store_true", help="separate prefill and decode worker pools")
+    d.add_argument("--prefill-workers", type=int, default=1)
+    d.add_argument("--decode-workers", type=int, default=1)
+    d.add_argument("--prefill-threads", type=int, default=None, help="threads per prefill worker")
+    d.add_argument("--decode-threads", type=int, default=None, help="threads per decode worker")
+    d.add_argument("--prefill-block-size", type=int, default=None)
+    d.add_argument("--decode-block-size", type=int, default=None)
+    d.add_argument("--local-prefill-threshold", type=int, default=0,
+                   help="uncached prompt tokens at or below which the decode worker prefills itself")
+    d.add_argument("--kv-transport", default="auto", choices=["auto", "shm", "tcp"],
+                   help="auto: shared memory on one host, TCP across hosts")
+    d.add_argument("--cluster-listen", default=None, metavar="HOST:PORT",
+                   help="accept `splitserve worker --join` from other hosts here (needs SPLITSERVE_CLUSTER_SECRET)")
     return ap.parse_args(argv)
+
+
+def pools_from_args(args, base: EngineConfig):
+    from splitserve.cluster.gateway import PoolSpec
+
+    if not args.disaggregated:
+        return [PoolSpec("both", 1, base)]
+    cores = os.cpu_count() or 2
+    split = max(1, cores // max(1, args.prefill_workers + args.decode_workers))
+    p_cfg = replace(base, threads=args.prefill_threads or args.threads or split,
+                    block_size=args.prefill_block_size or base.block_size)
+    d_cfg = replace(base, threads=args.decode_threads or args.threads or split,
+                    block_size=args.decode_block_size or base.block_size)
+    pools = []
+    if args.prefill_workers:
+        pools.append(PoolSpec("prefill", args.prefill_workers, p_cfg))
+    pools.append(PoolSpec("decode", args.decode_workers, d_cfg))
+    return pools
 
 
 async def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from splitserve.api.engine_client import EngineClient
     from splitserve.api.metrics import ServerMetrics
     from splitserve.api.server import ServerState, build_app
+    from splitserve.cluster.gateway import Cluster
+    from splitserve.cluster.router import RouterConfig
+    from splitserve.cluster.worker import SECRET_ENV
     from splitserve.models.registry import resolve_model_path, served_model_name
     from splitserve.models.tokenizer import load_tokenizer
 
@@ -64,27 +100,39 @@ async def serve(args: argparse.Namespace) -> None:
     config = engine_config_from_args(args)
     path = resolve_model_path(config.model)
     tokenizer = load_tokenizer(path)
-    client = EngineClient(config, tokenizer.eos_token_ids, log_level=args.log_level)
+    secret = os.environ.get(SECRET_ENV)
+    if args.cluster_listen and not secret:
+        raise ValueError(f"--cluster-listen needs the cluster secret in {SECRET_ENV}")
+    if args.decode_workers < 1:
+        raise ValueError("at least one decode worker is needed")
+    cluster = Cluster(pools_from_args(args, config), tokenizer.eos_token_ids,
+                      router_config=RouterConfig(local_prefill_threshold=args.local_prefill_threshold),
+                      kv_transport=args.kv_transport, log_level=args.log_level, join_address=args.cluster_listen,
+                      secret=secret)
     try:
-        ready = await client.start()
+        await cluster.start()
     except BaseException:
-        await client.shutdown()
+        await cluster.shutdown()
         raise
     name = args.served_model_name or served_model_name(config.model)
     aliases = frozenset({name, config.model, served_model_name(config.model)})
+    seats = config.max_num_seqs + config.max_waiting
     state = ServerState(
-        client=client, tokenizer=tokenizer, model_name=name, model_aliases=aliases,
-        max_model_len=ready.max_model_len, max_inflight=config.max_num_seqs + config.max_waiting,
-        api_key=args.api_key, metrics=ServerMetrics(client, name), started=time.time(),
+        client=cluster, tokenizer=tokenizer, model_name=name, model_aliases=aliases,
+        max_model_len=cluster.max_model_len, max_inflight=seats * max(1, args.decode_workers if args.disaggregated else 1),
+        api_key=args.api_key, metrics=ServerMetrics(cluster, name), started=time.time(),
     )
     app = build_app(state)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
                                            timeout_graceful_shutdown=3, access_log=False))
-    log.info("serving %s on http://%s:%d (ready in %.2fs)", name, args.host, args.port, time.perf_counter() - t0)
+    log.info("serving %s (%s) on http://%s:%d, ready in %.2fs", name, cluster.mode, args.host, args.port,
+             time.perf_counter() - t0)
+    if cluster.join_address:
+        log.info("workers may join at %s", cluster.join_address)
     try:
         await server.serve()
     finally:
-        await client.shutdown()
+        await cluster.shutdown()
 
 
 def main(argv: list[str]) -> int:
@@ -98,3 +146,34 @@ def main(argv: list[str]) -> int:
         log.error("%s", exc)
         return 1
     return 0
+
+
+def worker_main(argv: list[str]) -> int:
+    """`splitserve worker --role prefill|decode --join HOST:PORT`: join a running gateway."""
+    import socket
+
+    from splitserve.cluster.worker import SECRET_ENV, run_worker
+    from splitserve.models.registry import resolve_model_path
+    from splitserve.models.tokenizer import load_tokenizer
+
+    ap = argparse.ArgumentParser(prog="splitserve worker", description=worker_main.__doc__)
+    add_engine_args(ap)
+    ap.add_argument("--role", required=True, choices=["prefill", "decode", "both"])
+    ap.add_argument("--join", required=True, metavar="HOST:PORT", help="the gateway's --cluster-listen address")
+    ap.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT",
+                    help="where peers reach this worker (use a routable address across hosts)")
+    ap.add_argument("--id", default=None)
+    ap.add_argument("--log-level", default="INFO")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    secret = os.environ.get(SECRET_ENV, "").encode()
+    if not secret:
+        log.error("set %s to the gateway's cluster secret", SECRET_ENV)
+        return 2
+    config = engine_config_from_args(args)
+    eos = sorted(load_tokenizer(resolve_model_path(config.model)).eos_token_ids)
+    from dataclasses import asdict
+
+    wid = args.id or f"{args.role}-{socket.gethostname()}-{os.getpid()}"
+    return run_worker(wid, args.role, asdict(config), eos, f"tcp://{args.listen}", f"tcp://{args.join}",
+                      f"joined-{wid}", secret, None)

@@ -21,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from splitserve.api.engine_client import EngineClient, EngineDeadError, EngineRequestError
+from splitserve.cluster.gateway import Cluster, EngineDeadError, EngineRequestError
 from splitserve.api.generation import ChoiceState
 from splitserve.api.metrics import ServerMetrics
 from splitserve.api.protocol import ChatCompletionRequest, CompletionRequest
@@ -51,7 +51,7 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
 
 @dataclass
 class ServerState:
-    client: EngineClient
+    client: Cluster
     tokenizer: Tokenizer
     model_name: str
     model_aliases: frozenset[str]
@@ -191,19 +191,9 @@ def build_app(state: ServerState) -> FastAPI:
     @app.get("/cluster")
     async def cluster(request: Request):
         authorize(request)
-        c = state.client
-        st = c.stats
-        worker = {
-            "id": "worker-0", "role": "both", "pid": c.process.pid if c.process else None,
-            "state": "ready" if c.healthy else "starting" if c.process and c.process.poll() is None else "dead",
-            "restarts": c.num_restarts,
-            "load": None if st is None else {
-                "num_waiting": st.num_waiting, "num_running": st.num_running,
-                "kv_blocks_used": st.kv_blocks_used, "kv_blocks_free": st.kv_blocks_free,
-                "num_steps": st.num_steps,
-            },
-        }
-        return {"mode": "aggregated", "gateway_inflight": c.num_inflight + state.admitted, "workers": [worker]}
+        info = state.client.info()
+        info["gateway_inflight"] += state.admitted
+        return info
 
     @app.get("/v1/models")
     async def models(request: Request):

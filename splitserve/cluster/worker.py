@@ -1,8 +1,12 @@
-"""A worker process: one engine, a ZeroMQ inbox and outbox, a loop that steps while there is work.
+"""A worker process: one engine, a ZeroMQ inbox, a loop that steps while there is work.
 
-The gateway spawns it (or, later, it joins from another host). It never unpickles: commands are
-msgspec structs. It dies with its parent (PDEATHSIG plus a parent-pid check), so a crashed
-gateway leaves no orphan holding memory.
+Roles are routing hints: every worker can prefill and decode locally, prefill for a peer
+(shipping KV layer by layer) and decode a request whose KV a peer sends. The gateway spawns
+workers, or a worker joins a running gateway from another host (`splitserve worker --join`).
+
+Every frame is [cluster secret, message (, payload)]; frames without the secret are dropped and
+logged. Nothing is unpickled. A spawned worker dies with its parent (PDEATHSIG plus a parent
+check), so a crashed gateway leaves no orphan holding memory.
 """
 
 from __future__ import annotations
@@ -11,113 +15,154 @@ import ctypes
 import logging
 import os
 import signal
+import socket
 import sys
 import time
-from dataclasses import asdict
 
-from splitserve.config import EngineConfig
 from splitserve.cluster import messages as m
+from splitserve.config import EngineConfig
 
 log = logging.getLogger("splitserve.worker")
 
 STATS_INTERVAL_S = 0.25
 IDLE_POLL_MS = 50
+TRANSFER_POLL_MS = 2
+SECRET_ENV = "SPLITSERVE_CLUSTER_SECRET"
 
 
 def _die_with_parent() -> None:
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        PR_SET_PDEATHSIG = 1
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass
 
 
-def worker_main(worker_id: str, engine_config: dict, eos_token_ids: list[int], inbox: str, outbox: str,
-                parent_pid: int, log_level: str = "INFO") -> None:
-    """Entry point of the spawned process. Arguments are plain data (the spawn pickles only them)."""
-    _die_with_parent()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    logging.basicConfig(level=log_level, format=f"%(asctime)s {worker_id} %(levelname)s %(message)s")
-    import zmq
+class Worker:
+    def __init__(self, worker_id: str, role: str, engine, secret: bytes, ctx, inbox_bind: str, gateway_addr: str,
+                 cluster_id: str, parent_pid: int | None) -> None:
+        import zmq
 
-    from splitserve.engine.engine import LLMEngine
+        from splitserve.kv.connector import KVReceiver, KVSender
 
-    ctx = zmq.Context()
-    pull = ctx.socket(zmq.PULL)
-    pull.connect(inbox)
-    push = ctx.socket(zmq.PUSH)
-    push.setsockopt(zmq.LINGER, 1000)
-    push.connect(outbox)
-    try:
-        engine = LLMEngine(EngineConfig(**engine_config), tokenizer_eos=frozenset(eos_token_ids))
-    except Exception as exc:  # report, then exit: the gateway turns this into a clear startup error
-        log.exception("engine failed to start")
-        push.send(m.encode(m.RequestError("", f"engine failed to start: {exc}")))
-        push.close()
-        ctx.term()
-        sys.exit(1)
-    bm = engine.scheduler.block_manager
-    push.send(m.encode(m.Ready(worker_id, os.getpid(), bm.num_blocks, bm.block_size, engine.max_model_len,
-                               engine.arch.vocab_size, engine.load_seconds)))
-    WorkerLoop(worker_id, engine, pull, push, parent_pid).run()
-    pull.close(0)
-    push.close()
-    ctx.term()
-
-
-class WorkerLoop:
-    def __init__(self, worker_id: str, engine, pull, push, parent_pid: int) -> None:
-        self.worker_id = worker_id
-        self.engine = engine
-        self.pull = pull
-        self.push = push
+        self.worker_id, self.role, self.engine, self.secret = worker_id, role, engine, secret
         self.parent_pid = parent_pid
+        self.ctx = ctx
+        self.inbox = ctx.socket(zmq.PULL)
+        self.inbox.setsockopt(zmq.LINGER, 0)
+        self.inbox.bind(inbox_bind)
+        self.address = self.inbox.getsockopt(zmq.LAST_ENDPOINT).decode()
+        if self.address.startswith("tcp://0.0.0.0:"):
+            self.address = self.address.replace("0.0.0.0", socket.gethostname())
+        self.gateway = ctx.socket(zmq.PUSH)
+        self.gateway.setsockopt(zmq.LINGER, 2000)
+        self.gateway.connect(gateway_addr)
+        self.peers: dict[str, object] = {}
+        runner = engine.runner
+        engine.kv_sender = KVSender(cluster_id, runner.kv_caches, engine.config.block_size, self.send_peer)
+        engine.kv_receiver = KVReceiver(engine.scheduler, runner.kv_caches, engine.config.block_size)
+        engine.scheduler.block_manager.events = []
         self.running = True
         self._last_stats = 0.0
+        self.dropped_frames = 0
 
+    # ---- sockets -------------------------------------------------------------------------
+    def to_gateway(self, msg: m.Msg) -> None:
+        self.gateway.send_multipart([self.secret, m.encode(msg)])
+
+    def send_peer(self, addr: str, frames: list) -> None:
+        import zmq
+
+        sock = self.peers.get(addr)
+        if sock is None:
+            sock = self.ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, 100_000)
+            sock.connect(addr)
+            self.peers[addr] = sock
+        sock.send_multipart([self.secret, *frames], copy=len(frames) == 1)
+
+    def ready_message(self, load_seconds: float) -> m.Ready:
+        e = self.engine
+        bm = e.scheduler.block_manager
+        return m.Ready(self.worker_id, os.getpid(), self.role, self.address, bm.num_blocks, bm.block_size,
+                       e.max_model_len, e.arch.vocab_size, load_seconds, socket.gethostname())
+
+    # ---- loop ----------------------------------------------------------------------------
     def run(self) -> None:
         import zmq
 
+        engine = self.engine
         while self.running:
-            busy = self.engine.has_unfinished()
-            if self.pull.poll(0 if busy else IDLE_POLL_MS, zmq.POLLIN):
+            busy = engine.has_work()
+            transfers = engine.kv_receiver.num_active or engine.kv_receiver.orphans
+            timeout = 0 if busy else (TRANSFER_POLL_MS if transfers else IDLE_POLL_MS)
+            if self.inbox.poll(timeout, zmq.POLLIN):
                 while True:
                     try:
-                        data = self.pull.recv(zmq.NOBLOCK)
+                        frames = self.inbox.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    self.handle(data)
+                    self.handle(frames)
             if not self.running:
                 break
-            if self.engine.has_unfinished():
-                outs = self.engine.step()
+            for rid in engine.poll_transfers():
+                self.to_gateway(m.RequestError(rid, "KV transfer failed or timed out", self.worker_id, True))
+            if engine.has_work():
+                outs = engine.step()
                 if outs:
-                    self.push.send(m.encode(m.Outputs([self._token_out(o) for o in outs])))
+                    self.to_gateway(m.Outputs(self.worker_id, [self._token_out(o) for o in outs]))
             self._maybe_send_stats()
-            if not busy and os.getppid() != self.parent_pid:
+            if not busy and self.parent_pid is not None and os.getppid() != self.parent_pid:
                 log.warning("parent gone; exiting")
                 break
 
-    def handle(self, data: bytes) -> None:
+    def handle(self, frames: list[bytes]) -> None:
+        if len(frames) < 2 or not m.check_secret(frames[0], self.secret):
+            self.dropped_frames += 1
+            log.warning("dropped a frame without the cluster secret (%d so far)", self.dropped_frames)
+            return
         try:
-            msg = m.decode_to_worker(data)
-        except Exception as exc:  # malformed or foreign: drop it, never crash
+            msg = m.decode_to_worker(frames[1])
+        except Exception as exc:  # malformed: drop it, never crash
             log.warning("dropped an undecodable message: %s", exc)
             return
-        if isinstance(msg, m.AddRequest):
-            try:
-                self.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params, seed=msg.seed)
-            except ValueError as exc:
-                self.push.send(m.encode(m.RequestError(msg.request_id, str(exc))))
-        elif isinstance(msg, m.AbortRequests):
-            from splitserve.engine.request import RequestStatus
+        e = self.engine
+        try:
+            if isinstance(msg, m.KVChunk):
+                e.kv_receiver.on_chunk(msg, frames[2] if len(frames) > 2 else None)
+            elif isinstance(msg, m.PrefillDone):
+                e.kv_receiver.on_done(msg)
+            elif isinstance(msg, m.AddRequest):
+                e.add_request(msg.request_id, msg.prompt_token_ids, msg.params, seed=msg.seed,
+                              output_token_ids=msg.output_token_ids)
+            elif isinstance(msg, m.PrefillRequest):
+                e.add_prefill_request(msg.request_id, msg.prompt_token_ids, msg.params, msg.seed, msg.dest_addr,
+                                      msg.send_from, msg.transport, msg.output_token_ids)
+            elif isinstance(msg, m.ReserveKV):
+                try:
+                    e.reserve_kv(msg.request_id, msg.prompt_token_ids, msg.params, msg.seed, msg.reuse_tokens,
+                                 msg.output_token_ids)
+                except ValueError as exc:
+                    retry = "no longer cached" in str(exc)
+                    self.to_gateway(m.RequestError(msg.request_id, str(exc), self.worker_id, retry))
+            elif isinstance(msg, m.AbortRequests):
+                from splitserve.engine.request import RequestStatus
 
-            status = RequestStatus.FINISHED_STOPPED if msg.stopped else RequestStatus.FINISHED_ABORTED
-            for rid in msg.request_ids:
-                self.engine.abort_request(rid, status)
-        elif isinstance(msg, m.Shutdown):
-            self.running = False
+                status = RequestStatus.FINISHED_STOPPED if msg.stopped else RequestStatus.FINISHED_ABORTED
+                for rid in msg.request_ids:
+                    e.abort_request(rid, status)
+            elif isinstance(msg, m.Shutdown):
+                self.running = False
+        except ValueError as exc:
+            rid = getattr(msg, "request_id", "")
+            self.to_gateway(m.RequestError(rid, str(exc), self.worker_id, False))
+        except Exception as exc:  # a bad chunk or similar: fail that request, keep serving
+            log.exception("error handling %s", type(msg).__name__)
+            rid = getattr(msg, "request_id", "")
+            if rid:
+                e.abort_request(rid)
+                self.to_gateway(m.RequestError(rid, f"worker error: {exc}", self.worker_id, True))
 
     @staticmethod
     def _token_out(o) -> m.TokenOut:
@@ -130,6 +175,7 @@ class WorkerLoop:
             stop_reason=o.stop_reason if isinstance(o.stop_reason, int) else None,
             num_prompt_tokens=o.num_prompt_tokens,
             num_cached_tokens=o.num_cached_tokens,
+            remote=o.remote,
         )
 
     def _maybe_send_stats(self) -> None:
@@ -137,35 +183,87 @@ class WorkerLoop:
         if now - self._last_stats < STATS_INTERVAL_S:
             return
         self._last_stats = now
-        s = self.engine.scheduler
+        self.to_gateway(self.stats())
+
+    def stats(self) -> m.Stats:
+        e = self.engine
+        s = e.scheduler
         bm = s.block_manager
-        self.push.send(m.encode(m.Stats(
-            self.worker_id, s.num_waiting, s.num_running, bm.num_used_blocks, bm.num_free_blocks,
-            bm.num_queried_tokens, bm.num_hit_tokens, s.num_preemptions, self.engine.num_steps,
-        )))
+        rx, tx = e.kv_receiver, e.kv_sender
+        events, bm.events = bm.events, []
+        return m.Stats(
+            self.worker_id, s.num_waiting + len(s.kv_ready), s.num_running, len(s.waiting_for_kv),
+            bm.num_used_blocks, bm.num_free_blocks, s.num_waiting_tokens, bm.num_queried_tokens, bm.num_hit_tokens,
+            s.num_preemptions, e.num_steps, tx.bytes_sent, rx.bytes_received, rx.transfer_seconds, rx.num_done,
+            rx.num_failed, rx.num_active + len(tx.transfers), events,
+        )
+
+    def close(self) -> None:
+        self.engine.kv_sender.close()
+        self.engine.kv_receiver.close()
+        for sock in self.peers.values():
+            sock.close(0)
+        self.inbox.close(0)
+        self.gateway.close()
 
 
-def engine_config_dict(config: EngineConfig) -> dict:
-    return asdict(config)
+def run_worker(worker_id: str, role: str, engine_config: dict, eos_token_ids: list[int], inbox: str,
+               gateway_addr: str, cluster_id: str, secret: bytes, parent_pid: int | None) -> int:
+    import zmq
+
+    from splitserve.engine.engine import LLMEngine
+
+    ctx = zmq.Context()
+    gateway = None
+    try:
+        t0 = time.perf_counter()
+        engine = LLMEngine(EngineConfig(**engine_config), tokenizer_eos=frozenset(eos_token_ids))
+        worker = Worker(worker_id, role, engine, secret, ctx, inbox, gateway_addr, cluster_id, parent_pid)
+    except Exception as exc:  # report, then exit: the gateway turns this into a clear startup error
+        log.exception("worker failed to start")
+        gateway = ctx.socket(zmq.PUSH)
+        gateway.setsockopt(zmq.LINGER, 2000)
+        gateway.connect(gateway_addr)
+        gateway.send_multipart([secret, m.encode(m.RequestError("", f"{worker_id} failed to start: {exc}", worker_id))])
+        gateway.close()
+        ctx.term()
+        return 1
+    worker.to_gateway(worker.ready_message(time.perf_counter() - t0))
+    log.info("%s (%s) ready at %s", worker_id, role, worker.address)
+    try:
+        worker.run()
+    finally:
+        worker.close()
+        ctx.term()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m splitserve.cluster.worker --id W --inbox ADDR --outbox ADDR --config JSON`."""
+    """Spawned by the gateway: `python -m splitserve.cluster.worker --id W --role R ...`."""
     import argparse
     import json
 
     ap = argparse.ArgumentParser(prog="splitserve-worker")
     ap.add_argument("--id", required=True)
-    ap.add_argument("--inbox", required=True)
-    ap.add_argument("--outbox", required=True)
+    ap.add_argument("--role", default="both", choices=["prefill", "decode", "both"])
+    ap.add_argument("--inbox", required=True, help="address to bind: ipc://PATH or tcp://HOST:PORT")
+    ap.add_argument("--gateway", required=True, help="the gateway's collector address")
+    ap.add_argument("--cluster-id", required=True)
     ap.add_argument("--config", required=True, help="EngineConfig as JSON")
     ap.add_argument("--eos", default="[]", help="extra EOS token ids as JSON")
-    ap.add_argument("--parent-pid", type=int, default=os.getppid())
+    ap.add_argument("--parent-pid", type=int, default=None)
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)
-    worker_main(args.id, json.loads(args.config), json.loads(args.eos), args.inbox, args.outbox,
-                args.parent_pid, args.log_level)
-    return 0
+    if args.parent_pid is not None:
+        _die_with_parent()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    logging.basicConfig(level=args.log_level, format=f"%(asctime)s {args.id} %(levelname)s %(message)s")
+    secret = os.environ.get(SECRET_ENV, "").encode()
+    if not secret:
+        print(f"{SECRET_ENV} must hold the cluster secret", file=sys.stderr)
+        return 2
+    return run_worker(args.id, args.role, json.loads(args.config), json.loads(args.eos), args.inbox, args.gateway,
+                      args.cluster_id, secret, args.parent_pid)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,495 @@
+"""The gateway's view of the cluster: workers, router, request orchestration and failover.
+
+One object serves both modes. Aggregated: one worker of role "both". Disaggregated: prefill and
+decode pools; for each request the pure router picks a decode worker and maybe a prefill worker,
+the decode worker reserves blocks while the prefill worker computes and ships KV layer by layer,
+the first token streams straight from the prefill worker.
+
+Failover: the gateway remembers the tokens each request has streamed. When a worker dies (or a
+transfer fails), every request it touched is placed again with prompt + streamed tokens, so the
+client's stream continues with no gap and no duplicate; sampling is seeded per token index, so
+even sampled output continues as if nothing happened. A supervisor restarts dead local workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import AsyncIterator
+
+import zmq
+import zmq.asyncio
+
+from splitserve.cluster import messages as m
+from splitserve.cluster.router import NoWorkerAvailable, Placement, Router, RouterConfig, WorkerView
+from splitserve.cluster.worker import SECRET_ENV
+from splitserve.config import EngineConfig
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.kv import shm
+
+log = logging.getLogger("splitserve.gateway")
+
+MAX_ATTEMPTS = 4
+HEARTBEAT_TIMEOUT_S = 10.0
+WAIT_FOR_WORKER_S = 60.0
+
+
+class EngineDeadError(RuntimeError):
+    """No worker could finish the request (the server answers 503)."""
+
+
+class EngineRequestError(ValueError):
+    """A worker rejected the request (its message is safe to show to the client)."""
+
+
+class _Retry(Exception):
+    def __init__(self, reason: str, reuse_prefix: bool = True) -> None:
+        super().__init__(reason)
+        self.reuse_prefix = reuse_prefix
+
+
+_END = object()
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    role: str  # "prefill" | "decode" | "both"
+    count: int
+    engine: EngineConfig
+
+
+@dataclass
+class WorkerHandle:
+    worker_id: str
+    role: str
+    engine: EngineConfig | None  # None for workers that joined from elsewhere
+    inbox_bind: str
+    process: subprocess.Popen | None = None
+    ready: m.Ready | None = None
+    stats: m.Stats | None = None
+    state: str = "starting"  # starting | ready | dead
+    restarts: int = 0
+    last_seen: float = field(default_factory=time.monotonic)
+    push: object = None
+    ready_event: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def address(self) -> str:
+        return self.ready.address if self.ready else self.inbox_bind
+
+
+@dataclass
+class Attempt:
+    sub_id: str
+    request_id: str
+    queue: asyncio.Queue
+    placement: Placement
+    workers: tuple[str, ...]
+    t_dispatch: float
+    t_first: float | None = None
+
+
+class Cluster:
+    def __init__(self, pools: list[PoolSpec], eos_token_ids: frozenset[int], *, router_config: RouterConfig = RouterConfig(),
+                 kv_transport: str = "auto", log_level: str = "INFO", restart_workers: bool = True,
+                 join_address: str | None = None, secret: str | None = None) -> None:
+        if kv_transport not in ("auto", "shm", "tcp"):
+            raise ValueError("kv_transport must be auto, shm or tcp")
+        self.pools = pools
+        self.eos_token_ids = eos_token_ids
+        self.router = Router(router_config)
+        self.kv_transport = kv_transport
+        self.log_level = log_level
+        self.restart_workers = restart_workers
+        self.cluster_id = secrets.token_hex(4)
+        self.secret = (secret or secrets.token_hex(16)).encode()
+        self.ctx = zmq.asyncio.Context()
+        self._dir = tempfile.mkdtemp(prefix="splitserve-")
+        os.chmod(self._dir, 0o700)
+        self.collector = self.ctx.socket(zmq.PULL)
+        self.collector.setsockopt(zmq.LINGER, 0)
+        self.collector_addr = f"ipc://{self._dir}/gateway.sock"
+        self.collector.bind(self.collector_addr)
+        self.join_address = None
+        if join_address:  # workers on other hosts connect here
+            self.collector.bind(f"tcp://{join_address}")
+            self.join_address = self.collector.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.workers: dict[str, WorkerHandle] = {}
+        self.attempts: dict[str, Attempt] = {}
+        self.current: dict[str, str] = {}  # request id -> its live attempt's sub id
+        self.num_replaced = 0
+        self.num_restarts = 0
+        self.phase = {"prefill_s": 0.0, "prefill_n": 0, "decode_s": 0.0, "decode_n": 0}
+        self._tasks: list[asyncio.Task] = []
+        self._closing = False
+        self._changed = asyncio.Event()
+        self.startup_error: str | None = None
+        n = 0
+        for pool in pools:
+            for _ in range(pool.count):
+                wid = f"{pool.role}-{n}"
+                bind = (f"tcp://127.0.0.1:0" if kv_transport == "tcp" else f"ipc://{self._dir}/{wid}.sock")
+                self.workers[wid] = WorkerHandle(wid, pool.role, pool.engine, bind)
+                n += 1
+
+    @property
+    def mode(self) -> str:
+        return "aggregated" if all(w.role == "both" for w in self.workers.values()) else "disaggregated"
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def _spawn(self, w: WorkerHandle) -> None:
+        w.ready = None
+        w.state = "starting"
+        w.ready_event.clear()
+        if w.inbox_bind.startswith("ipc://"):
+            try:
+                os.unlink(w.inbox_bind[len("ipc://"):])
+            except FileNotFoundError:
+                pass
+        cmd = [sys.executable, "-m", "splitserve.cluster.worker", "--id", w.worker_id, "--role", w.role,
+               "--inbox", w.inbox_bind, "--gateway", self.collector_addr,
+               "--cluster-id", self._segment_owner(w.worker_id),
+               "--config", json.dumps(asdict(w.engine)), "--eos", json.dumps(sorted(self.eos_token_ids)),
+               "--parent-pid", str(os.getpid()), "--log-level", self.log_level]
+        env = dict(os.environ, **{SECRET_ENV: self.secret.decode()})
+        w.process = subprocess.Popen(cmd, env=env)
+        w.last_seen = time.monotonic()
+        log.info("spawned %s (pid %d)", w.worker_id, w.process.pid)
+
+    async def start(self, timeout: float = 600.0) -> None:
+        for w in self.workers.values():
+            self._spawn(w)
+        self._tasks.append(asyncio.create_task(self._read_loop()))
+        self._tasks.append(asyncio.create_task(self._supervise_loop()))
+        try:
+            await asyncio.wait_for(asyncio.gather(*(w.ready_event.wait() for w in self.workers.values())), timeout)
+        except asyncio.TimeoutError:
+            raise RuntimeError(f"workers not ready after {timeout:.0f}s") from None
+        failed = [w.worker_id for w in self.workers.values() if w.ready is None]
+        if failed:
+            raise RuntimeError(self.startup_error or f"workers failed to start: {', '.join(failed)}")
+
+    @property
+    def healthy(self) -> bool:
+        return any(w.state == "ready" and w.role in ("decode", "both") for w in self.workers.values())
+
+    @property
+    def max_model_len(self) -> int:
+        lens = [w.ready.max_model_len for w in self.workers.values() if w.ready]
+        return min(lens) if lens else 0
+
+    async def shutdown(self) -> None:
+        self._closing = True
+        for t in self._tasks:
+            t.cancel()
+        for w in self.workers.values():
+            if w.push is not None and w.process and w.process.poll() is None:
+                try:
+                    await w.push.send_multipart([self.secret, m.encode(m.Shutdown())])
+                except zmq.ZMQError:
+                    pass
+        deadline = time.monotonic() + 5
+        for w in self.workers.values():
+            if w.process is None:
+                continue
+            while w.process.poll() is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if w.process.poll() is None:
+                w.process.kill()
+                w.process.wait()
+        self._fail_all(EngineDeadError("server shutting down"))
+        for w in self.workers.values():
+            if w.push is not None:
+                w.push.close(0)
+        self.collector.close(0)
+        self.ctx.term()
+        shm.remove_segments(self.cluster_id)
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    # ---- background loops ------------------------------------------------------------------
+    async def _read_loop(self) -> None:
+        while True:
+            frames = await self.collector.recv_multipart()
+            if len(frames) != 2 or not m.check_secret(frames[0], self.secret):
+                log.warning("dropped a frame without the cluster secret")
+                continue
+            try:
+                msg = m.decode_from_worker(frames[1])
+            except Exception as exc:
+                log.warning("dropped an undecodable worker message: %s", exc)
+                continue
+            try:
+                self._on_message(msg)
+            except Exception:
+                log.exception("error handling %s", type(msg).__name__)
+
+    def _on_message(self, msg) -> None:
+        if isinstance(msg, m.Outputs):
+            w = self.workers.get(msg.worker_id)
+            if w is not None:
+                w.last_seen = time.monotonic()
+            for item in msg.items:
+                a = self.attempts.get(item.request_id)
+                if a is not None:
+                    a.queue.put_nowait(item)
+        elif isinstance(msg, m.Stats):
+            w = self.workers.get(msg.worker_id)
+            if w is None:
+                return
+            w.stats = msg
+            w.last_seen = time.monotonic()
+            self.router.update_load(msg.worker_id, kv_blocks_free=msg.kv_blocks_free, num_running=msg.num_running,
+                                    num_waiting=msg.num_waiting + msg.num_waiting_for_kv,
+                                    queued_prefill_tokens=msg.queued_prefill_tokens)
+            if msg.kv_events:
+                self.router.apply_kv_events(msg.worker_id, msg.kv_events)
+        elif isinstance(msg, m.RequestError):
+            if not msg.request_id:
+                self.startup_error = msg.message
+                return
+            a = self.attempts.get(msg.request_id)
+            if a is not None:
+                exc = _Retry(msg.message, reuse_prefix=False) if msg.retryable else EngineRequestError(msg.message)
+                a.queue.put_nowait(exc)
+        elif isinstance(msg, m.Ready):
+            self._on_ready(msg)
+
+    def _on_ready(self, msg: m.Ready) -> None:
+        w = self.workers.get(msg.worker_id)
+        if w is None:  # a worker joining from another host
+            w = WorkerHandle(msg.worker_id, msg.role, None, msg.address)
+            self.workers[msg.worker_id] = w
+            log.info("worker %s (%s) joined from %s", msg.worker_id, msg.role, msg.host)
+        elif w.push is not None:
+            w.push.close(0)
+        w.ready = msg
+        w.state = "ready"
+        w.last_seen = time.monotonic()
+        w.push = self.ctx.socket(zmq.PUSH)
+        w.push.setsockopt(zmq.LINGER, 0)
+        w.push.connect(msg.address)
+        self.router.remove_worker(msg.worker_id)
+        self.router.add_worker(WorkerView(msg.worker_id, msg.role, msg.block_size, msg.num_blocks))
+        w.ready_event.set()
+        self._changed.set()
+
+    async def _supervise_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.1)
+            now = time.monotonic()
+            for w in list(self.workers.values()):
+                if w.state == "dead":
+                    continue
+                exited = w.process is not None and w.process.poll() is not None
+                silent = w.process is None and w.state == "ready" and now - w.last_seen > HEARTBEAT_TIMEOUT_S
+                if exited or silent:
+                    self._on_worker_death(w, f"exit code {w.process.returncode}" if exited else "no heartbeat")
+
+    def _on_worker_death(self, w: WorkerHandle, why: str) -> None:
+        was_ready = w.ready is not None
+        log.error("worker %s died (%s)", w.worker_id, why)
+        w.state = "dead"
+        w.ready = None
+        self.router.set_health(w.worker_id, False)
+        # Shared-memory janitor: what the dead worker wrote, and what was on its way to it.
+        shm.remove_segments(self._segment_owner(w.worker_id))
+        for a in list(self.attempts.values()):
+            if w.worker_id in a.workers:
+                if a.placement.prefill_worker is not None:
+                    shm.unlink(shm.segment_name(self._segment_owner(a.placement.prefill_worker), a.sub_id))
+                a.queue.put_nowait(_Retry(f"worker {w.worker_id} died ({why})"))
+        if not was_ready and w.restarts == 0 and not self.num_restarts:
+            self.startup_error = self.startup_error or f"{w.worker_id} exited during startup ({why})"
+            w.ready_event.set()
+            return
+        if w.process is not None and self.restart_workers and not self._closing:
+            w.restarts += 1
+            self.num_restarts += 1
+            self._spawn(w)
+        elif w.process is None:
+            self.router.remove_worker(w.worker_id)
+            del self.workers[w.worker_id]
+
+    def _segment_owner(self, worker_id: str) -> str:
+        return f"{self.cluster_id}-{worker_id}"
+
+    def _fail_all(self, exc: Exception) -> None:
+        for a in list(self.attempts.values()):
+            a.queue.put_nowait(exc)
+
+    # ---- requests --------------------------------------------------------------------------
+    @property
+    def num_inflight(self) -> int:
+        return len(self.current)
+
+    async def _send(self, worker_id: str, msg: m.Msg) -> None:
+        w = self.workers.get(worker_id)
+        if w is None or w.push is None or w.state != "ready":
+            raise _Retry(f"worker {worker_id} is not available")
+        await w.push.send_multipart([self.secret, m.encode(msg)])
+
+    def _transport(self, prefill: str, decode: str) -> str:
+        if self.kv_transport != "auto":
+            return self.kv_transport
+        p, d = self.workers[prefill].ready, self.workers[decode].ready
+        return "shm" if p and d and p.host == d.host else "tcp"
+
+    async def _place(self, tokens: list[int]) -> Placement:
+        deadline = time.monotonic() + WAIT_FOR_WORKER_S
+        while True:
+            try:
+                return self.router.place(tokens)
+            except NoWorkerAvailable:
+                restarting = any(w.state == "starting" and w.role in ("decode", "both") for w in self.workers.values())
+                if not restarting or time.monotonic() > deadline:
+                    raise EngineDeadError("no decode worker is available") from None
+                self._changed.clear()
+                try:
+                    await asyncio.wait_for(self._changed.wait(), 1.0)
+                except asyncio.TimeoutError:
+                    pass
+
+    async def _dispatch(self, sub_id: str, prompt: list[int], emitted: list[int], params: SamplingParams,
+                        seed: int, reuse_prefix: bool, queue: asyncio.Queue, request_id: str) -> Attempt:
+        placement = await self._place(prompt + emitted)
+        if not reuse_prefix:
+            placement = Placement(placement.decode_worker, placement.prefill_worker, 0, 0)
+        d, p = placement.decode_worker, placement.prefill_worker
+        workers = (d,) if p is None else (d, p)
+        attempt = Attempt(sub_id, request_id, queue, placement, workers, time.perf_counter())
+        self.attempts[sub_id] = attempt
+        self.current[request_id] = sub_id
+        outs = list(emitted)
+        if p is None:
+            await self._send(d, m.AddRequest(sub_id, prompt, params, seed, outs))
+        else:
+            bs = self.workers[d].ready.block_size
+            reuse = placement.decode_cached_tokens // bs * bs
+            await self._send(d, m.ReserveKV(sub_id, prompt, params, seed, reuse, outs))
+            await self._send(p, m.PrefillRequest(sub_id, prompt, params, seed, d, self.workers[d].address, reuse,
+                                                 self._transport(p, d), outs))
+        self.router.on_dispatch(placement, len(prompt) + len(emitted))
+        return attempt
+
+    async def _abort_attempt(self, a: Attempt, stopped: bool = False) -> None:
+        self.attempts.pop(a.sub_id, None)
+        for wid in a.workers:
+            try:
+                await self._send(wid, m.AbortRequests([a.sub_id], stopped))
+            except _Retry:
+                pass
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                       seed: int) -> AsyncIterator[m.TokenOut]:
+        """Yield the request's tokens, surviving worker deaths. Aborts everywhere if the consumer leaves."""
+        if not self.healthy:
+            raise EngineDeadError("no decode worker is ready")
+        if request_id in self.current:
+            raise EngineRequestError(f"duplicate request id {request_id!r}")
+        queue: asyncio.Queue = asyncio.Queue()
+        emitted: list[int] = []
+        attempt: Attempt | None = None
+        reuse_prefix = True
+        done = False
+        tries = 0
+        self.current[request_id] = ""
+        try:
+            while not done:
+                tries += 1
+                if tries > MAX_ATTEMPTS:
+                    raise EngineDeadError(f"request failed on {MAX_ATTEMPTS} placements")
+                try:
+                    attempt = await self._dispatch(f"{request_id}@{tries}", prompt_token_ids, emitted, params, seed,
+                                                   reuse_prefix, queue, request_id)
+                    while True:
+                        item = await queue.get()
+                        if item is _END:
+                            done = True
+                            break
+                        if isinstance(item, _Retry):
+                            raise item
+                        if isinstance(item, Exception):
+                            done = True
+                            raise item
+                        if item.request_id != attempt.sub_id:
+                            continue  # a late message from an abandoned attempt
+                        if item.token is not None:
+                            emitted.append(item.token)
+                            if attempt.t_first is None:
+                                attempt.t_first = time.perf_counter()
+                                self.phase["prefill_s"] += attempt.t_first - attempt.t_dispatch
+                                self.phase["prefill_n"] += 1
+                        out = m.TokenOut(request_id, item.token, item.logprob, item.top_logprobs, item.finish_reason,
+                                         item.stop_reason, item.num_prompt_tokens, item.num_cached_tokens)
+                        if item.finish_reason is not None:
+                            done = True
+                            if attempt.t_first is not None:
+                                self.phase["decode_s"] += time.perf_counter() - attempt.t_first
+                                self.phase["decode_n"] += 1
+                            await self._abort_attempt(attempt)  # frees a reservation the decode side still holds
+                            attempt = None
+                        yield out
+                        if done:
+                            break
+                except _Retry as r:
+                    log.warning("re-placing %s after %d streamed tokens: %s", request_id, len(emitted), r)
+                    self.num_replaced += 1
+                    reuse_prefix = r.reuse_prefix
+                    if attempt is not None:
+                        await self._abort_attempt(attempt)
+                        attempt = None
+                    queue = asyncio.Queue()
+        finally:
+            self.current.pop(request_id, None)
+            if attempt is not None:
+                await self._abort_attempt(attempt)
+
+    async def finish_stream(self, request_id: str, stopped: bool = True) -> None:
+        """End a stream from the gateway side (a stop string matched)."""
+        sub = self.current.get(request_id)
+        a = self.attempts.get(sub) if sub else None
+        if a is not None:
+            a.queue.put_nowait(_END)
+            await self._abort_attempt(a, stopped)
+
+    async def abort(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            sub = self.current.get(rid)
+            a = self.attempts.get(sub) if sub else None
+            if a is not None:
+                a.queue.put_nowait(EngineDeadError("aborted"))
+                await self._abort_attempt(a)
+
+    # ---- introspection ---------------------------------------------------------------------
+    def info(self) -> dict:
+        workers = []
+        for w in self.workers.values():
+            s = w.stats
+            workers.append({
+                "id": w.worker_id, "role": w.role, "address": w.address, "pid": w.ready.pid if w.ready else (
+                    w.process.pid if w.process else None),
+                "host": w.ready.host if w.ready else None, "state": w.state, "restarts": w.restarts,
+                "load": None if s is None else {
+                    "num_waiting": s.num_waiting, "num_running": s.num_running,
+                    "num_waiting_for_kv": s.num_waiting_for_kv, "queued_prefill_tokens": s.queued_prefill_tokens,
+                    "kv_blocks_used": s.kv_blocks_used, "kv_blocks_free": s.kv_blocks_free, "num_steps": s.num_steps,
+                },
+                "transfers": None if s is None else {
+                    "active": s.active_transfers, "bytes_sent": s.kv_bytes_sent, "bytes_received": s.kv_bytes_received,
+                    "done": s.kv_transfers_done, "failed": s.kv_transfers_failed,
+                    "gb_per_s": (s.kv_bytes_received / s.kv_transfer_seconds / 1e9) if s.kv_transfer_seconds else None,
+                },
+            })
+        return {"mode": self.mode, "cluster_id": self.cluster_id, "join_address": self.join_address,
+                "gateway_inflight": self.num_inflight, "requests_replaced": self.num_replaced,
+                "shm_segments": len(shm.list_segments(self.cluster_id)), "workers": workers}
