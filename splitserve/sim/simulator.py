@@ -1,0 +1,651 @@
+"""The simulator's event loop: the live Scheduler, BlockManager and Router on a virtual clock.
+
+Every scheduler step is simulated (iteration-level fidelity): a worker calls the real
+`Scheduler.schedule()`, the cost model turns the plan into a duration, and when the step
+"completes" the worker calls the real `Scheduler.update()` with a fake sampled token per
+request. Events (arrivals, step completions, KV transfers landing) sit in one heap ordered by
+virtual time. Nothing here re-implements scheduling, block allocation or routing.
+
+Disaggregated pools: the real `Router` places each request (decode worker, prefill worker or
+none: conditional disaggregation). The decode worker reserves blocks for the prompt at once
+(`WAITING_FOR_KV`), the prefill worker runs the prompt as a `max_tokens=1` request, its first
+token goes to the client at once (TTFT), and the KV streams over the link layer by layer while
+the prefill runs; when the last layer lands the decode worker admits the request with its
+prompt counted as computed.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import math
+import random
+from array import array
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+from splitserve.bench.schema import RequestRecord
+from splitserve.bench.workloads import RequestSpec, iter_units
+from splitserve.cluster.router import Placement, Router, RouterConfig, WorkerView
+from splitserve.config import SchedulerConfig
+from splitserve.engine.request import Request, RequestStatus
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.engine.scheduler import Scheduler, StepPlan
+from splitserve.sim.cost import StepCost
+from splitserve.sim.hardware import Link
+
+FAKE_TOKEN = 1  # every simulated sample draws this token (ignore_eos: never stops early)
+_PREFIX_BASE = 1 << 40  # token ids of shared prefixes live far from per-request ids
+_PREFIX_STRIDE = 1 << 24
+
+
+class _AlwaysToken(dict):
+    """The `sampled` mapping handed to Scheduler.update(): every request drew FAKE_TOKEN.
+    Empty dict with __missing__: nothing is built per step."""
+
+    __slots__ = ()
+
+    def __missing__(self, key):
+        return FAKE_TOKEN
+
+
+SAMPLED = _AlwaysToken()
+
+
+class SimRequest(Request):
+    """The engine's Request plus the client-side timestamps the simulator records."""
+
+    __slots__ = ("spec", "t_arrival", "t_first", "t_last", "itl", "worker", "peer", "t_prefill_start",
+                 "client", "kv_cached")
+
+    def __init__(self, request_id, prompt_token_ids, params, spec, t_arrival):
+        super().__init__(request_id, prompt_token_ids, params)
+        self.spec = spec
+        self.t_arrival = t_arrival
+        self.t_first = -1.0
+        self.t_last = -1.0
+        self.itl = None
+        self.worker = None
+        self.peer = None  # disaggregated: the request's twin on the other pool
+        self.t_prefill_start = -1.0
+        self.client = None  # the client-facing request (prefill twin -> decode twin share one)
+        self.kv_cached = 0
+
+
+@dataclass
+class SimConfig:
+    """Scheduler limits per worker, as `splitserve serve` takes them."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_model_len: int = 8192
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    max_waiting: int = 1024
+    record_itl: bool = True
+    router: RouterConfig = field(default_factory=RouterConfig)
+    router_sample: int = 16  # place among this many randomly sampled workers when there are more
+    seed: int = 0
+    check_integrity: bool = False  # assert scheduler invariants after every step (tests)
+
+    def scheduler_config(self, num_blocks: int) -> SchedulerConfig:
+        return SchedulerConfig(
+            max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+            max_model_len=self.max_model_len, block_size=self.block_size, num_blocks=num_blocks,
+            enable_prefix_caching=self.enable_prefix_caching, max_waiting=self.max_waiting,
+        )
+
+
+@dataclass
+class PoolSpec:
+    """A pool of identical workers (one Scheduler each) with one step-cost model."""
+
+    role: str  # "both" (aggregated), "prefill", "decode"
+    num_workers: int
+    num_blocks: int
+    cost: StepCost
+    units_per_worker: float = 1.0  # hardware units one worker stands for (power and cost)
+    kv_bytes_per_token: float = 0.0
+    num_layers: int = 1
+
+
+class SimWorker:
+    __slots__ = ("wid", "role", "sched", "bm", "cost", "busy", "plan", "t_step_start", "steps",
+                 "busy_s", "view", "link_free_at", "pending", "tokens", "step_tokens_hist")
+
+    def __init__(self, wid: str, role: str, sched: Scheduler, cost: StepCost):
+        self.wid = wid
+        self.role = role
+        self.sched = sched
+        self.bm = sched.block_manager
+        self.cost = cost
+        self.busy = False
+        self.plan: StepPlan | None = None
+        self.t_step_start = 0.0
+        self.steps = 0
+        self.busy_s = 0.0
+        self.view: WorkerView | None = None
+        self.link_free_at = 0.0  # decode workers: ingress link busy until
+        self.pending: deque = deque()  # decode workers: requests waiting to reserve KV blocks
+        self.tokens = 0
+
+
+# Heap event kinds (ties in time break by sequence number: FIFO).
+_STEP, _ARRIVE, _KV, _NEXT = 0, 1, 2, 3
+
+
+class RecordSink:
+    """Collects finished requests as bench RequestRecords, or streams them to a JSONL file and
+    keeps only compact arrays (bounded memory for million-request runs)."""
+
+    def __init__(self, stream_path: str | None = None, keep_records: bool = True):
+        self.records: list[RequestRecord] = []
+        self.keep = keep_records and stream_path is None
+        self.fp = open(stream_path, "w", encoding="utf-8") if stream_path else None
+        self.ttft = array("d")
+        self.tpot = array("d")
+        self.e2e = array("d")
+        self.n = 0
+        self.ok = 0
+        self.in_tokens = 0
+        self.out_tokens = 0
+        self.first_start = math.inf
+        self.last_end = 0.0
+        self.itl_hist = _LogHistogram()
+        self.errors: dict[str, int] = {}
+        self.chains: dict[int, list] = {}  # chain_id -> [start, end, steps ok, num_steps]
+
+    def add(self, rec: RequestRecord) -> None:
+        self.n += 1
+        if rec.ok:
+            self.ok += 1
+            self.in_tokens += rec.input_tokens or 0
+            self.out_tokens += rec.output_tokens or 0
+            self.ttft.append(rec.ttft_ms)
+            self.e2e.append(rec.e2e_ms)
+            if rec.tpot_ms is not None:
+                self.tpot.append(rec.tpot_ms)
+            if not self.keep:
+                self.itl_hist.add_all(rec.itl_ms)
+        else:
+            self.errors[rec.error or "unknown"] = self.errors.get(rec.error or "unknown", 0) + 1
+        self.first_start = min(self.first_start, rec.start_s)
+        self.last_end = max(self.last_end, rec.start_s + (rec.e2e_ms or 0.0) / 1000.0)
+        if self.keep:
+            self.records.append(rec)
+        else:
+            if rec.chain_id is not None:
+                c = self.chains.setdefault(rec.chain_id, [rec.start_s, 0.0, 0, rec.num_steps])
+                c[0] = min(c[0], rec.start_s)
+                c[1] = max(c[1], rec.start_s + (rec.e2e_ms or 0.0) / 1000.0)
+                c[2] += 1 if rec.ok else 0
+            if self.fp is not None:
+                from splitserve.bench.schema import _record_dict
+
+                self.fp.write(json.dumps(_record_dict(rec), separators=(",", ":")))
+                self.fp.write("\n")
+
+    def close(self) -> None:
+        if self.fp is not None:
+            self.fp.close()
+            self.fp = None
+
+
+class _LogHistogram:
+    """Percentiles of a huge stream (pooled ITLs) in bounded memory: 0.5%-wide log bins."""
+
+    BINS_PER_DECADE = 460
+
+    def __init__(self):
+        self.counts: dict[int, int] = {}
+        self.n = 0
+        self.total = 0.0
+        self.sq = 0.0
+        self.min = math.inf
+        self.max = -math.inf
+
+    def add_all(self, values) -> None:
+        c = self.counts
+        k = self.BINS_PER_DECADE
+        for v in values:
+            b = int(math.floor(math.log10(v) * k)) if v > 0 else -10**9
+            c[b] = c.get(b, 0) + 1
+            self.total += v
+            self.sq += v * v
+            if v < self.min:
+                self.min = v
+            if v > self.max:
+                self.max = v
+        self.n += len(values)
+
+    def quantile(self, q: float) -> float:
+        target = q / 100.0 * (self.n - 1)
+        seen = 0
+        for b in sorted(self.counts):
+            seen += self.counts[b]
+            if seen > target:
+                return 0.0 if b == -10**9 else 10 ** ((b + 0.5) / self.BINS_PER_DECADE)
+        return self.max
+
+
+class Simulation:
+    """One simulated deployment driven by a workload. `run()` returns the RecordSink."""
+
+    def __init__(self, config: SimConfig, pools: list[PoolSpec], *, link: Link | None = None,
+                 sink: RecordSink | None = None, concurrency: int | None = None,
+                 duration_s: float | None = None):
+        self.cfg = config
+        self.sink = sink or RecordSink()
+        self.concurrency = concurrency
+        self.duration_s = duration_s
+        self.link = link
+        self.rng = random.Random(f"splitserve-sim:{config.seed}")
+        self.heap: list = []
+        self.seq = 0
+        self.now = 0.0
+        self.num_events = 0
+        self.num_steps = 0
+        self.next_token = 1 << 20
+        self.prefix_cache: dict[int, list[int]] = {}
+        self.inflight = 0  # client requests in flight (admission bound)
+        self.active_units = 0
+        self.errors = 0
+        self.workers: list[SimWorker] = []
+        self.decoders: list[SimWorker] = []
+        self.prefillers: list[SimWorker] = []
+        self.by_id: dict[str, SimWorker] = {}
+        self.disaggregated = any(p.role == "prefill" for p in pools)
+        self.kv_bytes_per_token = 0.0
+        self.num_layers = 1
+        for pool in pools:
+            for i in range(pool.num_workers):
+                wid = f"{pool.role}-{i}"
+                sched = Scheduler(config.scheduler_config(pool.num_blocks))
+                w = SimWorker(wid, pool.role, sched, pool.cost)
+                self.workers.append(w)
+                self.by_id[wid] = w
+                (self.prefillers if pool.role == "prefill" else self.decoders).append(w)
+            if pool.role == "decode" or pool.role == "both":
+                self.kv_bytes_per_token = pool.kv_bytes_per_token
+                self.num_layers = pool.num_layers
+        if not self.decoders:
+            raise ValueError("a deployment needs decode (or aggregated) workers")
+        if self.disaggregated and link is None:
+            raise ValueError("a disaggregated deployment needs a KV link")
+        self.use_router = self.disaggregated or len(self.decoders) > 1
+        self.router = Router(config.router) if self.use_router else None
+        if self.router is not None:
+            for w in self.workers:
+                w.view = WorkerView(w.wid, w.role, config.block_size, w.bm.num_blocks)
+                self.router.add_worker(w.view)
+                w.bm.events = []
+        self.max_inflight_per_worker = config.max_num_seqs + config.max_waiting
+
+    # ---- workload -> requests ------------------------------------------------------------------
+    def _push(self, t: float, kind: int, obj) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (t, self.seq, kind, obj))
+
+    def _prompt_ids(self, spec: RequestSpec, prev: SimRequest | None) -> list[int]:
+        n = spec.input_len
+        if prev is not None:  # agent chain step: the conversation so far + a new tool chunk
+            ids = list(prev.token_ids)
+            extra = n - len(ids)
+            if extra > 0:
+                ids.extend(range(self.next_token, self.next_token + extra))
+                self.next_token += extra
+            elif extra < 0:
+                ids = ids[:n]
+            return ids
+        if spec.shared_prefix_len and spec.prefix_group is not None:
+            pre = self.prefix_cache.get(spec.prefix_group)
+            if pre is None:
+                base = _PREFIX_BASE + spec.prefix_group * _PREFIX_STRIDE
+                pre = self.prefix_cache[spec.prefix_group] = list(range(base, base + spec.shared_prefix_len))
+            own = max(n - len(pre), 1)
+            ids = pre + list(range(self.next_token, self.next_token + own))
+            self.next_token += own
+            return ids
+        ids = list(range(self.next_token, self.next_token + n))
+        self.next_token += n
+        return ids
+
+    def _start_request(self, spec: RequestSpec, rest: list[RequestSpec], prev: SimRequest | None) -> None:
+        now = self.now
+        params = SamplingParams(max_tokens=spec.output_len, ignore_eos=True, temperature=0.0)
+        ids = self._prompt_ids(spec, prev)
+        req = SimRequest(str(spec.request_id), ids, params, spec, now)
+        req.client = (rest, prev)
+        if self.cfg.record_itl:
+            req.itl = []
+        if len(ids) >= self.cfg.max_model_len:
+            self._fail(req, "http_400", f"prompt of {len(ids)} tokens does not fit max_model_len")
+            return
+        if self.router is None:
+            w = self.decoders[0]
+            if w.sched.num_running + w.sched.num_waiting >= self.max_inflight_per_worker:
+                self._fail(req, "http_503", "the server is overloaded; retry later")
+                return
+            req.worker = w
+            w.sched.add_request(req)
+            if not w.busy:
+                self._start_step(w)
+            return
+        self._place(req)
+
+    def _place(self, req: SimRequest) -> None:
+        router = self.router
+        cand = None
+        if len(self.workers) > self.cfg.router_sample:  # power-of-k choices over the real policy
+            k = self.cfg.router_sample
+            cand = Router(router.config)
+            for w in self.rng.sample(self.decoders, min(k, len(self.decoders))):
+                cand.workers[w.wid] = w.view
+            if self.prefillers:
+                for w in self.rng.sample(self.prefillers, min(k, len(self.prefillers))):
+                    cand.workers[w.wid] = w.view
+        try:
+            placement: Placement = (cand or router).place(req.token_ids)
+        except Exception as exc:  # NoWorkerAvailable
+            self._fail(req, "http_503", str(exc))
+            return
+        router.on_dispatch(placement, req.num_tokens)
+        d = self.by_id[placement.decode_worker]
+        if d.sched.num_running + d.sched.num_waiting + len(d.pending) >= self.max_inflight_per_worker:
+            self._fail(req, "http_503", "the server is overloaded; retry later")
+            return
+        req.worker = d
+        if placement.prefill_worker is None:
+            d.sched.add_request(req)
+            if not d.busy:
+                self._start_step(d)
+            return
+        req.peer = self.by_id[placement.prefill_worker]
+        req.kv_cached = placement.decode_cached_tokens
+        d.pending.append(req)
+        self._try_reserve(d)
+
+    # ---- disaggregation: reserve on decode, prefill elsewhere, ship KV, admit ------------------
+    def _try_reserve(self, d: SimWorker) -> None:
+        """Reserve decode blocks for pending requests in order; dispatch each one's prefill."""
+        while d.pending:
+            req = d.pending[0]
+            if not _reserve_kv(d.sched, req):
+                return
+            d.pending.popleft()
+            p: SimWorker = req.peer
+            twin = SimRequest(req.request_id, req.token_ids, _PREFILL_PARAMS, req.spec, req.t_arrival)
+            twin.client = req
+            req.peer = twin
+            p.sched.add_request(twin)
+            p.tokens += req.num_tokens - req.kv_cached
+            if not p.busy:
+                self._start_step(p)
+
+    def _prefill_done(self, twin: SimRequest) -> None:
+        """The prefill worker sampled the first token: the client sees it now; the KV lands when
+        the link delivers the last layer (transfer overlapped with the prefill, layer by layer)."""
+        req: SimRequest = twin.client
+        now = self.now
+        req.t_first = req.t_last = now
+        d: SimWorker = req.worker
+        nbytes = (req.num_tokens - req.kv_cached) * self.kv_bytes_per_token
+        link = self.link
+        xfer = nbytes / link.bandwidth
+        start = twin.t_prefill_start if twin.t_prefill_start >= 0 else now
+        # The last layer of the last chunk leaves when the prefill ends; the rest streamed earlier.
+        last_layer = xfer / self.num_layers
+        begin = max(start, d.link_free_at)
+        land = max(begin + xfer, now + last_layer) + link.latency_s
+        d.link_free_at = land - link.latency_s
+        self._push(land, _KV, req)
+
+    def _kv_landed(self, req: SimRequest) -> None:
+        d: SimWorker = req.worker
+        if req.sampling_params.max_tokens <= 1:  # the prefill's token was the whole answer
+            _cancel_reservation(d.sched, req)
+            self._finish(req)
+            self._try_reserve(d)
+            return
+        _admit_with_kv(d.sched, req, FAKE_TOKEN)
+        if not d.busy:
+            self._start_step(d)
+
+    # ---- steps ---------------------------------------------------------------------------------
+    def _start_step(self, w: SimWorker) -> None:
+        plan = w.sched.schedule()
+        chunks = plan.chunks
+        if not chunks:
+            w.busy = False
+            w.plan = None
+            return
+        # One pass over the plan: tokens, samples, attention pairs, KV tokens read.
+        ctx = nd = 0
+        T = S = A = K = 0
+        prefill_role = w.role == "prefill"
+        for c in chunks:
+            n = c.num_tokens
+            if n == 1:
+                ctx += c.start
+                nd += 1
+            else:
+                s = c.start
+                T += n
+                A += n * s + (n * (n + 1) >> 1)
+                K += s + n
+                if c.sample:
+                    S += 1
+                if prefill_role and c.request.t_prefill_start < 0:
+                    c.request.t_prefill_start = self.now
+        if nd:
+            T += nd
+            S += nd
+            A += ctx + nd
+            K += ctx + nd
+        dur = w.cost.time(T, S, A, K, len(chunks))
+        w.busy = True
+        w.plan = plan
+        w.t_step_start = self.now
+        w.busy_s += dur
+        self.seq += 1
+        heapq.heappush(self.heap, (self.now + dur, self.seq, _STEP, w))
+
+    def _step_done(self, w: SimWorker) -> None:
+        now = self.now
+        events = w.sched.update(w.plan, SAMPLED)
+        w.steps += 1
+        self.num_steps += 1
+        if w.role == "prefill":
+            for ev in events:
+                if ev.finished:
+                    self._prefill_done(ev.request)
+        else:
+            for ev in events:
+                r = ev.request
+                if r.t_first < 0:
+                    r.t_first = now
+                elif r.itl is not None:
+                    r.itl.append(now - r.t_last)
+                r.t_last = now
+                if ev.finished:
+                    self._finish(r)
+        if self.cfg.check_integrity:
+            w.sched.check_integrity()
+        if self.router is not None:
+            self._report(w)
+            if w.pending:
+                self._try_reserve(w)
+        self._start_step(w)
+
+    def _report(self, w: SimWorker) -> None:
+        s, bm = w.sched, w.bm
+        queued = 0
+        if w.role == "prefill":
+            for r in s.waiting:
+                queued += r.num_tokens
+        self.router.update_load(w.wid, kv_blocks_free=bm.num_free_blocks, num_running=s.num_running,
+                                num_waiting=s.num_waiting + len(w.pending), queued_prefill_tokens=queued)
+        if bm.events:
+            self.router.apply_kv_events(w.wid, bm.events)
+            bm.events.clear()
+
+    # ---- completion ----------------------------------------------------------------------------
+    def _finish(self, req: SimRequest) -> None:
+        spec: RequestSpec = req.spec
+        n_out = req.num_output_tokens
+        ttft = (req.t_first - req.t_arrival) * 1000.0
+        e2e = (req.t_last - req.t_arrival) * 1000.0
+        tpot = (e2e - ttft) / (n_out - 1) if n_out > 1 else None
+        rec = RequestRecord(
+            request_id=spec.request_id, start_s=req.t_arrival, ok=True, ttft_ms=ttft, e2e_ms=e2e,
+            tpot_ms=tpot, itl_ms=[x * 1000.0 for x in req.itl] if req.itl else [],
+            input_tokens=req.num_prompt_tokens, output_tokens=n_out, expected_input_tokens=spec.input_len,
+            expected_output_tokens=spec.output_len, token_source="sim", chain_id=spec.chain_id,
+            step=spec.step, num_steps=spec.num_steps,
+        )
+        self.sink.add(rec)
+        self._after(req, ok=True)
+
+    def _fail(self, req: SimRequest, error: str, detail: str) -> None:
+        spec = req.spec
+        self.errors += 1
+        rec = RequestRecord(
+            request_id=spec.request_id, start_s=req.t_arrival, ok=False, e2e_ms=0.0,
+            expected_input_tokens=spec.input_len, expected_output_tokens=spec.output_len,
+            chain_id=spec.chain_id, step=spec.step, num_steps=spec.num_steps, error=error,
+            error_detail=detail[:200], http_status=int(error[5:]) if error.startswith("http_") else None,
+        )
+        self.sink.add(rec)
+        self._after(req, ok=False)
+
+    def _after(self, req: SimRequest, ok: bool) -> None:
+        rest, _prev = req.client
+        if ok and rest:  # the chain's next step goes out as soon as this answer is complete
+            self._start_request(rest[0], rest[1:], req)
+            return
+        self.active_units -= 1
+        if self.ready:
+            self._start_unit(self.ready.popleft())
+        elif self.closed_loop:
+            self._fill_closed()
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def run(self, specs: Iterable[RequestSpec]) -> RecordSink:
+        """Units (requests or chains) start in workload order: each at its arrival time (open
+        loop) or when a slot frees (closed loop), and with a concurrency limit only while fewer
+        than `concurrency` units are active - as `splitserve bench` dispatches them."""
+        self.units: Iterator[list[RequestSpec]] = iter_units(specs)
+        self.units_done = False
+        self.ready: deque = deque()
+        self.closed_loop = False
+        first = self._pull()
+        if first is not None:
+            if first[0].arrival_s is None:
+                self.closed_loop = True
+                self.ready.append(first)
+                self._fill_closed()
+            else:
+                self._push(first[0].arrival_s, _ARRIVE, first)
+        heap = self.heap
+        pop = heapq.heappop
+        step_done, arrive = self._step_done, self._arrive
+        n = 0
+        while heap:
+            t, _, kind, obj = pop(heap)
+            self.now = t
+            n += 1
+            if kind == _STEP:
+                step_done(obj)
+            elif kind == _ARRIVE:
+                arrive(obj)
+            elif kind == _KV:
+                self._kv_landed(obj)
+        self.num_events = n
+        for w in self.workers:
+            if w.sched.has_unfinished() or w.pending:
+                raise RuntimeError(f"simulation ended with work left on {w.wid}")
+        self.sink.close()
+        return self.sink
+
+    def _pull(self) -> list[RequestSpec] | None:
+        if self.units_done:
+            return None
+        unit = next(self.units, None)
+        if unit is None or (self.duration_s is not None and unit[0].arrival_s is not None
+                            and unit[0].arrival_s >= self.duration_s):
+            self.units_done = True
+            return None
+        return unit
+
+    def _start_unit(self, unit: list[RequestSpec]) -> None:
+        self.active_units += 1
+        self._start_request(unit[0], unit[1:], None)
+
+    def _arrive(self, unit: list[RequestSpec]) -> None:
+        nxt = self._pull()  # open loop: exactly one future arrival sits in the heap
+        if nxt is not None:
+            self._push(max(nxt[0].arrival_s, self.now), _ARRIVE, nxt)
+        if self.concurrency is None or self.active_units < self.concurrency:
+            self._start_unit(unit)
+        else:
+            self.ready.append(unit)
+
+    def _fill_closed(self) -> None:
+        limit = self.concurrency or 1
+        while self.active_units < limit:
+            if self.ready:
+                unit = self.ready.popleft()
+            else:
+                if self.duration_s is not None and self.now >= self.duration_s:
+                    self.units_done = True
+                unit = self._pull()
+                if unit is None:
+                    return
+            self._start_unit(unit)
+
+    # ---- integrity (tests) ---------------------------------------------------------------------
+    def check_idle(self) -> None:
+        for w in self.workers:
+            w.sched.check_integrity()
+            assert w.sched.is_idle(), f"{w.wid} is not idle"
+            assert w.bm.is_idle(), f"{w.wid} leaks blocks"
+
+
+_PREFILL_PARAMS = SamplingParams(max_tokens=1, ignore_eos=True, temperature=0.0)
+
+
+# ---- decode-side KV admission ------------------------------------------------------------------
+# The scheduler has no public API yet for "blocks reserved, KV arriving" (WAITING_FOR_KV) nor for
+# "admit with the prompt already computed"; these three helpers use its documented structures
+# (add_request, the waiting queue, BlockManager.allocate_slots) and are the exact contract the
+# live disaggregated runtime needs. They go away once Scheduler grows:
+#   reserve_kv(request, num_cached_tokens) -> bool
+#   kv_arrived(request_id, first_token) -> None
+#   cancel_kv(request_id)
+def _reserve_kv(sched: Scheduler, req: SimRequest) -> bool:
+    bm = sched.block_manager
+    computed_blocks, num_cached = bm.get_computed_blocks(req)
+    if not bm.allocate_slots(req, req.num_tokens + 1, computed_blocks):
+        return False
+    req.kv_cached = num_cached
+    sched.add_request(req)
+    req.status = RequestStatus.WAITING_FOR_KV
+    req.num_cached_tokens = num_cached
+    # A waiting request that is not at the head of the queue blocks nothing; keep WAITING_FOR_KV
+    # requests out of the head-of-line by putting them at the back (add_request did).
+    return True
+
+
+def _admit_with_kv(sched: Scheduler, req: SimRequest, first_token: int) -> None:
+    sched.waiting.remove(req)
+    req.num_computed_tokens = req.num_tokens
+    req.append_token(first_token)
+    req.status = RequestStatus.RUNNING
+    sched.running.append(req)
+    sched.block_manager.cache_full_blocks(req)
+
+
+def _cancel_reservation(sched: Scheduler, req: SimRequest) -> None:
+    sched.finish(req.request_id, RequestStatus.FINISHED_LENGTH)
+    req.append_token(FAKE_TOKEN)
