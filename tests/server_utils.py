@@ -80,8 +80,11 @@ class ServerProcess:
         while time.time() < deadline:
             last = self.cluster()
             loads = [w["load"] for w in last["workers"]]
-            if last["gateway_inflight"] == 0 and all(
-                    ld and ld["num_running"] == 0 and ld["num_waiting"] == 0 and ld["kv_blocks_used"] == 0 for ld in loads):
+            transfers = [w["transfers"] for w in last["workers"]]
+            if (last["gateway_inflight"] == 0 and last.get("shm_segments", 0) == 0
+                    and all(ld and ld["num_running"] == 0 and ld["num_waiting"] == 0 and ld["kv_blocks_used"] == 0
+                            and ld.get("num_waiting_for_kv", 0) == 0 for ld in loads)
+                    and all(t is None or t["active"] == 0 for t in transfers)):
                 return last
             time.sleep(0.1)
         raise AssertionError(f"server did not return to idle: {last}")

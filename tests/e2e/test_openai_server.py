@@ -1,6 +1,8 @@
-"""The real server over real HTTP with the official `openai` client, on the demo model.
+"""The real server over real HTTP with the official `openai` client, on the demo model, in
+aggregated mode and in disaggregated mode (1 prefill + 1 decode worker).
 
-Every test ends with a leak check: nothing in flight, no request or KV block held.
+Every test ends with a leak check: nothing in flight, no request, KV block or shared-memory
+segment held by any worker.
 """
 
 from __future__ import annotations
@@ -22,9 +24,15 @@ pytestmark = pytest.mark.slow
 CHAT = [{"role": "user", "content": "Write a short poem about the sea."}]
 
 
-@pytest.fixture(scope="module")
-def server():
-    with ServerProcess("--model", "demo", "--threads", "2", "--max-model-len", "2048") as s:
+MODES = {
+    "aggregated": ("--threads", "2"),
+    "disaggregated": ("--disaggregated", "--threads", "1"),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(MODES))
+def server(request):
+    with ServerProcess("--model", "demo", "--max-model-len", "2048", *MODES[request.param]) as s:
         yield s
 
 
@@ -224,7 +232,7 @@ def test_client_disconnect_mid_stream_frees_blocks(server):
                 if lines >= 3:
                     break  # closing the response drops the connection
     cluster = server.wait_idle(timeout=10)  # it would take far longer to finish 1500 tokens
-    assert cluster["workers"][0]["state"] == "ready"
+    assert all(w["state"] == "ready" for w in cluster["workers"])
 
 
 def test_client_disconnect_non_streaming_frees_blocks(server):
@@ -262,7 +270,8 @@ def test_worker_crash_mid_request_is_invisible_to_the_client(server, client):
     prompt + streamed tokens, and the client gets exactly the undisturbed output."""
     body = {"model": "demo", "prompt": "Count slowly:", "max_tokens": 120, "ignore_eos": True, "temperature": 0}
     undisturbed = httpx.post(server.base_url + "/v1/completions", json=body, timeout=120).json()
-    pid = server.worker_pids()[0]
+    decode = [w for w in server.cluster()["workers"] if w["role"] in ("both", "decode")][0]
+    pid = decode["pid"]
 
     async def scenario():
         async with httpx.AsyncClient(timeout=300) as http:
@@ -278,7 +287,8 @@ def test_worker_crash_mid_request_is_invisible_to_the_client(server, client):
     assert got["usage"]["completion_tokens"] == 120
     assert not pid_alive(pid)
     info = server.cluster()
-    assert info["workers"][0]["restarts"] == 1 and info["requests_replaced"] >= 1
+    restarted = [w for w in info["workers"] if w["id"] == decode["id"]][0]
+    assert restarted["restarts"] == 1 and info["requests_replaced"] >= 1
     ok = client.completions.create(model="demo", prompt="Hi", max_tokens=3)
     assert ok.choices[0].text is not None
 
