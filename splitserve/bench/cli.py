@@ -55,6 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--extra-body", default=None, help="JSON object merged into every request body")
     g.add_argument("--header", action="append", default=[], metavar="NAME:VALUE", help="extra HTTP header")
 
+    add_workload_args(p)
+    g.add_argument("--output", default=None, help="write results JSON here (see docs/bench.md)")
+    g.add_argument("--plot-dir", default=None, help="write PNG plots here")
+    g.add_argument("--label", default=None, help="a name for this run in reports")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def add_workload_args(p: argparse.ArgumentParser) -> None:
+    """Workload, load and SLO options, shared with `splitserve simulate`."""
     g = p.add_argument_group("workload")
     g.add_argument("--workload", default="synthetic",
                    help=f"one of {', '.join(WORKLOADS)} or a trace preset ({', '.join(_presets())})")
@@ -91,11 +101,6 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("SLOs and output")
     g.add_argument("--slo-ttft-ms", type=float, default=None)
     g.add_argument("--slo-tpot-ms", type=float, default=None)
-    g.add_argument("--output", default=None, help="write results JSON here (see docs/bench.md)")
-    g.add_argument("--plot-dir", default=None, help="write PNG plots here")
-    g.add_argument("--label", default=None, help="a name for this run in reports")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p
 
 
 class UsageError(Exception):
@@ -293,12 +298,8 @@ def _load_text_source(tokenizer: Any) -> Any:
     return TextSource(tokenizer, corpus_text())
 
 
-async def _amain(args: argparse.Namespace) -> int:
-    from splitserve.bench import report
-    from splitserve.bench.client import OpenAIClient
-    from splitserve.bench.schema import write_json
-    from splitserve.bench.tokenizer import load_tokenizer
-
+def resolve_rates(args: argparse.Namespace) -> list[float | None]:
+    """The runs' rates from --rate, the workload and --concurrency (None: closed loop)."""
     rates = _parse_rates(args.rate)
     if args.workload == "trace":
         rates = [None]  # the trace's own timestamps, or closed loop with --concurrency
@@ -310,6 +311,16 @@ async def _amain(args: argparse.Namespace) -> int:
         rates = [math.inf]
         if args.duration is not None:
             raise UsageError("--duration needs --rate or --concurrency")
+    return rates
+
+
+async def _amain(args: argparse.Namespace) -> int:
+    from splitserve.bench import report
+    from splitserve.bench.client import OpenAIClient
+    from splitserve.bench.schema import write_json
+    from splitserve.bench.tokenizer import load_tokenizer
+
+    rates = resolve_rates(args)
     extra_body = None
     if args.extra_body:
         try:
