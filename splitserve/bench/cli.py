@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--extra-body", default=None, help="JSON object merged into every request body")
     g.add_argument("--header", action="append", default=[], metavar="NAME:VALUE", help="extra HTTP header")
 
-    add_workload_args(p)
+    g = add_workload_args(p)
     g.add_argument("--output", default=None, help="write results JSON here (see docs/bench.md)")
     g.add_argument("--plot-dir", default=None, help="write PNG plots here")
     g.add_argument("--label", default=None, help="a name for this run in reports")
@@ -63,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def add_workload_args(p: argparse.ArgumentParser) -> None:
-    """Workload, load and SLO options, shared with `splitserve simulate`."""
+def add_workload_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """Workload, load and SLO options, shared with `splitserve simulate`. Returns the
+    "SLOs and output" group for the caller's output options."""
     g = p.add_argument_group("workload")
     g.add_argument("--workload", default="synthetic",
                    help=f"one of {', '.join(WORKLOADS)} or a trace preset ({', '.join(_presets())})")
@@ -101,6 +102,7 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("SLOs and output")
     g.add_argument("--slo-ttft-ms", type=float, default=None)
     g.add_argument("--slo-tpot-ms", type=float, default=None)
+    return g
 
 
 class UsageError(Exception):
