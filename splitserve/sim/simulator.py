@@ -139,8 +139,11 @@ class RecordSink:
     """Collects finished requests as bench RequestRecords, or streams them to a JSONL file and
     keeps only compact arrays (bounded memory for million-request runs)."""
 
-    def __init__(self, stream_path: str | None = None, keep_records: bool = True):
+    def __init__(self, stream_path: str | None = None, keep_records: bool = True,
+                 slo_ttft_ms: float | None = None, slo_tpot_ms: float | None = None):
         self.records: list[RequestRecord] = []
+        self.slo = (slo_ttft_ms, slo_tpot_ms)
+        self.good = 0
         self.keep = keep_records and stream_path is None
         self.fp = open(stream_path, "w", encoding="utf-8") if stream_path else None
         self.ttft = array("d")
@@ -166,6 +169,10 @@ class RecordSink:
             self.e2e.append(rec.e2e_ms)
             if rec.tpot_ms is not None:
                 self.tpot.append(rec.tpot_ms)
+            slo_ttft, slo_tpot = self.slo
+            if (slo_ttft is None or rec.ttft_ms <= slo_ttft) and \
+                    (slo_tpot is None or rec.tpot_ms is None or rec.tpot_ms <= slo_tpot):
+                self.good += 1
             if not self.keep:
                 self.itl_hist.add_all(rec.itl_ms)
         else:

@@ -1,0 +1,285 @@
+"""`local-cpu`: step times of the real engine on this machine, measured and fitted.
+
+`splitserve simulate calibrate` loads the real `LLMEngine` (the demo model by default), runs
+steps of known shape (prefill chunks of several sizes, decode batches at several context
+lengths, mixed steps) through the same schedule -> execute -> update path the worker runs,
+times each, and fits
+
+    step_s = c0 + c_tok * T + c_seq * B + c_pair * A + c_kv * K + c_samp * S
+
+(T tokens computed, B sequences, A attention (query, key) pairs, K KV tokens read, S samples)
+by non-negative least squares on relative error. The file keeps the coefficients, every raw
+sample, the date, the machine and the engine settings; re-run the command whenever the engine
+gets faster. A model other than the calibrated one is scaled: per-token terms by active
+parameters, attention terms by KV size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+
+FEATURES = ("c0", "c_tok", "c_seq", "c_pair", "c_kv", "c_samp")
+DEFAULT_PATH = os.path.join(os.path.dirname(__file__), "data", "local_cpu.json")
+
+
+@dataclass
+class Calibration:
+    model: str
+    coef: dict[str, float]
+    # Overheads of the live server around the engine (gateway, ZeroMQ, HTTP, client), measured by
+    # benchmarks/sim_vs_live.py --fit-overhead; zero when not measured.
+    server: dict[str, float] = field(default_factory=dict)
+    samples: list[dict] = field(default_factory=list)
+    date: str = ""
+    machine: dict = field(default_factory=dict)
+    engine: dict = field(default_factory=dict)
+    fit: dict = field(default_factory=dict)
+    scale_tok: float = 1.0
+    scale_kv: float = 1.0
+
+    def __post_init__(self) -> None:
+        c = self.coef
+        self._c = tuple(float(c.get(k, 0.0)) for k in FEATURES)
+        self._step_extra = float(self.server.get("step_s", 0.0))
+
+    def step_time(self, T: int, S: int, A: int, K: int, B: int) -> float:
+        c0, ct, cs, cp, ck, cm = self._c
+        return (c0 + self._step_extra + self.scale_tok * (ct * T + cm * S) + cs * B
+                + self.scale_kv * (cp * A + ck * K))
+
+    @property
+    def request_overhead_s(self) -> float:
+        """Added to each request's TTFT and end (HTTP + tokenization + queue hand-off)."""
+        return float(self.server.get("request_s", 0.0))
+
+    def scaled_for(self, model) -> "Calibration":
+        """This calibration applied to another model (a ModelSpec)."""
+        from splitserve.sim.models import get_model
+
+        base = get_model(self.model)
+        if base.name == model.name:
+            return self
+        c = Calibration(**{k: v for k, v in asdict(self).items() if k not in ("scale_tok", "scale_kv")})
+        c.scale_tok = model.active_params / base.active_params
+        c.scale_kv = model.kv_elements_per_token() / base.kv_elements_per_token()
+        return c
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d.pop("scale_tok")
+        d.pop("scale_kv")
+        return {"kind": "splitserve.sim.calibration", "version": 1, **d}
+
+
+def load_calibration(path: str | None = None) -> Calibration | None:
+    path = path or os.environ.get("SPLITSERVE_CPU_CALIBRATION") or DEFAULT_PATH
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if data.get("kind") != "splitserve.sim.calibration":
+        raise ValueError(f"{path} is not a splitserve calibration file")
+    names = {"model", "coef", "server", "samples", "date", "machine", "engine", "fit"}
+    return Calibration(**{k: v for k, v in data.items() if k in names})
+
+
+# ---- fitting -------------------------------------------------------------------------------------
+def _row(s: dict) -> list[float]:
+    return [1.0, s["T"], s["B"], s["A"], s["K"], s["S"]]
+
+
+def fit(samples: list[dict]) -> tuple[dict[str, float], dict]:
+    """Non-negative least squares on relative error (each row divided by its measured time)."""
+    import numpy as np
+
+    X = np.array([_row(s) for s in samples], dtype=float)
+    y = np.array([s["seconds"] for s in samples], dtype=float)
+    w = 1.0 / y
+    active = list(range(X.shape[1]))
+    coef = np.zeros(X.shape[1])
+    for _ in range(X.shape[1]):
+        sol, *_ = np.linalg.lstsq(X[:, active] * w[:, None], y * w, rcond=None)
+        if (sol >= 0).all():
+            coef[:] = 0
+            coef[active] = sol
+            break
+        active.pop(int(np.argmin(sol)))  # drop the most negative feature and refit
+    pred = X @ coef
+    rel = np.abs(pred - y) / y
+    return ({k: float(v) for k, v in zip(FEATURES, coef)},
+            {"samples": len(samples), "mean_abs_rel_error": float(rel.mean()), "max_abs_rel_error": float(rel.max())})
+
+
+# ---- measuring -----------------------------------------------------------------------------------
+def _plan_stats(plan) -> dict:
+    T = S = A = K = 0
+    for c in plan.chunks:
+        n, s = c.num_tokens, c.start
+        T += n
+        A += n * s + n * (n + 1) // 2
+        K += s + n
+        S += 1 if c.sample else 0
+    return {"T": T, "S": S, "A": A, "K": K, "B": len(plan.chunks)}
+
+
+def _timed_step(engine) -> dict | None:
+    sched = engine.scheduler
+    t0 = time.perf_counter()
+    plan = sched.schedule()
+    if plan.is_empty:
+        return None
+    result = engine.runner.execute(plan, sched.block_manager.req_blocks)
+    sched.update(plan, result.sampled)
+    dt = time.perf_counter() - t0
+    return {**_plan_stats(plan), "seconds": dt}
+
+
+def measure(engine, *, repeats: int = 3, quick: bool = False, log=print) -> list[dict]:
+    """Samples of (plan shape, seconds) over prefill, decode and mixed steps."""
+    from splitserve.engine.sampling_params import SamplingParams
+
+    vocab = engine.arch.vocab_size
+    counter = [0]
+
+    def prompt(n: int) -> list[int]:
+        counter[0] += 1
+        base = counter[0] * 7919
+        return [(base + i * 31) % (vocab - 10) + 5 for i in range(n)]
+
+    def add(n_prompt: int, n_out: int) -> None:
+        counter[0] += 1
+        engine.add_request(f"cal-{counter[0]}", prompt(n_prompt),
+                           SamplingParams(max_tokens=n_out, ignore_eos=True, temperature=0.0))
+
+    def drain() -> None:
+        while engine.has_unfinished():
+            engine.step()
+
+    samples: list[dict] = []
+
+    def keep(tag: str, s: dict | None) -> None:
+        if s is not None:
+            s["tag"] = tag
+            samples.append(s)
+
+    budget = engine.config.max_num_batched_tokens
+    # warm-up
+    add(64, 4)
+    drain()
+    prefill_lens = [16, 64, 256, budget] if quick else [8, 16, 32, 64, 128, 256, 384, budget]
+    for n in prefill_lens:
+        for _ in range(repeats):
+            add(n, 1)
+            keep(f"prefill {n}", _timed_step(engine))
+            drain()
+    # chunked: a prompt longer than the budget, second chunk with context
+    for total in ([2 * budget] if quick else [2 * budget, 3 * budget]):
+        for _ in range(max(1, repeats - 1)):
+            add(total, 1)
+            k = 0
+            while engine.has_unfinished():
+                keep(f"chunked {total} #{k}", _timed_step(engine))
+                k += 1
+    batches = [1, 4, 16, 64] if quick else [1, 2, 4, 8, 16, 32, 64]
+    contexts = [32, 512] if quick else [32, 256, 1024]
+    max_seqs = engine.config.max_num_seqs
+    for ctx in contexts:
+        for b in batches:
+            b = min(b, max_seqs)
+            steps = 2 + repeats
+            for _ in range(b):
+                add(ctx, steps + 1)
+            # prefill them (not decode samples)
+            while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running) \
+                    or engine.scheduler.waiting:
+                keep(f"prefill batch {b}x{ctx}", _timed_step(engine))
+            for _ in range(steps):
+                keep(f"decode {b}x{ctx}", _timed_step(engine))
+            drain()
+        log(f"  decode at context {ctx}: done")
+    # mixed: a decode batch with a prefill chunk riding along
+    for b in ([8] if quick else [4, 16, 32]):
+        for chunk in ([128] if quick else [64, 256]):
+            for _ in range(b):
+                add(128, 40)
+            while engine.scheduler.waiting or any(r.num_computed_tokens < r.num_prompt_tokens
+                                                  for r in engine.scheduler.running):
+                _timed_step(engine)
+            for _ in range(repeats):
+                add(chunk, 1)
+                keep(f"mixed {b}+{chunk}", _timed_step(engine))
+            drain()
+    return samples
+
+
+def _median_by_shape(samples: list[dict]) -> list[dict]:
+    """Collapse repeats of the same shape to their median (robust to a busy machine)."""
+    groups: dict[tuple, list[dict]] = {}
+    for s in samples:
+        groups.setdefault((s["T"], s["S"], s["A"], s["K"], s["B"]), []).append(s)
+    out = []
+    for g in groups.values():
+        m = dict(g[0])
+        m["seconds"] = statistics.median(x["seconds"] for x in g)
+        m["repeats"] = len(g)
+        out.append(m)
+    return out
+
+
+def calibrate(*, model: str = "demo", threads: int | None = None, dtype: str = "auto", quick: bool = False,
+              repeats: int = 3, output: str | None = None, log=print) -> Calibration:
+    from splitserve.config import EngineConfig
+    from splitserve.engine.engine import LLMEngine
+    from splitserve.sim.models import get_model
+
+    cfg = EngineConfig(model=model, dtype=dtype, threads=threads, max_model_len=4096, num_kv_blocks=4096 // 16 * 70)
+    log(f"loading {model} ...")
+    engine = LLMEngine(cfg)
+    import torch
+
+    log(f"engine: {engine.arch.family} {engine.dtype}, torch threads {torch.get_num_threads()}; measuring ...")
+    t0 = time.perf_counter()
+    raw = measure(engine, repeats=repeats, quick=quick, log=log)
+    samples = _median_by_shape(raw)
+    coef, quality = fit(samples)
+    spec_name = "smollm2-135m" if model in ("demo", "smollm2-135m-instruct", "SmolLM2-135M-Instruct") else model
+    try:
+        spec_name = get_model(spec_name).name
+    except ValueError:
+        pass
+    old = load_calibration(output) if output and os.path.isfile(output) else None
+    cal = Calibration(
+        model=spec_name, coef=coef, server=(old.server if old else {}), samples=samples,
+        date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        machine={"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
+                 "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
+        engine={"model": model, "dtype": str(engine.dtype).replace("torch.", ""), "threads": threads,
+                "max_num_batched_tokens": cfg.max_num_batched_tokens, "max_num_seqs": cfg.max_num_seqs,
+                "block_size": cfg.block_size},
+        fit={**quality, "seconds_measuring": round(time.perf_counter() - t0, 1)},
+    )
+    if output:
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        tmp = output + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(cal.to_json(), f, indent=1)
+            f.write("\n")
+        os.replace(tmp, output)
+    return cal
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"

@@ -1,0 +1,386 @@
+"""`splitserve simulate | plan | hardware | models`.
+
+    splitserve simulate --model llama-3.1-8b --hardware h100:8 --rate 20 --num-requests 2000 \\
+        --input-len 1024 --output-len 256 --output sim.json
+    splitserve simulate --model llama-3.1-70b --prefill h100:8 --decode cs3:4 --link ib-ndr --rate 5
+    splitserve simulate --model demo --hardware local-cpu --rate 2 --input-len 256 --output-len 64
+    splitserve simulate calibrate            # measure the real engine here -> local-cpu
+    splitserve plan --model llama-3.1-70b --rate 10 --slo-ttft-ms 500 --slo-tpot-ms 50
+    splitserve hardware | splitserve models
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+
+def _die(msg: str, prog: str = "splitserve simulate") -> int:
+    print(f"{prog}: {msg}", file=sys.stderr)
+    return 2
+
+
+# ---- simulate ------------------------------------------------------------------------------------
+def build_parser(prog: str = "splitserve simulate") -> argparse.ArgumentParser:
+    from splitserve.bench.cli import add_workload_args
+
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Simulate a deployment on a virtual clock: the live scheduler, block manager and "
+        "router, with a cost model in place of the model. Same workload options and results JSON as "
+        "`splitserve bench`. Subcommand: `calibrate` (measure this machine for local-cpu).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("deployment")
+    g.add_argument("--model", default="llama-3.1-8b", help="catalog name (`splitserve models`) or a config.json")
+    g.add_argument("--hardware", default=None, metavar="HW[:N]",
+                   help="one aggregated pool: N units of HW (`splitserve hardware`); without N, the fewest "
+                   "units that hold the weights plus a working KV pool")
+    g.add_argument("--prefill", default=None, metavar="HW[:N]", help="disaggregated: the prefill pool")
+    g.add_argument("--decode", default=None, metavar="HW[:N]", help="disaggregated: the decode pool")
+    g.add_argument("--link", default=None,
+                   help="KV link between the pools: a catalog link (ib-ndr, efa, nvlink4, cs3-io, ...) or GB/s "
+                   "(default: the decode hardware's scale-out link)")
+    g.add_argument("--weight-dtype", default=None, help="bf16, fp8, int8, fp4, mxfp4 (default: the model's)")
+    g.add_argument("--kv-dtype", default=None, help="KV cache dtype (default: fp8 for <=8-bit weights, else bf16)")
+    g.add_argument("--tp", type=int, default=None, help="tensor-parallel units per replica (default: sized)")
+    g.add_argument("--pp", type=int, default=None, help="pipeline stages per replica (default: sized)")
+    g.add_argument("--price", type=float, default=None, help="USD per unit-hour (default: the catalog's)")
+    g.add_argument("--calibration", default=None, help="local-cpu calibration JSON (default: the shipped one)")
+
+    g = p.add_argument_group("scheduler and router (per worker, as `splitserve serve`)")
+    g.add_argument("--max-num-seqs", type=int, default=64)
+    g.add_argument("--max-num-batched-tokens", type=int, default=512)
+    g.add_argument("--max-model-len", type=int, default=None, help="default: min(model context, 8192)")
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument("--max-waiting", type=int, default=1024)
+    g.add_argument("--local-prefill-threshold", type=int, default=0,
+                   help="disaggregated: prefill on the decode worker when at most this many prompt tokens "
+                   "are uncached there (conditional disaggregation)")
+
+    g = add_workload_args(p)
+    g.add_argument("--output", default=None, help="write results JSON here (the bench schema)")
+    g.add_argument("--records-jsonl", default=None,
+                   help="stream per-request records to this JSONL file instead of keeping them (bounded "
+                   "memory for huge runs; results JSON then has summary only)")
+    g.add_argument("--no-itl", action="store_true", help="do not record inter-token gaps (faster)")
+    g.add_argument("--label", default=None)
+    g.add_argument("--quiet", action="store_true")
+    return p
+
+
+def _resolve_model(args) -> Any:
+    from splitserve.sim.models import get_model
+
+    return get_model(args.model)
+
+
+def build_deployment(args, model, cfg, *, log=lambda s: None) -> tuple[list, Any, dict]:
+    """(pool specs, KV link or None, description) from parsed options."""
+    from splitserve.sim.calibration import load_calibration
+    from splitserve.sim.deploy import default_kv_dtype, plan_pool, pool_spec
+    from dataclasses import replace
+
+    from splitserve.sim.hardware import LINKS, get_link, parse_hardware_arg
+
+    weight_dtype = args.weight_dtype or model.default_dtype
+    kv_dtype = args.kv_dtype or default_kv_dtype(weight_dtype)
+
+    def one(text: str, role: str, tp=None, pp=None):
+        hw, n = parse_hardware_arg(text)
+        if args.price is not None:
+            hw = replace(hw, price_per_hour=args.price)
+        cal = None
+        if hw.family == "cpu":
+            cal = load_calibration(args.calibration)
+            if cal is None:
+                log("local-cpu: no calibration file; run `splitserve simulate calibrate` (using fallback values)")
+            else:
+                cal = cal.scaled_for(model)
+        plan = plan_pool(hw, model, units=n, weight_dtype=weight_dtype, kv_dtype=kv_dtype, cfg=cfg, tp=tp, pp=pp,
+                         calibration=cal)
+        log(f"{role}: {plan.describe()}")
+        log(f"  sizing: {plan.note}")
+        return plan, pool_spec(plan, role)
+
+    info: dict[str, Any] = {"weight_dtype": weight_dtype, "kv_dtype": kv_dtype}
+    if args.hardware:
+        if args.prefill or args.decode:
+            raise ValueError("give --hardware (aggregated) or --prefill and --decode (disaggregated), not both")
+        plan, spec = one(args.hardware, "both", args.tp, args.pp)
+        info["pools"] = [_pool_info(plan, "both")]
+        return [spec], None, info
+    if not (args.prefill and args.decode):
+        raise ValueError("give --hardware HW[:N], or --prefill HW[:N] and --decode HW[:N]")
+    pplan, pspec = one(args.prefill, "prefill")
+    dplan, dspec = one(args.decode, "decode")
+    if args.link:
+        link = get_link(args.link)
+    else:
+        link = LINKS[dplan.deployment.hardware.scale_out]
+    log(f"KV link: {link.name}, {link.bandwidth / 1e9:g} GB/s, {link.latency_s * 1e6:g} us")
+    info["pools"] = [_pool_info(pplan, "prefill"), _pool_info(dplan, "decode")]
+    info["link"] = {"name": link.name, "GBps": link.bandwidth / 1e9, "latency_us": link.latency_s * 1e6}
+    return [pspec, dspec], link, info
+
+
+def _pool_info(plan, role: str) -> dict:
+    d = plan.deployment
+    return {"role": role, "hardware": d.hardware.name, "units": plan.units, "replicas": plan.replicas,
+            "tp": d.tp, "pp": d.pp, "microbatches": plan.microbatches, "workers": plan.num_workers,
+            "kv_blocks_per_worker": plan.blocks_per_worker, "sizing": plan.note,
+            "power_w_per_unit": d.hardware.power_w, "usd_per_unit_hour": d.hardware.price_per_hour}
+
+
+def summary_from_sink(sink, *, slo_ttft_ms=None, slo_tpot_ms=None):
+    """A bench Summary from kept records, or from the compact arrays of a streamed run."""
+    from splitserve.bench.metrics import compute_stats, summarize
+    from splitserve.bench.schema import Goodput, Stats, Summary
+
+    if sink.keep:
+        return summarize(sink.records, slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms)
+    dur = max(sink.last_end - sink.first_start, 0.0) if sink.n else 0.0
+    s = Summary(num_requests=sink.n, completed=sink.ok, failed=sink.n - sink.ok, duration_s=dur)
+    s.total_input_tokens, s.total_output_tokens = sink.in_tokens, sink.out_tokens
+    if dur > 0:
+        s.request_throughput = sink.ok / dur
+        s.input_token_throughput = sink.in_tokens / dur
+        s.output_token_throughput = sink.out_tokens / dur
+        s.total_token_throughput = (sink.in_tokens + sink.out_tokens) / dur
+    s.ttft_ms = compute_stats(sink.ttft)
+    s.tpot_ms = compute_stats(sink.tpot)
+    s.e2e_ms = compute_stats(sink.e2e)
+    h = sink.itl_hist
+    if h.n:
+        mean = h.total / h.n
+        s.itl_ms = Stats(count=h.n, mean=mean, std=math.sqrt(max(h.sq / h.n - mean * mean, 0.0)), min=h.min,
+                         p50=h.quantile(50), p90=h.quantile(90), p95=h.quantile(95), p99=h.quantile(99), max=h.max)
+    s.errors = dict(sorted(sink.errors.items()))
+    if slo_ttft_ms is not None or slo_tpot_ms is not None:
+        good = sink.good
+        s.goodput = Goodput(slo_ttft_ms, slo_tpot_ms, good, good / dur if dur else 0.0,
+                            good / sink.n if sink.n else 0.0)
+    if sink.chains:
+        s.num_chains = len(sink.chains)
+        times = [(c[1] - c[0]) * 1000.0 for c in sink.chains.values() if c[2] == c[3]]
+        s.completed_chains = len(times)
+        s.chain_ms = compute_stats(times)
+    return s
+
+
+def run_once(args, model, rate, *, log=lambda s: None):
+    """One simulated run -> (BenchResult, sim stats dict)."""
+    from splitserve import __version__
+    from splitserve.bench.cli import _make_specs
+    from splitserve.bench.schema import BenchResult, RunConfig
+    from splitserve.cluster.router import RouterConfig
+    from splitserve.sim.simulator import RecordSink, SimConfig, Simulation
+
+    max_len = args.max_model_len or min(model.max_context, 8192)
+    cfg = SimConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                    max_model_len=max_len, block_size=args.block_size,
+                    enable_prefix_caching=not args.no_prefix_caching, max_waiting=args.max_waiting,
+                    record_itl=not args.no_itl, seed=args.seed,
+                    router=RouterConfig(local_prefill_threshold=args.local_prefill_threshold))
+    pools, link, info = build_deployment(args, model, cfg, log=log)
+    specs, winfo, conc = _make_specs(args, rate, None)
+    sink = RecordSink(stream_path=args.records_jsonl, slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms)
+    sim = Simulation(cfg, pools, link=link, sink=sink, concurrency=conc, duration_s=args.duration)
+    t0 = time.perf_counter()
+    sim.run(specs)
+    wall = time.perf_counter() - t0
+    summary = summary_from_sink(sink, slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms)
+    span = summary.duration_s
+    units = sum(p["units"] for p in info["pools"])
+    power_w = sum(p["units"] * p["power_w_per_unit"] for p in info["pools"])
+    usd_h = sum(p["units"] * p["usd_per_unit_hour"] for p in info["pools"])
+    busy = {w.role: 0.0 for w in sim.workers}
+    for w in sim.workers:
+        busy[w.role] += w.busy_s
+    for p in info["pools"]:
+        p["utilization"] = busy.get(p["role"], 0.0) / max(span * p["workers"], 1e-12)
+    out_tok = summary.total_output_tokens
+    stats = {
+        "wall_s": wall, "events": sim.num_events, "steps": sim.num_steps,
+        "requests_per_wall_s": sink.n / wall if wall > 0 else None,
+        "events_per_wall_s": sim.num_events / wall if wall > 0 else None,
+        "units": units, "power_kw": power_w / 1000.0, "usd_per_hour": usd_h,
+        "joules_per_output_token": power_w * span / out_tok if out_tok else None,
+        "usd_per_million_output_tokens": usd_h * span / 3600.0 / out_tok * 1e6 if out_tok else None,
+    }
+    if args.workload == "trace" and rate is None and conc is None:
+        arrival_desc = "trace"
+    else:
+        arrival_desc = args.arrival if rate is not None and not math.isinf(rate) else None
+    config = RunConfig(
+        source="sim", model=model.name, workload=winfo, num_requests=args.num_requests, duration_s=args.duration,
+        rate=None if rate is None or math.isinf(rate) else rate, arrival=arrival_desc,
+        burstiness=args.burstiness if arrival_desc == "gamma" else None, concurrency=conc,
+        slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms, seed=args.seed, ignore_eos=True,
+        tokenizer=None, label=args.label, started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        splitserve_version=__version__,
+        extra={"deployment": info, "sim": stats,
+               "scheduler": {"max_num_seqs": cfg.max_num_seqs, "max_num_batched_tokens": cfg.max_num_batched_tokens,
+                             "max_model_len": cfg.max_model_len, "block_size": cfg.block_size,
+                             "enable_prefix_caching": cfg.enable_prefix_caching},
+               "records_jsonl": args.records_jsonl},
+    )
+    return BenchResult(config=config, summary=summary, requests=sink.records if sink.keep else []), stats
+
+
+def simulate_main(argv: list[str]) -> int:
+    if argv and argv[0] == "calibrate":
+        return calibrate_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    from splitserve.bench import report
+    from splitserve.bench.cli import UsageError, resolve_rates
+    from splitserve.bench.schema import write_json
+
+    log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
+    try:
+        model = _resolve_model(args)
+        rates = resolve_rates(args)
+        if args.records_jsonl and len(rates) > 1:
+            raise UsageError("--records-jsonl takes one rate")
+        results = []
+        for i, rate in enumerate(rates):
+            res, stats = run_once(args, model, rate, log=log if i == 0 else (lambda s: None))
+            results.append(res)
+            log(f"simulated {res.summary.num_requests} requests in {stats['wall_s']:.2f} s wall: "
+                f"{stats['requests_per_wall_s']:,.0f} requests/s, {stats['events_per_wall_s']:,.0f} events/s, "
+                f"{stats['steps']:,} steps")
+    except (ValueError, UsageError) as exc:
+        return _die(str(exc))
+    if args.output:
+        write_json(args.output, results[0] if len(results) == 1 else results)
+    for r in results:
+        print(report.markdown_summary(r))
+        print(_cost_lines(r))
+    if len(results) > 1:
+        print(report.markdown_sweep(results))
+    if args.output:
+        print(f"results: {args.output}")
+    return 0
+
+
+def _cost_lines(r) -> str:
+    s = r.config.extra["sim"]
+    pools = r.config.extra["deployment"]["pools"]
+    util = ", ".join(f"{p['role']} {p['utilization'] * 100:.0f}% busy" for p in pools)
+    parts = [f"{s['units']} units, {s['power_kw']:.1f} kW, ${s['usd_per_hour']:.2f}/h; {util}"]
+    if s.get("joules_per_output_token") is not None:
+        parts.append(f"{s['joules_per_output_token']:.3g} J and ${s['usd_per_million_output_tokens']:.3g} "
+                     "per million output tokens (at the list price, whole run)")
+    return "\n".join(parts) + "\n"
+
+
+# ---- calibrate -----------------------------------------------------------------------------------
+def calibrate_main(argv: list[str]) -> int:
+    from splitserve.sim.calibration import DEFAULT_PATH, calibrate
+
+    p = argparse.ArgumentParser(prog="splitserve simulate calibrate",
+                                description="Measure the real engine on this machine and fit local-cpu step times.")
+    p.add_argument("--model", default="demo")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, as serve)")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="fewer shapes (about a third of the time)")
+    p.add_argument("--output", default=DEFAULT_PATH)
+    args = p.parse_args(argv)
+    cal = calibrate(model=args.model, threads=args.threads, dtype=args.dtype, quick=args.quick,
+                    repeats=args.repeats, output=args.output, log=lambda s: print(s, file=sys.stderr))
+    c = cal.coef
+    print(f"local-cpu calibration ({cal.model}, {cal.machine.get('cpu')}, {cal.date}):")
+    print(f"  step_s = {c['c0'] * 1e3:.3f} ms + {c['c_tok'] * 1e6:.2f} us/token + {c['c_seq'] * 1e6:.2f} us/seq "
+          f"+ {c['c_pair'] * 1e9:.3f} ns/attention pair + {c['c_kv'] * 1e9:.2f} ns/KV token "
+          f"+ {c['c_samp'] * 1e6:.1f} us/sample")
+    print(f"  fit over {cal.fit['samples']} shapes: mean |error| {cal.fit['mean_abs_rel_error'] * 100:.1f}%, "
+          f"max {cal.fit['max_abs_rel_error'] * 100:.1f}%")
+    print(f"written: {args.output}")
+    return 0
+
+
+# ---- catalogs ------------------------------------------------------------------------------------
+def hardware_main(argv: list[str]) -> int:
+    from splitserve.sim.cost import FAMILIES
+    from splitserve.sim.hardware import HARDWARE, LINKS
+
+    p = argparse.ArgumentParser(prog="splitserve hardware", description="The simulator's hardware catalog.")
+    p.add_argument("name", nargs="?", help="show one entry with its sources")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    if args.json:
+        import json
+
+        print(json.dumps({"hardware": {k: {**vars(h), "calibration": None} for k, h in HARDWARE.items()},
+                          "links": {k: vars(v) for k, v in LINKS.items()},
+                          "families": {k: vars(v) for k, v in FAMILIES.items()}}, indent=1, default=str))
+        return 0
+    if args.name:
+        from splitserve.sim.hardware import get_hardware
+
+        try:
+            h = get_hardware(args.name)
+        except ValueError as exc:
+            return _die(str(exc), "splitserve hardware")
+        f = FAMILIES[h.family]
+        print(f"{h.name}: {h.title} (family {h.family})")
+        print(f"  memory {h.memory_bytes / 1e9:g} GB at {h.mem_bandwidth / 1e12:g} TB/s; peak "
+              + ", ".join(f"{k} {v / 1e12:,.0f} TFLOPS" for k, v in h.flops.items()))
+        print(f"  {h.power_w:,.0f} W, ${h.price_per_hour:g}/unit-hour (parameter); scale-up {h.scale_up} "
+              f"({h.scale_up_size} units), scale-out {h.scale_out}")
+        print(f"  cost model: eff_compute {f.eff_compute}, eff_mem {f.eff_mem}, layer floor "
+              f"{f.layer_floor_s * 1e6:g} us, step floor {f.step_floor_s * 1e6:g} us ({f.source})")
+        if h.notes:
+            print(f"  {h.notes}")
+        for s in h.sources:
+            print(f"  source: {s}")
+        return 0
+    print("| id | hardware | family | memory GB | TB/s | BF16 TFLOPS | FP8 TFLOPS | W | $/h | scale-up |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---|")
+    for h in HARDWARE.values():
+        mem = f"{h.memory_bytes / 1e9:.3g}"
+        print(f"| {h.name} | {h.title} | {h.family} | {mem} | {h.mem_bandwidth / 1e12:g} | "
+              f"{h.flops.get('bf16', 0) / 1e12:,.0f} | {h.flops.get('fp8', 0) / 1e12:,.0f} | {h.power_w:,.0f} | "
+              f"{h.price_per_hour:g} | {h.scale_up} |")
+    print("\n| link | GB/s per unit, one way | latency us |")
+    print("|---|---:|---:|")
+    for k in LINKS.values():
+        print(f"| {k.name} | {k.bandwidth / 1e9:g} | {k.latency_s * 1e6:g} |")
+    print("\n`splitserve hardware ID` shows an entry's sources. Prices are parameters (--price).")
+    return 0
+
+
+def models_main(argv: list[str]) -> int:
+    from splitserve.sim.models import MODELS
+
+    p = argparse.ArgumentParser(prog="splitserve models", description="The simulator's model catalog.")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    if args.json:
+        import json
+
+        print(json.dumps({k: vars(m) for k, m in MODELS.items()}, indent=1))
+        return 0
+    print("| id | layers | hidden | heads / KV heads | params total | active | KV per token (bf16) | context | weights |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|---|")
+    for m in MODELS.values():
+        heads = f"{m.num_heads}/{m.num_kv_heads}" if not m.is_mla else f"{m.num_heads} (MLA {m.kv_lora_rank})"
+        moe = f" ({m.experts_per_token}/{m.num_experts} experts)" if m.is_moe else ""
+        print(f"| {m.name} | {m.num_layers} | {m.hidden_size} | {heads} | {m.total_params / 1e9:.1f}B{moe} | "
+              f"{m.active_params / 1e9:.1f}B | {m.kv_bytes_per_token('bf16') / 1024:.0f} KiB | {m.max_context} | "
+              f"{m.default_dtype} |")
+    print("\nAny Hugging Face config.json works too: --model path/to/config.json")
+    return 0
+
+
+# ---- plan ----------------------------------------------------------------------------------------
+def plan_main(argv: list[str]) -> int:
+    from splitserve.sim.plan import plan_main as _plan
+
+    return _plan(argv)

@@ -1,0 +1,161 @@
+"""`splitserve plan`: the cheapest (or least power-hungry) deployment that meets the SLOs.
+
+For each candidate hardware it searches the number of replicas (aggregated) and, with
+`--disaggregated`, the prefill and decode pool sizes (prefill hardware x decode hardware over the
+candidates), simulating the workload at the given rate for each size. A size meets the SLOs when
+at least `--slo-fraction` of the requests have TTFT <= --slo-ttft-ms and TPOT <= --slo-tpot-ms
+(goodput, as bench computes it). The search assumes more replicas never hurt (binary search).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+
+DEFAULT_CANDIDATES = ("h100", "h200", "b200", "mi300x", "trn2", "tpu-v6e", "cs3", "groq-lpu")
+
+
+@dataclass
+class Candidate:
+    label: str
+    hardware: str | None
+    prefill: str | None
+    decode: str | None
+    units: int
+    usd_per_hour: float
+    power_kw: float
+    fraction: float
+    ttft_p90: float | None
+    tpot_p90: float | None
+    meets: bool
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from splitserve.sim.cli import build_parser as sim_parser
+
+    p = sim_parser("splitserve plan")
+    p.description = __doc__.split("\n\n")[0]
+    g = p.add_argument_group("planning")
+    g.add_argument("--candidates", default=",".join(DEFAULT_CANDIDATES),
+                   help="comma list of hardware ids to consider")
+    g.add_argument("--objective", choices=("cost", "power"), default="cost")
+    g.add_argument("--slo-fraction", type=float, default=0.9, help="share of requests that must meet the SLOs")
+    g.add_argument("--max-replicas", type=int, default=64, help="per pool")
+    g.add_argument("--disaggregated", action="store_true", help="also search prefill/decode pool pairs")
+    return p
+
+
+def plan_main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if args.slo_ttft_ms is None and args.slo_tpot_ms is None:
+        print("splitserve plan: give --slo-ttft-ms and/or --slo-tpot-ms", file=sys.stderr)
+        return 2
+    if args.rate is None or "," in str(args.rate):
+        print("splitserve plan: give one --rate (requests/s) to plan for", file=sys.stderr)
+        return 2
+    if args.num_requests is None:
+        args.num_requests = 300
+    args.no_itl = True
+    args.quiet = True
+    args.records_jsonl = None
+    from splitserve.sim.cli import _resolve_model
+    from splitserve.sim.deploy import default_kv_dtype, min_units, shape_for
+    from splitserve.sim.hardware import get_hardware
+    from splitserve.sim.simulator import SimConfig
+
+    try:
+        model = _resolve_model(args)
+        rate = float(args.rate)
+        hws = [get_hardware(h) for h in args.candidates.split(",") if h.strip()]
+    except ValueError as exc:
+        print(f"splitserve plan: {exc}", file=sys.stderr)
+        return 2
+    weight_dtype = args.weight_dtype or model.default_dtype
+    kv_dtype = args.kv_dtype or default_kv_dtype(weight_dtype)
+    max_len = args.max_model_len or min(model.max_context, 8192)
+    cfg = SimConfig(max_model_len=max_len)
+
+    def replica_units(hw) -> int:
+        tp, pp = shape_for(hw, model, min_units(hw, model, weight_dtype, kv_dtype, max_len))
+        return tp * pp
+
+    results: list[Candidate] = []
+
+    def evaluate(hardware=None, prefill=None, decode=None) -> Candidate:
+        from splitserve.sim.cli import run_once
+
+        args.hardware, args.prefill, args.decode = hardware, prefill, decode
+        try:
+            res, stats = run_once(args, model, rate)
+        except ValueError as exc:
+            return Candidate(str(exc), hardware, prefill, decode, 0, math.inf, math.inf, 0.0, None, None, False)
+        s = res.summary
+        frac = s.goodput.fraction if s.goodput else 0.0
+        label = hardware or f"{prefill} -> {decode}"
+        c = Candidate(label, hardware, prefill, decode, stats["units"], stats["usd_per_hour"], stats["power_kw"],
+                      frac, s.ttft_ms.p90, s.tpot_ms.p90, frac >= args.slo_fraction)
+        return c
+
+    def smallest(make) -> Candidate | None:
+        """Binary search the replica count in [1, max_replicas] for the smallest that meets the SLOs."""
+        hi_c = make(args.max_replicas)
+        if not hi_c.meets:
+            return None
+        lo, hi, best = 1, args.max_replicas, hi_c
+        while lo < hi:
+            mid = (lo + hi) // 2
+            c = make(mid)
+            if c.meets:
+                hi, best = mid, c
+            else:
+                lo = mid + 1
+        return best
+
+    key = (lambda c: c.usd_per_hour) if args.objective == "cost" else (lambda c: c.power_kw)
+    for hw in hws:
+        try:
+            u = replica_units(hw)
+        except ValueError:
+            continue
+        if hw.family == "cpu":
+            continue
+        best = smallest(lambda r, hw=hw, u=u: evaluate(hardware=f"{hw.name}:{r * u}"))
+        if best is not None:
+            results.append(best)
+        print(f"  {hw.name}: " + (f"{best.units} units meet the SLOs" if best else "no size up to "
+                                  f"{args.max_replicas} replicas meets the SLOs"), file=sys.stderr)
+    if args.disaggregated:
+        for ph in hws:
+            for dh in hws:
+                if ph.family == "cpu" or dh.family == "cpu":
+                    continue
+                pu, du = replica_units(ph), replica_units(dh)
+                found = None
+                for d in (1, 2, 4, 8, 16, 32, 64):
+                    if d > args.max_replicas:
+                        break
+                    c = smallest(lambda p, d=d: evaluate(prefill=f"{ph.name}:{p * pu}", decode=f"{dh.name}:{d * du}"))
+                    if c is not None and (found is None or key(c) < key(found)):
+                        found = c
+                    elif found is not None:
+                        break
+                if found is not None:
+                    results.append(found)
+                    print(f"  {found.label}: {found.units} units meet the SLOs", file=sys.stderr)
+    if not results:
+        print("no candidate meets the SLOs within the search limits")
+        return 1
+    results.sort(key=key)
+    print(f"## plan: {model.name}, {rate:g} req/s, SLO TTFT <= {args.slo_ttft_ms} ms, TPOT <= {args.slo_tpot_ms} ms "
+          f"for {args.slo_fraction:.0%} of requests; objective: {args.objective}\n")
+    print("| deployment | units | $/h | kW | meets SLOs | p90 TTFT ms | p90 TPOT ms |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for c in results:
+        print(f"| {c.label.split(':')[0] if c.hardware else c.label} | {c.units} | {c.usd_per_hour:,.2f} | "
+              f"{c.power_kw:,.1f} | {c.fraction:.0%} | {c.ttft_p90 or 0:,.1f} | {c.tpot_p90 or 0:,.2f} |")
+    b = results[0]
+    print(f"\nbest: {b.hardware or (b.prefill + ' + ' + b.decode)} ({b.units} units, ${b.usd_per_hour:,.2f}/h, "
+          f"{b.power_kw:,.1f} kW)")
+    return 0
