@@ -238,7 +238,7 @@ def calibrate(*, model: str = "demo", threads: int | None = None, dtype: str = "
     from splitserve.engine.engine import LLMEngine
     from splitserve.sim.models import get_model
 
-    cfg = EngineConfig(model=model, dtype=dtype, threads=threads, max_model_len=4096, num_kv_blocks=4096 // 16 * 70)
+    cfg = EngineConfig(model=model, dtype=dtype, threads=threads, max_model_len=2048, num_kv_blocks=5000)
     log(f"loading {model} ...")
     engine = LLMEngine(cfg)
     import torch

@@ -57,10 +57,10 @@ class SimRequest(Request):
     """The engine's Request plus the client-side timestamps the simulator records."""
 
     __slots__ = ("spec", "t_arrival", "t_first", "t_last", "itl", "worker", "peer", "t_prefill_start",
-                 "client", "kv_cached")
+                 "client", "kv_cached", "reserved", "kv_landed")
 
-    def __init__(self, request_id, prompt_token_ids, params, spec, t_arrival):
-        super().__init__(request_id, prompt_token_ids, params)
+    def __init__(self, request_id, prompt_token_ids, params, spec, t_arrival, prefill_only=False):
+        super().__init__(request_id, prompt_token_ids, params, prefill_only=prefill_only)
         self.spec = spec
         self.t_arrival = t_arrival
         self.t_first = -1.0
@@ -70,7 +70,9 @@ class SimRequest(Request):
         self.peer = None  # disaggregated: the request's twin on the other pool
         self.t_prefill_start = -1.0
         self.client = None  # the client-facing request (prefill twin -> decode twin share one)
-        self.kv_cached = 0
+        self.kv_cached = 0  # decode side: prompt tokens reused from its prefix cache (not shipped)
+        self.reserved = False
+        self.kv_landed = False
 
 
 @dataclass
@@ -331,7 +333,7 @@ class Simulation:
             return
         if self.router is None:
             w = self.decoders[0]
-            if w.sched.num_running + w.sched.num_waiting >= self.max_inflight_per_worker:
+            if len(w.sched.requests) >= self.max_inflight_per_worker:
                 self._fail(req, "http_503", "the server is overloaded; retry later")
                 return
             req.worker = w
@@ -359,7 +361,7 @@ class Simulation:
             return
         router.on_dispatch(placement, req.num_tokens)
         d = self.by_id[placement.decode_worker]
-        if d.sched.num_running + d.sched.num_waiting + len(d.pending) >= self.max_inflight_per_worker:
+        if len(d.sched.requests) + len(d.pending) >= self.max_inflight_per_worker:
             self._fail(req, "http_503", "the server is overloaded; retry later")
             return
         req.worker = d
@@ -368,27 +370,39 @@ class Simulation:
             if not d.busy:
                 self._start_step(d)
             return
-        req.peer = self.by_id[placement.prefill_worker]
-        req.kv_cached = placement.decode_cached_tokens
+        # Disaggregated, as the gateway does it: ReserveKV to the decode worker and PrefillRequest
+        # to the prefill worker at once; KV the decode worker cannot hold yet is buffered there
+        # until its blocks free up.
+        bs = self.cfg.block_size
+        reuse = placement.decode_cached_tokens // bs * bs
+        if reuse:
+            _, have = d.bm.get_computed_blocks(req)
+            reuse = min(reuse, have)
+        req.kv_cached = reuse
         d.pending.append(req)
         self._try_reserve(d)
+        p = self.by_id[placement.prefill_worker]
+        twin = SimRequest(req.request_id, req.token_ids, req.sampling_params, req.spec, req.t_arrival,
+                          prefill_only=True)
+        twin.client = req
+        req.peer = twin
+        p.sched.add_request(twin)
+        p.tokens += req.num_tokens
+        if not p.busy:
+            self._start_step(p)
 
     # ---- disaggregation: reserve on decode, prefill elsewhere, ship KV, admit ------------------
     def _try_reserve(self, d: SimWorker) -> None:
-        """Reserve decode blocks for pending requests in order; dispatch each one's prefill."""
+        """Reserve decode blocks for pending transfers, oldest first (the KV receiver's retry)."""
+        sched = d.sched
         while d.pending:
             req = d.pending[0]
-            if not _reserve_kv(d.sched, req):
+            if not sched.reserve_remote(req, req.kv_cached):
                 return
             d.pending.popleft()
-            p: SimWorker = req.peer
-            twin = SimRequest(req.request_id, req.token_ids, _PREFILL_PARAMS, req.spec, req.t_arrival)
-            twin.client = req
-            req.peer = twin
-            p.sched.add_request(twin)
-            p.tokens += req.num_tokens - req.kv_cached
-            if not p.busy:
-                self._start_step(p)
+            req.reserved = True
+            if req.kv_landed:
+                self._admit(req)
 
     def _prefill_done(self, twin: SimRequest) -> None:
         """The prefill worker sampled the first token: the client sees it now; the KV lands when
@@ -397,11 +411,22 @@ class Simulation:
         now = self.now
         req.t_first = req.t_last = now
         d: SimWorker = req.worker
+        if twin.status != RequestStatus.FINISHED_REMOTE:  # one output token: done at the prefill
+            if req.reserved:
+                d.sched.finish(req.request_id, RequestStatus.FINISHED_LENGTH)
+            else:
+                d.pending.remove(req)
+            req.append_token(FAKE_TOKEN)
+            self._finish(req)
+            if d.pending:
+                self._try_reserve(d)
+            return
         nbytes = (req.num_tokens - req.kv_cached) * self.kv_bytes_per_token
         link = self.link
         xfer = nbytes / link.bandwidth
         start = twin.t_prefill_start if twin.t_prefill_start >= 0 else now
-        # The last layer of the last chunk leaves when the prefill ends; the rest streamed earlier.
+        # Layers leave as the prefill computes them; the last layer of the last chunk leaves at
+        # the end. The decode worker's ingress link carries one transfer at a time.
         last_layer = xfer / self.num_layers
         begin = max(start, d.link_free_at)
         land = max(begin + xfer, now + last_layer) + link.latency_s
@@ -409,13 +434,13 @@ class Simulation:
         self._push(land, _KV, req)
 
     def _kv_landed(self, req: SimRequest) -> None:
+        req.kv_landed = True
+        if req.reserved:
+            self._admit(req)
+
+    def _admit(self, req: SimRequest) -> None:
         d: SimWorker = req.worker
-        if req.sampling_params.max_tokens <= 1:  # the prefill's token was the whole answer
-            _cancel_reservation(d.sched, req)
-            self._finish(req)
-            self._try_reserve(d)
-            return
-        _admit_with_kv(d.sched, req, FAKE_TOKEN)
+        d.sched.admit_remote(req.request_id, FAKE_TOKEN)
         if not d.busy:
             self._start_step(d)
 
@@ -487,12 +512,10 @@ class Simulation:
 
     def _report(self, w: SimWorker) -> None:
         s, bm = w.sched, w.bm
-        queued = 0
-        if w.role == "prefill":
-            for r in s.waiting:
-                queued += r.num_tokens
+        queued = s.num_waiting_tokens if w.role == "prefill" else 0
         self.router.update_load(w.wid, kv_blocks_free=bm.num_free_blocks, num_running=s.num_running,
-                                num_waiting=s.num_waiting + len(w.pending), queued_prefill_tokens=queued)
+                                num_waiting=len(s.requests) - s.num_running + len(w.pending),
+                                queued_prefill_tokens=queued)
         if bm.events:
             self.router.apply_kv_events(w.wid, bm.events)
             bm.events.clear()
@@ -617,42 +640,3 @@ class Simulation:
             w.sched.check_integrity()
             assert w.sched.is_idle(), f"{w.wid} is not idle"
             assert w.bm.is_idle(), f"{w.wid} leaks blocks"
-
-
-_PREFILL_PARAMS = SamplingParams(max_tokens=1, ignore_eos=True, temperature=0.0)
-
-
-# ---- decode-side KV admission ------------------------------------------------------------------
-# The scheduler has no public API yet for "blocks reserved, KV arriving" (WAITING_FOR_KV) nor for
-# "admit with the prompt already computed"; these three helpers use its documented structures
-# (add_request, the waiting queue, BlockManager.allocate_slots) and are the exact contract the
-# live disaggregated runtime needs. They go away once Scheduler grows:
-#   reserve_kv(request, num_cached_tokens) -> bool
-#   kv_arrived(request_id, first_token) -> None
-#   cancel_kv(request_id)
-def _reserve_kv(sched: Scheduler, req: SimRequest) -> bool:
-    bm = sched.block_manager
-    computed_blocks, num_cached = bm.get_computed_blocks(req)
-    if not bm.allocate_slots(req, req.num_tokens + 1, computed_blocks):
-        return False
-    req.kv_cached = num_cached
-    sched.add_request(req)
-    req.status = RequestStatus.WAITING_FOR_KV
-    req.num_cached_tokens = num_cached
-    # A waiting request that is not at the head of the queue blocks nothing; keep WAITING_FOR_KV
-    # requests out of the head-of-line by putting them at the back (add_request did).
-    return True
-
-
-def _admit_with_kv(sched: Scheduler, req: SimRequest, first_token: int) -> None:
-    sched.waiting.remove(req)
-    req.num_computed_tokens = req.num_tokens
-    req.append_token(first_token)
-    req.status = RequestStatus.RUNNING
-    sched.running.append(req)
-    sched.block_manager.cache_full_blocks(req)
-
-
-def _cancel_reservation(sched: Scheduler, req: SimRequest) -> None:
-    sched.finish(req.request_id, RequestStatus.FINISHED_LENGTH)
-    req.append_token(FAKE_TOKEN)
