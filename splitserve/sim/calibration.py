@@ -5,7 +5,8 @@ steps of known shape (prefill chunks of several sizes, decode batches at several
 lengths, mixed steps) through the same schedule -> execute -> update path the worker runs,
 times each, and fits
 
-    step_s = c0 + c_tok * T + c_seq * B + c_pair * A + c_kv * K + c_samp * S
+    step_s = c0 + c_tok * T + c_tok_big * max(T - 64, 0) + c_seq * B + c_pair * A + c_kv * K
+             + c_samp * S
 
 (T tokens computed, B sequences, A attention (query, key) pairs, K KV tokens read, S samples)
 by non-negative least squares on relative error. The file keeps the coefficients, every raw
@@ -24,7 +25,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
-FEATURES = ("c0", "c_tok", "c_seq", "c_pair", "c_kv", "c_samp")
+FEATURES = ("c0", "c_tok", "c_seq", "c_pair", "c_kv", "c_samp", "c_tok_big")
+BIG_STEP = 64  # tokens per step beyond which each token costs c_tok + c_tok_big (CPU caches)
 DEFAULT_PATH = os.path.join(os.path.dirname(__file__), "data", "local_cpu.json")
 
 
@@ -49,8 +51,9 @@ class Calibration:
         self._step_extra = float(self.server.get("step_s", 0.0))
 
     def step_time(self, T: int, S: int, A: int, K: int, B: int) -> float:
-        c0, ct, cs, cp, ck, cm = self._c
-        return (c0 + self._step_extra + self.scale_tok * (ct * T + cm * S) + cs * B
+        c0, ct, cs, cp, ck, cm, cb = self._c
+        big = T - BIG_STEP if T > BIG_STEP else 0
+        return (c0 + self._step_extra + self.scale_tok * (ct * T + cb * big + cm * S) + cs * B
                 + self.scale_kv * (cp * A + ck * K))
 
     @property
@@ -91,29 +94,47 @@ def load_calibration(path: str | None = None) -> Calibration | None:
 
 # ---- fitting -------------------------------------------------------------------------------------
 def _row(s: dict) -> list[float]:
-    return [1.0, s["T"], s["B"], s["A"], s["K"], s["S"]]
+    return [1.0, s["T"], s["B"], s["A"], s["K"], s["S"], max(s["T"] - BIG_STEP, 0)]
 
 
-def fit(samples: list[dict]) -> tuple[dict[str, float], dict]:
-    """Non-negative least squares on relative error (each row divided by its measured time)."""
+def _nnls(X, y):
     import numpy as np
 
-    X = np.array([_row(s) for s in samples], dtype=float)
-    y = np.array([s["seconds"] for s in samples], dtype=float)
     w = 1.0 / y
     active = list(range(X.shape[1]))
     coef = np.zeros(X.shape[1])
     for _ in range(X.shape[1]):
         sol, *_ = np.linalg.lstsq(X[:, active] * w[:, None], y * w, rcond=None)
         if (sol >= 0).all():
-            coef[:] = 0
             coef[active] = sol
             break
         active.pop(int(np.argmin(sol)))  # drop the most negative feature and refit
-    pred = X @ coef
-    rel = np.abs(pred - y) / y
+    return coef
+
+
+def fit(samples: list[dict], outlier: float = 0.25) -> tuple[dict[str, float], dict]:
+    """Non-negative least squares on relative error (each row divided by its measured time).
+    Samples more than `outlier` slower than the first fit predicts (another process took the
+    CPU) are dropped and the fit repeated; they are kept in the file, marked."""
+    import numpy as np
+
+    X = np.array([_row(s) for s in samples], dtype=float)
+    y = np.array([s["seconds"] for s in samples], dtype=float)
+    keep = np.ones(len(y), dtype=bool)
+    coef = _nnls(X, y)
+    for _ in range(3):
+        rel = (X @ coef - y) / y
+        new = rel > -outlier  # measured far slower than predicted: contention
+        if (new == keep).all():
+            break
+        keep = new
+        coef = _nnls(X[keep], y[keep])
+    rel = np.abs(X @ coef - y) / y
+    for s, k in zip(samples, keep):
+        s["outlier"] = not bool(k)
     return ({k: float(v) for k, v in zip(FEATURES, coef)},
-            {"samples": len(samples), "mean_abs_rel_error": float(rel.mean()), "max_abs_rel_error": float(rel.max())})
+            {"samples": len(samples), "used": int(keep.sum()), "mean_abs_rel_error": float(rel[keep].mean()),
+             "max_abs_rel_error": float(rel[keep].max())})
 
 
 # ---- measuring -----------------------------------------------------------------------------------
@@ -161,6 +182,10 @@ def measure(engine, *, repeats: int = 3, quick: bool = False, log=print) -> list
         while engine.has_unfinished():
             engine.step()
 
+    def abort_all() -> None:
+        for rid in list(engine.scheduler.requests):
+            engine.abort_request(rid)
+
     samples: list[dict] = []
 
     def keep(tag: str, s: dict | None) -> None:
@@ -194,27 +219,31 @@ def measure(engine, *, repeats: int = 3, quick: bool = False, log=print) -> list
             b = min(b, max_seqs)
             steps = 2 + repeats
             for _ in range(b):
-                add(ctx, steps + 1)
+                add(ctx, 10_000)
             # prefill them (not decode samples)
+            k = 0
             while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running) \
                     or engine.scheduler.waiting:
-                keep(f"prefill batch {b}x{ctx}", _timed_step(engine))
+                s = _timed_step(engine)
+                if k < 3:
+                    keep(f"prefill batch {b}x{ctx}", s)
+                k += 1
             for _ in range(steps):
                 keep(f"decode {b}x{ctx}", _timed_step(engine))
-            drain()
+            abort_all()
         log(f"  decode at context {ctx}: done")
     # mixed: a decode batch with a prefill chunk riding along
     for b in ([8] if quick else [4, 16, 32]):
         for chunk in ([128] if quick else [64, 256]):
             for _ in range(b):
-                add(128, 40)
+                add(128, 10_000)
             while engine.scheduler.waiting or any(r.num_computed_tokens < r.num_prompt_tokens
                                                   for r in engine.scheduler.running):
                 _timed_step(engine)
             for _ in range(repeats):
                 add(chunk, 1)
                 keep(f"mixed {b}+{chunk}", _timed_step(engine))
-            drain()
+            abort_all()
     return samples
 
 

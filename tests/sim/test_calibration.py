@@ -1,0 +1,63 @@
+"""local-cpu calibration: the fit, the file format, the shipped file."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from splitserve.sim.calibration import FEATURES, Calibration, fit, load_calibration
+from splitserve.sim.models import get_model
+
+
+def synthetic_samples(coef, n=60, noise=0.01, seed=0):
+    rng = random.Random(seed)
+    cal = Calibration(model="smollm2-135m", coef=coef)
+    out = []
+    for _ in range(n):
+        B = rng.randint(1, 64)
+        T = B if rng.random() < 0.6 else rng.randint(16, 512)
+        ctx = rng.randint(1, 2048)
+        A, K = T * ctx, B * ctx
+        out.append({"T": T, "S": B, "A": A, "K": K, "B": B,
+                    "seconds": cal.step_time(T, B, A, K, B) * (1 + rng.uniform(-noise, noise))})
+    return out
+
+
+def test_fit_recovers_known_coefficients_and_drops_contended_samples():
+    truth = {"c0": 0.012, "c_tok": 4e-4, "c_seq": 5e-5, "c_pair": 1e-9, "c_kv": 3e-6, "c_samp": 1e-4,
+             "c_tok_big": 1e-4}
+    samples = synthetic_samples(truth)
+    samples[3]["seconds"] *= 3  # another process stole the CPU
+    coef, quality = fit(samples)
+    assert quality["used"] == len(samples) - 1 and samples[3]["outlier"]
+    assert quality["mean_abs_rel_error"] < 0.02
+    for k in ("c0", "c_tok", "c_kv"):
+        assert coef[k] == pytest.approx(truth[k], rel=0.15)
+    assert all(v >= 0 for v in coef.values())
+
+
+def test_file_round_trip_and_scaling(tmp_path):
+    cal = Calibration(model="smollm2-135m", coef=dict.fromkeys(FEATURES, 1e-4), server={"step_s": 1e-3},
+                      date="2026-01-01", machine={"cpu": "x"})
+    path = tmp_path / "cal.json"
+    path.write_text(json.dumps(cal.to_json()))
+    back = load_calibration(str(path))
+    assert back.step_time(10, 1, 100, 10, 1) == pytest.approx(cal.step_time(10, 1, 100, 10, 1))
+    big = back.scaled_for(get_model("llama-3.1-8b"))
+    assert big.step_time(10, 1, 0, 0, 1) > 10 * back.step_time(10, 1, 0, 0, 1) / 2
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(ValueError):
+        load_calibration(str(bad))
+
+
+def test_shipped_calibration_is_complete():
+    cal = load_calibration()
+    assert cal is not None, "run `splitserve simulate calibrate` and commit splitserve/sim/data/local_cpu.json"
+    assert cal.model == "smollm2-135m" and cal.samples and cal.date and cal.machine.get("cpu")
+    assert set(FEATURES) <= set(cal.coef)
+    decode = cal.step_time(1, 1, 256, 256, 1)
+    prefill = cal.step_time(512, 1, 512 * 513 // 2, 512, 1)
+    assert 0 < decode < prefill
