@@ -190,7 +190,10 @@ def run_once(args, model, rate, *, log=lambda s: None):
     pools, link, info = build_deployment(args, model, cfg, log=log)
     specs, winfo, conc = _make_specs(args, rate, None)
     sink = RecordSink(stream_path=args.records_jsonl, slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms)
-    sim = Simulation(cfg, pools, link=link, sink=sink, concurrency=conc, duration_s=args.duration)
+    delay = max((getattr(p.cost.cal, "request_overhead_s", 0.0) for p in pools if p.cost.cal is not None),
+                default=0.0)
+    sim = Simulation(cfg, pools, link=link, sink=sink, concurrency=conc, duration_s=args.duration,
+                     request_delay_s=delay)
     t0 = time.perf_counter()
     sim.run(specs)
     wall = time.perf_counter() - t0

@@ -40,19 +40,6 @@ _PREFIX_BASE = 1 << 40  # token ids of shared prefixes live far from per-request
 _PREFIX_STRIDE = 1 << 24
 
 
-class _AlwaysToken(dict):
-    """The `sampled` mapping handed to Scheduler.update(): every request drew FAKE_TOKEN.
-    Empty dict with __missing__: nothing is built per step."""
-
-    __slots__ = ()
-
-    def __missing__(self, key):
-        return FAKE_TOKEN
-
-
-SAMPLED = _AlwaysToken()
-
-
 class SimRequest(Request):
     """The engine's Request plus the client-side timestamps the simulator records."""
 
@@ -134,7 +121,7 @@ class SimWorker:
 
 
 # Heap event kinds (ties in time break by sequence number: FIFO).
-_STEP, _ARRIVE, _KV, _NEXT = 0, 1, 2, 3
+_STEP, _ARRIVE, _KV, _ADD = 0, 1, 2, 3
 
 
 class RecordSink:
@@ -243,8 +230,11 @@ class Simulation:
 
     def __init__(self, config: SimConfig, pools: list[PoolSpec], *, link: Link | None = None,
                  sink: RecordSink | None = None, concurrency: int | None = None,
-                 duration_s: float | None = None):
+                 duration_s: float | None = None, request_delay_s: float = 0.0):
         self.cfg = config
+        # Front-end latency between the client sending a request and the engine seeing it
+        # (HTTP, tokenizer, queue hand-off): local-cpu's calibration measures it; 0 elsewhere.
+        self.request_delay_s = request_delay_s
         self.sink = sink or RecordSink()
         self.concurrency = concurrency
         self.duration_s = duration_s
@@ -257,7 +247,9 @@ class Simulation:
         self.num_steps = 0
         self.next_token = 1 << 20
         self.prefix_cache: dict[int, list[int]] = {}
-        self.inflight = 0  # client requests in flight (admission bound)
+        # The `sampled` mapping handed to Scheduler.update(): every request in flight maps to
+        # FAKE_TOKEN. Kept across steps (added on submit, removed on finish), so no step builds one.
+        self.sampled: dict[str, int] = {}
         self.active_units = 0
         self.errors = 0
         self.workers: list[SimWorker] = []
@@ -331,6 +323,13 @@ class Simulation:
         if len(ids) >= self.cfg.max_model_len:
             self._fail(req, "http_400", f"prompt of {len(ids)} tokens does not fit max_model_len")
             return
+        if self.request_delay_s > 0:
+            self._push(now + self.request_delay_s, _ADD, req)
+            return
+        self._submit(req)
+
+    def _submit(self, req: SimRequest) -> None:
+        self.sampled[req.request_id] = FAKE_TOKEN
         if self.router is None:
             w = self.decoders[0]
             if len(w.sched.requests) >= self.max_inflight_per_worker:
@@ -485,7 +484,7 @@ class Simulation:
 
     def _step_done(self, w: SimWorker) -> None:
         now = self.now
-        events = w.sched.update(w.plan, SAMPLED)
+        events = w.sched.update(w.plan, self.sampled)
         w.steps += 1
         self.num_steps += 1
         if w.role == "prefill":
@@ -522,6 +521,7 @@ class Simulation:
 
     # ---- completion ----------------------------------------------------------------------------
     def _finish(self, req: SimRequest) -> None:
+        self.sampled.pop(req.request_id, None)
         spec: RequestSpec = req.spec
         n_out = req.num_output_tokens
         ttft = (req.t_first - req.t_arrival) * 1000.0
@@ -538,6 +538,7 @@ class Simulation:
         self._after(req, ok=True)
 
     def _fail(self, req: SimRequest, error: str, detail: str) -> None:
+        self.sampled.pop(req.request_id, None)
         spec = req.spec
         self.errors += 1
         rec = RequestRecord(
@@ -591,6 +592,8 @@ class Simulation:
                 arrive(obj)
             elif kind == _KV:
                 self._kv_landed(obj)
+            else:
+                self._submit(obj)
         self.num_events = n
         for w in self.workers:
             if w.sched.has_unfinished() or w.pending:
