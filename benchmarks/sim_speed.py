@@ -33,7 +33,8 @@ def build(args):
 
     cfg = SimConfig(max_model_len=args.max_model_len, record_itl=not args.no_itl)
     hw, model = get_hardware(args.hardware), get_model(args.model)
-    plan = plan_pool(hw, model, units=args.units, weight_dtype=args.dtype, kv_dtype="bf16", cfg=cfg)
+    plan = plan_pool(hw, model, units=args.units, weight_dtype=args.dtype, kv_dtype="bf16", cfg=cfg,
+                     max_blocks_per_worker=args.max_kv_blocks)
     sink = RecordSink(stream_path=args.stream)
     sim = Simulation(cfg, [pool_spec(plan, "both")], sink=sink)
     rate = args.rate_per_unit * plan.units
@@ -54,6 +55,7 @@ def main() -> int:
     ap.add_argument("--output-len", default="uniform:64:192")
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-kv-blocks", type=int, default=None, help="cap per scheduler (thousand-unit runs)")
     ap.add_argument("--no-itl", action="store_true")
     ap.add_argument("--stream", default=None, help="stream records to this JSONL (bounded memory)")
     ap.add_argument("--profile", action="store_true")

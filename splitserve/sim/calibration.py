@@ -6,7 +6,7 @@ lengths, mixed steps) through the same schedule -> execute -> update path the wo
 times each, and fits
 
     step_s = c0 + c_tok * T + c_tok_big * max(T - 64, 0) + c_seq * B + c_pair * A + c_kv * K
-             + c_samp * S
+             + c_kv_big * max(K - kv_knee, 0) + c_samp * S
 
 (T tokens computed, B sequences, A attention (query, key) pairs, K KV tokens read, S samples)
 by non-negative least squares on relative error. The file keeps the coefficients, every raw
@@ -25,8 +25,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
-FEATURES = ("c0", "c_tok", "c_seq", "c_pair", "c_kv", "c_samp", "c_tok_big")
+FEATURES = ("c0", "c_tok", "c_seq", "c_pair", "c_kv", "c_samp", "c_tok_big", "c_kv_big")
 BIG_STEP = 64  # tokens per step beyond which each token costs c_tok + c_tok_big (CPU caches)
+KV_KNEES = (4096, 8192, 12288, 16384, 24576)  # candidate KV tokens per step beyond which the
+# decode attention's gather no longer fits in the CPU's last-level cache (fitted: `kv_knee`)
 DEFAULT_PATH = os.path.join(os.path.dirname(__file__), "data", "local_cpu.json")
 
 
@@ -48,13 +50,15 @@ class Calibration:
     def __post_init__(self) -> None:
         c = self.coef
         self._c = tuple(float(c.get(k, 0.0)) for k in FEATURES)
+        self._knee = float(c.get("kv_knee", 1e18))
         self._step_extra = float(self.server.get("step_s", 0.0))
 
     def step_time(self, T: int, S: int, A: int, K: int, B: int) -> float:
-        c0, ct, cs, cp, ck, cm, cb = self._c
+        c0, ct, cs, cp, ck, cm, cb, ckb = self._c
         big = T - BIG_STEP if T > BIG_STEP else 0
+        kbig = K - self._knee if K > self._knee else 0
         return (c0 + self._step_extra + self.scale_tok * (ct * T + cb * big + cm * S) + cs * B
-                + self.scale_kv * (cp * A + ck * K))
+                + self.scale_kv * (cp * A + ck * K + ckb * kbig))
 
     @property
     def request_overhead_s(self) -> float:
@@ -93,8 +97,8 @@ def load_calibration(path: str | None = None) -> Calibration | None:
 
 
 # ---- fitting -------------------------------------------------------------------------------------
-def _row(s: dict) -> list[float]:
-    return [1.0, s["T"], s["B"], s["A"], s["K"], s["S"], max(s["T"] - BIG_STEP, 0)]
+def _row(s: dict, knee: float) -> list[float]:
+    return [1.0, s["T"], s["B"], s["A"], s["K"], s["S"], max(s["T"] - BIG_STEP, 0), max(s["K"] - knee, 0)]
 
 
 def _nnls(X, y):
@@ -112,29 +116,40 @@ def _nnls(X, y):
     return coef
 
 
-def fit(samples: list[dict], outlier: float = 0.25) -> tuple[dict[str, float], dict]:
-    """Non-negative least squares on relative error (each row divided by its measured time).
-    Samples more than `outlier` slower than the first fit predicts (another process took the
-    CPU) are dropped and the fit repeated; they are kept in the file, marked."""
+def fit(samples: list[dict]) -> tuple[dict[str, float], dict]:
+    """Non-negative least squares on relative error (each row divided by its measured time),
+    over the per-shape medians (`by_tag`), for each candidate KV knee; the best knee wins."""
     import numpy as np
 
-    X = np.array([_row(s) for s in samples], dtype=float)
-    y = np.array([s["seconds"] for s in samples], dtype=float)
-    keep = np.ones(len(y), dtype=bool)
-    coef = _nnls(X, y)
-    for _ in range(3):
-        rel = (X @ coef - y) / y
-        new = rel > -outlier  # measured far slower than predicted: contention
-        if (new == keep).all():
-            break
-        keep = new
-        coef = _nnls(X[keep], y[keep])
-    rel = np.abs(X @ coef - y) / y
-    for s, k in zip(samples, keep):
-        s["outlier"] = not bool(k)
-    return ({k: float(v) for k, v in zip(FEATURES, coef)},
-            {"samples": len(samples), "used": int(keep.sum()), "mean_abs_rel_error": float(rel[keep].mean()),
-             "max_abs_rel_error": float(rel[keep].max())})
+    rows = by_tag(samples)
+    y = np.array([s["seconds"] for s in rows], dtype=float)
+    best = None
+    for knee in KV_KNEES:
+        X = np.array([_row(s, knee) for s in rows], dtype=float)
+        coef = _nnls(X, y)
+        rel = np.abs(X @ coef - y) / y
+        if best is None or rel.mean() < best[2].mean():
+            best = (knee, coef, rel)
+    knee, coef, rel = best
+    out = {k: float(v) for k, v in zip(FEATURES, coef)}
+    out["kv_knee"] = float(knee)
+    return out, {"samples": len(samples), "shapes": len(rows), "mean_abs_rel_error": float(rel.mean()),
+                 "max_abs_rel_error": float(rel.max())}
+
+
+def by_tag(samples: list[dict]) -> list[dict]:
+    """One row per measured shape (tag): the median time, the mean plan statistics. Repeats of a
+    shape differ by a few KV tokens; the median shrugs off steps slowed by other processes."""
+    groups: dict[str, list[dict]] = {}
+    for s in samples:
+        groups.setdefault(s.get("tag", repr((s["T"], s["B"], s["K"]))), []).append(s)
+    out = []
+    for tag, g in groups.items():
+        row = {k: statistics.fmean(x[k] for x in g) for k in ("T", "S", "A", "K", "B")}
+        row["seconds"] = statistics.median(x["seconds"] for x in g)
+        row["tag"] = tag
+        out.append(row)
+    return out
 
 
 # ---- measuring -----------------------------------------------------------------------------------
@@ -194,10 +209,11 @@ def measure(engine, *, repeats: int = 3, quick: bool = False, log=print) -> list
             samples.append(s)
 
     budget = engine.config.max_num_batched_tokens
-    # warm-up
-    add(64, 4)
-    drain()
     prefill_lens = [16, 64, 256, budget] if quick else [8, 16, 32, 64, 128, 256, 384, budget]
+    # warm-up: every prefill shape once (oneDNN builds kernels on first sight of a shape)
+    for n in prefill_lens:
+        add(n, 4)
+        drain()
     for n in prefill_lens:
         for _ in range(repeats):
             add(n, 1)
@@ -212,11 +228,13 @@ def measure(engine, *, repeats: int = 3, quick: bool = False, log=print) -> list
                 keep(f"chunked {total} #{k}", _timed_step(engine))
                 k += 1
     batches = [1, 4, 16, 64] if quick else [1, 2, 4, 8, 16, 32, 64]
-    contexts = [32, 512] if quick else [32, 256, 1024]
+    contexts = [32, 512] if quick else [32, 128, 384, 1024]
     max_seqs = engine.config.max_num_seqs
     for ctx in contexts:
         for b in batches:
             b = min(b, max_seqs)
+            if b * ctx > 40_000:
+                continue
             steps = 2 + repeats
             for _ in range(b):
                 add(ctx, 10_000)
@@ -300,6 +318,21 @@ def calibrate(*, model: str = "demo", threads: int | None = None, dtype: str = "
             json.dump(cal.to_json(), f, indent=1)
             f.write("\n")
         os.replace(tmp, output)
+    return cal
+
+
+def refit(path: str = DEFAULT_PATH) -> Calibration:
+    """Fit again from the raw samples stored in a calibration file (no measuring)."""
+    cal = load_calibration(path)
+    if cal is None:
+        raise ValueError(f"no calibration file at {path}")
+    coef, quality = fit(cal.samples)
+    cal = Calibration(model=cal.model, coef=coef, server=cal.server, samples=cal.samples, date=cal.date,
+                      machine=cal.machine, engine=cal.engine, fit={**cal.fit, **quality})
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(cal.to_json(), f, indent=1)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
     return cal
 
 

@@ -59,6 +59,9 @@ def build_parser(prog: str = "splitserve simulate") -> argparse.ArgumentParser:
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument("--max-waiting", type=int, default=1024)
+    g.add_argument("--max-kv-blocks", type=int, default=None,
+                   help="cap KV blocks per scheduler (default 4 x max-num-seqs full-length requests; "
+                   "lower it for thousand-worker runs: it only shortens prefix-cache retention)")
     g.add_argument("--local-prefill-threshold", type=int, default=0,
                    help="disaggregated: prefill on the decode worker when at most this many prompt tokens "
                    "are uncached there (conditional disaggregation)")
@@ -103,7 +106,7 @@ def build_deployment(args, model, cfg, *, log=lambda s: None) -> tuple[list, Any
             else:
                 cal = cal.scaled_for(model)
         plan = plan_pool(hw, model, units=n, weight_dtype=weight_dtype, kv_dtype=kv_dtype, cfg=cfg, tp=tp, pp=pp,
-                         calibration=cal)
+                         calibration=cal, max_blocks_per_worker=getattr(args, "max_kv_blocks", None))
         log(f"{role}: {plan.describe()}")
         log(f"  sizing: {plan.note}")
         return plan, pool_spec(plan, role)
@@ -294,15 +297,22 @@ def calibrate_main(argv: list[str]) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="fewer shapes (about a third of the time)")
     p.add_argument("--output", default=DEFAULT_PATH)
+    p.add_argument("--refit", action="store_true", help="fit again from the samples already in --output")
     args = p.parse_args(argv)
-    cal = calibrate(model=args.model, threads=args.threads, dtype=args.dtype, quick=args.quick,
-                    repeats=args.repeats, output=args.output, log=lambda s: print(s, file=sys.stderr))
+    if args.refit:
+        from splitserve.sim.calibration import refit
+
+        cal = refit(args.output)
+    else:
+        cal = calibrate(model=args.model, threads=args.threads, dtype=args.dtype, quick=args.quick,
+                        repeats=args.repeats, output=args.output, log=lambda s: print(s, file=sys.stderr))
     c = cal.coef
     print(f"local-cpu calibration ({cal.model}, {cal.machine.get('cpu')}, {cal.date}):")
     print(f"  step_s = {c['c0'] * 1e3:.3f} ms + {c['c_tok'] * 1e6:.2f} us/token + {c['c_seq'] * 1e6:.2f} us/seq "
           f"+ {c['c_pair'] * 1e9:.3f} ns/attention pair + {c['c_kv'] * 1e9:.2f} ns/KV token "
-          f"+ {c['c_samp'] * 1e6:.1f} us/sample")
-    print(f"  fit over {cal.fit['samples']} shapes: mean |error| {cal.fit['mean_abs_rel_error'] * 100:.1f}%, "
+          f"+ {c['c_samp'] * 1e6:.1f} us/sample + {c['c_tok_big'] * 1e6:.2f} us/token beyond 64 "
+          f"+ {c['c_kv_big'] * 1e9:.1f} ns/KV token beyond {c['kv_knee']:.0f}")
+    print(f"  fit over {cal.fit['shapes']} shapes: mean |error| {cal.fit['mean_abs_rel_error'] * 100:.1f}%, "
           f"max {cal.fit['max_abs_rel_error'] * 100:.1f}%")
     print(f"written: {args.output}")
     return 0
