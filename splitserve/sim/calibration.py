@@ -6,7 +6,10 @@ lengths, mixed steps) through the same schedule -> execute -> update path the wo
 times each, and fits
 
     step_s = c0 + c_tok * T + c_tok_big * max(T - 64, 0) + c_seq * B + c_pair * A + c_kv * K
-             + c_kv_big * max(K - kv_knee, 0) + c_samp * S
+             + c_kv_big * max(K - kv_knee, 0) + c_samp * S + c_chunk * P + c_mixed * [P and B > P]
+
+(P prefill chunks, i.e. chunks of more than one token; a step mixing decodes and prefill chunks
+runs both attention paths, hence c_mixed.)
 
 (T tokens computed, B sequences, A attention (query, key) pairs, K KV tokens read, S samples)
 by non-negative least squares on relative error. The file keeps the coefficients, every raw
@@ -25,7 +28,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
-FEATURES = ("c0", "c_tok", "c_seq", "c_pair", "c_kv", "c_samp", "c_tok_big", "c_kv_big")
+FEATURES = ("c0", "c_tok", "c_seq", "c_pair", "c_kv", "c_samp", "c_tok_big", "c_kv_big", "c_chunk", "c_mixed")
 BIG_STEP = 64  # tokens per step beyond which each token costs c_tok + c_tok_big (CPU caches)
 KV_KNEES = (4096, 8192, 12288, 16384, 24576)  # candidate KV tokens per step beyond which the
 # decode attention's gather no longer fits in the CPU's last-level cache (fitted: `kv_knee`)
@@ -53,12 +56,15 @@ class Calibration:
         self._knee = float(c.get("kv_knee", 1e18))
         self._step_extra = float(self.server.get("step_s", 0.0))
 
-    def step_time(self, T: int, S: int, A: int, K: int, B: int) -> float:
-        c0, ct, cs, cp, ck, cm, cb, ckb = self._c
+    def step_time(self, T: int, S: int, A: int, K: int, B: int, P: int = 0) -> float:
+        c0, ct, cs, cp, ck, cm, cb, ckb, cc, cx = self._c
         big = T - BIG_STEP if T > BIG_STEP else 0
         kbig = K - self._knee if K > self._knee else 0
-        return (c0 + self._step_extra + self.scale_tok * (ct * T + cb * big + cm * S) + cs * B
-                + self.scale_kv * (cp * A + ck * K + ckb * kbig))
+        t = (c0 + self._step_extra + self.scale_tok * (ct * T + cb * big + cm * S) + cs * B
+             + self.scale_kv * (cp * A + ck * K + ckb * kbig))
+        if P:
+            t += cc * P + (cx if B > P else 0.0)
+        return t
 
     @property
     def request_overhead_s(self) -> float:
@@ -98,7 +104,9 @@ def load_calibration(path: str | None = None) -> Calibration | None:
 
 # ---- fitting -------------------------------------------------------------------------------------
 def _row(s: dict, knee: float) -> list[float]:
-    return [1.0, s["T"], s["B"], s["A"], s["K"], s["S"], max(s["T"] - BIG_STEP, 0), max(s["K"] - knee, 0)]
+    P = s.get("P", 0)
+    return [1.0, s["T"], s["B"], s["A"], s["K"], s["S"], max(s["T"] - BIG_STEP, 0), max(s["K"] - knee, 0),
+            P, 1.0 if P and s["B"] > P else 0.0]
 
 
 def _nnls(X, y):
@@ -116,9 +124,11 @@ def _nnls(X, y):
     return coef
 
 
-def fit(samples: list[dict]) -> tuple[dict[str, float], dict]:
+def fit(samples: list[dict], reject: float = 0.35, max_rejected: float = 0.15) -> tuple[dict[str, float], dict]:
     """Non-negative least squares on relative error (each row divided by its measured time),
-    over the per-shape medians (`by_tag`), for each candidate KV knee; the best knee wins."""
+    over one row per measured shape (`by_tag`), for each candidate KV knee; the best knee wins.
+    Shapes the fit misses by more than `reject` (a burst of other processes on a shared machine)
+    are set aside and the fit repeated, at most `max_rejected` of them; they stay in the file."""
     import numpy as np
 
     rows = by_tag(samples)
@@ -126,27 +136,41 @@ def fit(samples: list[dict]) -> tuple[dict[str, float], dict]:
     best = None
     for knee in KV_KNEES:
         X = np.array([_row(s, knee) for s in rows], dtype=float)
+        keep = np.ones(len(y), dtype=bool)
         coef = _nnls(X, y)
+        for _ in range(4):
+            rel = np.abs(X @ coef - y) / y
+            worst = np.argsort(-rel)
+            new = np.ones(len(y), dtype=bool)
+            for i in worst[: int(max_rejected * len(y))]:
+                if rel[i] > reject:
+                    new[i] = False
+            if (new == keep).all():
+                break
+            keep = new
+            coef = _nnls(X[keep], y[keep])
         rel = np.abs(X @ coef - y) / y
-        if best is None or rel.mean() < best[2].mean():
-            best = (knee, coef, rel)
-    knee, coef, rel = best
+        score = rel[keep].mean()
+        if best is None or score < best[0]:
+            best = (score, knee, coef, rel, keep)
+    _, knee, coef, rel, keep = best
     out = {k: float(v) for k, v in zip(FEATURES, coef)}
     out["kv_knee"] = float(knee)
-    return out, {"samples": len(samples), "shapes": len(rows), "mean_abs_rel_error": float(rel.mean()),
-                 "max_abs_rel_error": float(rel.max())}
+    return out, {"samples": len(samples), "shapes": len(rows), "shapes_used": int(keep.sum()),
+                 "set_aside": [r["tag"] for r, k in zip(rows, keep) if not k],
+                 "mean_abs_rel_error": float(rel[keep].mean()), "max_abs_rel_error": float(rel[keep].max())}
 
 
 def by_tag(samples: list[dict]) -> list[dict]:
-    """One row per measured shape (tag): the median time, the mean plan statistics. Repeats of a
-    shape differ by a few KV tokens; the median shrugs off steps slowed by other processes."""
+    """One row per measured shape (tag): the fastest repeat (other processes only ever slow a step
+    down), the mean plan statistics (repeats of a shape differ by a few KV tokens)."""
     groups: dict[str, list[dict]] = {}
     for s in samples:
         groups.setdefault(s.get("tag", repr((s["T"], s["B"], s["K"]))), []).append(s)
     out = []
     for tag, g in groups.items():
-        row = {k: statistics.fmean(x[k] for x in g) for k in ("T", "S", "A", "K", "B")}
-        row["seconds"] = statistics.median(x["seconds"] for x in g)
+        row = {k: statistics.fmean(x.get(k, 0) for x in g) for k in ("T", "S", "A", "K", "B", "P")}
+        row["seconds"] = min(x["seconds"] for x in g)
         row["tag"] = tag
         out.append(row)
     return out
@@ -154,14 +178,15 @@ def by_tag(samples: list[dict]) -> list[dict]:
 
 # ---- measuring -----------------------------------------------------------------------------------
 def _plan_stats(plan) -> dict:
-    T = S = A = K = 0
+    T = S = A = K = P = 0
     for c in plan.chunks:
         n, s = c.num_tokens, c.start
         T += n
         A += n * s + n * (n + 1) // 2
         K += s + n
         S += 1 if c.sample else 0
-    return {"T": T, "S": S, "A": A, "K": K, "B": len(plan.chunks)}
+        P += 1 if n > 1 else 0
+    return {"T": T, "S": S, "A": A, "K": K, "B": len(plan.chunks), "P": P}
 
 
 def _timed_step(engine) -> dict | None:
@@ -269,7 +294,7 @@ def _median_by_shape(samples: list[dict]) -> list[dict]:
     """Collapse repeats of the same shape to their median (robust to a busy machine)."""
     groups: dict[tuple, list[dict]] = {}
     for s in samples:
-        groups.setdefault((s["T"], s["S"], s["A"], s["K"], s["B"]), []).append(s)
+        groups.setdefault((s["T"], s["S"], s["A"], s["K"], s["B"], s.get("P", 0)), []).append(s)
     out = []
     for g in groups.values():
         m = dict(g[0])

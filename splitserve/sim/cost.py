@@ -172,11 +172,11 @@ class StepCost:
             self.pp_lat = self.pp_tok = 0.0
         self.cal = d.calibration
 
-    def time(self, T: int, S: int, A: int, K: int, B: int) -> float:
-        """Seconds for a step computing T tokens of B sequences, sampling S, with A attention
-        pairs and K KV tokens read."""
+    def time(self, T: int, S: int, A: int, K: int, B: int, P: int = 0) -> float:
+        """Seconds for a step computing T tokens of B sequences (P of them prefill chunks),
+        sampling S, with A attention pairs and K KV tokens read."""
         if self.cal is not None:
-            return self.cal.step_time(T, S, A, K, B)
+            return self.cal.step_time(T, S, A, K, B, P)
         compute = T * self.f_tok + A * self.f_pair
         if self.moe:
             mem = self.m_dense + self.m_all_experts * (1.0 - self.expert_miss ** T) + (K + T) * self.m_kv
@@ -199,7 +199,7 @@ class StepCost:
         while done < prompt:
             n = min(chunk, prompt - done)
             pairs = n * done + n * (n + 1) // 2
-            t += self.time(n, 1 if done + n == prompt else 0, pairs, done + n, 1)
+            t += self.time(n, 1 if done + n == prompt else 0, pairs, done + n, 1, 1 if n > 1 else 0)
             done += n
         return t
 

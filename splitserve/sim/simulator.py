@@ -474,7 +474,7 @@ class Simulation:
             S += nd
             A += ctx + nd
             K += ctx + nd
-        dur = w.cost.time(T, S, A, K, len(chunks))
+        dur = w.cost.time(T, S, A, K, len(chunks), len(chunks) - nd)
         w.busy = True
         w.plan = plan
         w.t_step_start = self.now
