@@ -119,3 +119,21 @@ def test_machine_measurements_quick():
 
     assert measure_memory_read_bandwidth(threads=1, seconds=0.05, size_mb=64) > 0.5
     assert measure_bf16_matmul_flops(threads=1, n=256, seconds=0.05) > 0.5
+
+
+def test_fallback_without_extension():
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; from splitserve.kernels import prepare_linear, available_backends, prebuild\n"
+        "assert 'avx512' not in available_backends(torch.bfloat16)\n"
+        "assert 'disabled' in prebuild()\n"
+        "w = torch.randn(64, 32).to(torch.bfloat16); x = torch.randn(3, 32).to(torch.bfloat16)\n"
+        "op = prepare_linear(w, None, backend='avx512')\n"
+        "assert op.backend != 'avx512', op\n"
+        "torch.testing.assert_close(op(x).float(), torch.nn.functional.linear(x, w).float(), rtol=2e-2, atol=2e-2)\n"
+    )
+    env = dict(__import__("os").environ, SPLITSERVE_DISABLE_CPU_EXT="1")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
