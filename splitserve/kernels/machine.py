@@ -30,8 +30,8 @@ def measure_memory_read_bandwidth(threads: int | None = 2, seconds: float = 1.0,
 
     method:
       * "torch_sum": ``buf.sum()`` over an fp32 buffer (pure torch). On the reference 2-core
-        Zen 5 VM it matched the best hand-written AVX-512 read loop and the bf16 GEMV kernel
-        within ~5%, so it is the default.
+        Zen 5 VM it was within ~10% of a hand-written AVX-512 read loop (either way, varying
+        with the bandwidth phase) and of the bf16 GEMV kernel at M=1, so it is the default.
       * "avx512": 512-bit load loop from the optional C++ extension over a 2 MiB-page
         buffer (falls back to torch_sum when the extension is unavailable).
     The buffer (default 512 MiB, 16x the 32 MiB L3) is written once before timing; the
