@@ -55,13 +55,14 @@ class Calibration:
         self._c = tuple(float(c.get(k, 0.0)) for k in FEATURES)
         self._knee = float(c.get("kv_knee", 1e18))
         self._step_extra = float(self.server.get("step_s", 0.0))
+        self._token_extra = float(self.server.get("token_s", 0.0))
 
     def step_time(self, T: int, S: int, A: int, K: int, B: int, P: int = 0) -> float:
         c0, ct, cs, cp, ck, cm, cb, ckb, cc, cx = self._c
         big = T - BIG_STEP if T > BIG_STEP else 0
         kbig = K - self._knee if K > self._knee else 0
-        t = (c0 + self._step_extra + self.scale_tok * (ct * T + cb * big + cm * S) + cs * B
-             + self.scale_kv * (cp * A + ck * K + ckb * kbig))
+        t = (c0 + self._step_extra + self._token_extra * S + self.scale_tok * (ct * T + cb * big + cm * S)
+             + cs * B + self.scale_kv * (cp * A + ck * K + ckb * kbig))
         if P:
             t += cc * P + (cx if B > P else 0.0)
         return t
