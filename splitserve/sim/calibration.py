@@ -326,9 +326,10 @@ def calibrate(*, model: str = "demo", threads: int | None = None, dtype: str = "
         spec_name = get_model(spec_name).name
     except ValueError:
         pass
-    old = load_calibration(output) if output and os.path.isfile(output) else None
+    # A new engine calibration invalidates the server-overhead fit: benchmarks/sim_vs_live.py
+    # --fit-overhead measures it again.
     cal = Calibration(
-        model=spec_name, coef=coef, server=(old.server if old else {}), samples=samples,
+        model=spec_name, coef=coef, server={}, samples=samples,
         date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         machine={"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
                  "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
