@@ -186,10 +186,13 @@ def run_live_quiet(args, proc, port: int, rate: float, out: str) -> tuple[dict, 
 
 def fit_overhead(args, proc, port: int, tmp: str) -> None:
     """The live server's own costs around the engine, as the simulator models them:
-    `step_s` per step (the gateway, the client and ZeroMQ share the two cores with the engine's
-    threads) and `request_s` per request (HTTP, tokenizer, hand-off). Fitted from live runs at
-    --fit-rates, which the validation never uses: the mean TPOT gap over those runs and the p50
-    TTFT gap at the lowest, refined three times (damped, bounded)."""
+    `step_s` per step, `token_s` per token streamed in that step (the gateway, the client and
+    ZeroMQ share the two cores with the engine's two threads; the more a step emits, the more
+    they wake up and stall it), `request_s` per request (HTTP, tokenizer, hand-off).
+    Fitted from live runs at --fit-rates (never validated), each repeated --fit-repeats times on
+    fresh prompts and averaged, by solving mean TPOT(live) = TPOT(sim) at each rate; refined
+    three times, damped and bounded."""
+    import numpy as np
 
     from splitserve.sim.calibration import DEFAULT_PATH
 
@@ -201,26 +204,35 @@ def fit_overhead(args, proc, port: int, tmp: str) -> None:
     lives = []
     try:
         for i, rate in enumerate(rates):
-            args.seed = seed + 100 + i  # prompts no validation run sends: the prefix cache stays cold
-            doc, foreign = run_live_quiet(args, proc, port, rate, os.path.join(tmp, f"fit_live_{i}.json"))
-            lives.append(metrics(doc))
-            print(f"  fit run at {rate:g} req/s: live TPOT {lives[-1]['tpot_mean']:.2f} ms, p50 TTFT "
-                  f"{lives[-1]['ttft_p50']:.1f} ms; other processes {foreign:.0%} of the CPUs", flush=True)
-        # One parameter per quantity: on a shared 2-core machine the live TPOT at two nearby rates
-        # is too noisy to separate a per-step from a per-token cost (tried: the fit diverges).
-        server = {"step_s": 0.0, "request_s": 0.0}
+            runs = []
+            for k in range(args.fit_repeats):
+                args.seed = seed + 100 + 10 * i + k  # prompts no validation run sends
+                doc, foreign = run_live_quiet(args, proc, port, rate, os.path.join(tmp, f"fit_live_{i}_{k}.json"))
+                runs.append(metrics(doc))
+                print(f"  fit run at {rate:g} req/s: live TPOT {runs[-1]['tpot_mean']:.2f} ms, p50 TTFT "
+                      f"{runs[-1]['ttft_p50']:.1f} ms; other processes {foreign:.0%} of the CPUs", flush=True)
+            lives.append({k: sum(r[k] for r in runs) / len(runs) for k in runs[0]})
+        server = {"step_s": 0.0, "token_s": 0.0, "request_s": 0.0}
         for _ in range(3):
             cal_doc["server"] = server
             trial = os.path.join(tmp, "cal_trial.json")
             json.dump(cal_doc, open(trial, "w"))
-            d_tpot, d_ttft = [], []
+            rows, ys, ttft = [], [], []
             for i, rate in enumerate(rates):
-                args.seed = seed + 100 + i
-                sim = metrics(run_sim(args, rate, os.path.join(tmp, f"fit_sim_{i}.json"), trial))
-                d_tpot.append((lives[i]["tpot_mean"] - sim["tpot_mean"]) / 1000.0)
-                d_ttft.append((lives[i]["ttft_p50"] - sim["ttft_p50"]) / 1000.0)
-            server = {"step_s": min(0.05, max(0.0, server["step_s"] + 0.8 * sum(d_tpot) / len(d_tpot))),
-                      "request_s": min(0.5, max(0.0, server["request_s"] + 0.8 * d_ttft[0]))}
+                args.seed = seed + 100 + 10 * i
+                sim_doc = run_sim(args, rate, os.path.join(tmp, f"fit_sim_{i}.json"), trial)
+                sim = metrics(sim_doc)
+                per_step = sim_doc["summary"]["total_output_tokens"] / max(sim_doc["config"]["extra"]["sim"]["steps"], 1)
+                rows.append([1.0, per_step])
+                ys.append((lives[i]["tpot_mean"] - sim["tpot_mean"]) / 1000.0)
+                ttft.append((lives[i]["ttft_p50"] - sim["ttft_p50"]) / 1000.0)
+            if len(rates) >= 2:
+                delta, *_ = np.linalg.lstsq(np.array(rows), np.array(ys), rcond=None)
+            else:
+                delta = [ys[0], 0.0]
+            server = {"step_s": min(0.03, max(0.0, server["step_s"] + 0.7 * float(delta[0]))),
+                      "token_s": min(0.005, max(0.0, server["token_s"] + 0.7 * float(delta[1]))),
+                      "request_s": min(0.5, max(0.0, server["request_s"] + 0.7 * ttft[0]))}
     finally:
         args.num_requests, args.seed = n, seed
     server.update({"fitted_at_rates": rates, "date": time.strftime("%Y-%m-%d")})
@@ -228,8 +240,8 @@ def fit_overhead(args, proc, port: int, tmp: str) -> None:
     with open(path, "w") as f:
         json.dump(cal_doc, f, indent=1)
         f.write("\n")
-    print(f"server overheads: +{server['step_s'] * 1e3:.2f} ms per step, +{server['request_s'] * 1e3:.2f} ms per "
-          f"request -> {path}", flush=True)
+    print(f"server overheads: +{server['step_s'] * 1e3:.2f} ms per step, +{server['token_s'] * 1e3:.2f} ms per "
+          f"token streamed in a step, +{server['request_s'] * 1e3:.2f} ms per request -> {path}", flush=True)
 
 
 def main() -> int:
@@ -247,6 +259,7 @@ def main() -> int:
     ap.add_argument("--fit-overhead", action="store_true")
     ap.add_argument("--fit-rates", default="0.5,1.4", help="rates of the overhead fit (not validated)")
     ap.add_argument("--fit-requests", type=int, default=40)
+    ap.add_argument("--fit-repeats", type=int, default=2)
     ap.add_argument("--calibration", default=None)
     ap.add_argument("--max-foreign", type=float, default=0.10,
                     help="retry a live run when other processes took more than this share of the CPUs")

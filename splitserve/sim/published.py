@@ -26,6 +26,7 @@ class Point:
     output_len: int = 0
     batch: int = 0
     use: str = "check"  # "calibrate" | "check"
+    tp: int | None = None  # the submission's tensor parallelism, when it differs from the default sizing
 
 
 CALIBRATION = [
@@ -49,8 +50,8 @@ CHECKS = [
     Point("cs3", None, "llama-3.1-405b", "bf16", "single", 969, "Cerebras, Nov 2024 (Llama-3.1-405B)"),
     Point("groq-lpu", None, "llama-3.1-70b", "int8", "single", 250, "Groq Llama-3.1-70B, Artificial Analysis 2024"),
     Point("h100", 8, "llama-2-70b", "fp8", "offline", 24525 / 8,
-          "MLPerf Inference v4.x, 8x H100 SXM ~24,500 tok/s offline (approx.), per GPU",
-          input_len=294, output_len=294, batch=1024),
+          "MLPerf Inference v4.x, 8x H100 SXM ~24,500 tok/s offline (approx.), per GPU, as 4 x TP2",
+          input_len=294, output_len=294, batch=1024, tp=2),
     Point("mi300x", 1, "llama-2-70b", "fp8", "offline", 3062,
           "MLPerf Inference v4.1, 8x MI300X ~24,000 tok/s offline (AMD, approx.), per GPU",
           input_len=294, output_len=294, batch=1024),
@@ -67,7 +68,7 @@ def deployment_for(p: Point, family: FamilyParams | None = None, max_model_len: 
     hw, model = get_hardware(p.hardware), get_model(p.model)
     cfg = SimConfig(max_model_len=min(max_model_len, model.max_context))
     plan = plan_pool(hw, model, units=p.units, weight_dtype=p.weight_dtype,
-                     kv_dtype=default_kv_dtype(p.weight_dtype), cfg=cfg)
+                     kv_dtype=default_kv_dtype(p.weight_dtype), cfg=cfg, tp=p.tp)
     d = plan.deployment
     if family is not None:
         d = replace(d, family=family)
