@@ -28,18 +28,27 @@ def engine(path, **kw) -> LLMEngine:
 class Pair:
     """A prefill engine wired to a decode engine through the real connector halves."""
 
-    def __init__(self, path, p_kw=None, d_kw=None, transport="shm"):
+    live: list["Pair"] = []
+
+    def __init__(self, path, p_kw=None, d_kw=None, transport="shm", arena_bytes=1 << 20):
         self.cluster = f"test{uuid.uuid4().hex[:8]}"
         self.P = engine(path, **(p_kw or {}))
         self.D = engine(path, **(d_kw or {}))
         self.transport = transport
-        self.P.kv_sender = KVSender(self.cluster, self.P.runner.kv_caches, self.P.config.block_size, self._deliver)
-        self.D.kv_receiver = KVReceiver(self.D.scheduler, self.D.runner.kv_caches, self.D.config.block_size)
+        self.P.kv_sender = KVSender(self.cluster, self.P.runner.kv_caches, self.P.config.block_size, self._deliver,
+                                    reply_to="P", arena_bytes=arena_bytes)
+        self.D.kv_receiver = KVReceiver(self.D.scheduler, self.D.runner.kv_caches, self.D.config.block_size,
+                                        send=self._deliver)
         self.in_flight: list[tuple[str, list]] = []
+        Pair.live.append(self)
 
     def _deliver(self, addr, frames):
-        payload = bytes(np.asarray(frames[1])) if len(frames) > 1 else None
-        self.in_flight.append((m.decode_to_worker(frames[0]), payload))
+        payload = tuple(bytes(np.asarray(f)) for f in frames[1:])
+        msg = m.decode_to_worker(frames[0])
+        if isinstance(msg, m.KVRelease):
+            self.P.kv_sender.release(msg.request_id)
+        else:
+            self.in_flight.append((msg, payload))
 
     def flush(self):
         for msg, payload in self.in_flight:
@@ -76,7 +85,21 @@ class Pair:
         for e in (self.P, self.D):
             e.check_integrity()
             assert e.is_idle()
+        assert shm.list_segments(self.cluster, arenas=False) == []
+        self.P.kv_sender.close()
+        self.D.kv_receiver.close()
         assert shm.list_segments(self.cluster) == []
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_shared_memory():
+    """Whatever a test does, it must not leave a segment behind (closing its pairs removes arenas)."""
+    Pair.live = []
+    yield
+    for pair in Pair.live:
+        pair.P.kv_sender.close()
+        pair.D.kv_receiver.close()
+        assert shm.list_segments(pair.cluster) == []
 
 
 @pytest.fixture(scope="module")
@@ -89,9 +112,10 @@ def expected(tiny):
     return engine(tiny).generate(prompts_for(384), GREEDY)
 
 
-@pytest.mark.parametrize("transport", ["shm", "tcp"])
-def test_handoff_matches_aggregated(tiny, expected, transport):
-    pair = Pair(tiny, transport=transport)
+@pytest.mark.parametrize("transport,arena", [("shm", 1 << 20), ("shm", 0), ("shm", 4096), ("tcp", 0)])
+def test_handoff_matches_aggregated(tiny, expected, transport, arena):
+    """Arena of 1 MiB (regions reused), none (one-off segments), 4 KiB (mostly overflowing), TCP frames."""
+    pair = Pair(tiny, transport=transport, arena_bytes=arena)
     assert pair.generate(prompts_for(384), GREEDY) == expected
     assert pair.D.kv_receiver.num_done == len(expected)
     pair.assert_clean()
@@ -138,7 +162,9 @@ def test_seeded_sampling_matches_aggregated(tiny):
         for o in agg.step():
             outs.setdefault(o.request_id, []).append(o.new_token)
     ref = [outs[f"a{i}"] for i in range(3)]
-    assert Pair(tiny).generate(prompts, params) == ref
+    pair = Pair(tiny)
+    assert pair.generate(prompts, params) == ref
+    pair.assert_clean()
 
 
 def test_abort_mid_transfer_frees_both_sides(tiny):
@@ -149,9 +175,9 @@ def test_abort_mid_transfer_frees_both_sides(tiny):
     pair.P.step()
     pair.P.step()  # two chunks of 16 tokens sent, prefill not finished
     pair.flush()
-    assert shm.list_segments(pair.cluster)
+    assert pair.P.kv_sender.arena.allocs
     pair.P.abort_request("x")
-    pair.D.abort_request("x")
+    pair.D.abort_request("x")  # releases the region back to the sender
     pair.D.poll_transfers()
     pair.assert_clean()
 
@@ -164,3 +190,24 @@ def test_stalled_transfer_times_out(tiny):
     assert pair.D.poll_transfers() == ["stall"]
     assert pair.D.kv_receiver.num_failed == 1
     pair.assert_clean()
+
+
+def test_slot_runs_cover_exactly_the_token_slots():
+    import random
+
+    from splitserve.kv.connector import slot_runs, token_slots
+
+    rng = random.Random(0)
+    for _ in range(200):
+        bs = rng.choice([1, 4, 16])
+        blocks = rng.sample(range(64), 20) if rng.random() < 0.5 else list(range(5, 25))
+        start = rng.randrange(0, 20 * bs - 1)
+        end = rng.randrange(start + 1, 20 * bs + 1)
+        expect = token_slots(blocks, bs, start, end).tolist()
+        runs = slot_runs(blocks, bs, start, end)
+        if runs is None:
+            continue  # too fragmented: the scatter path handles it
+        got = [0] * (end - start)
+        for slot, off, n in runs:
+            got[off : off + n] = range(slot, slot + n)
+        assert got == expect

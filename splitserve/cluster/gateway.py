@@ -492,4 +492,4 @@ class Cluster:
             })
         return {"mode": self.mode, "cluster_id": self.cluster_id, "join_address": self.join_address,
                 "gateway_inflight": self.num_inflight, "requests_replaced": self.num_replaced,
-                "shm_segments": len(shm.list_segments(self.cluster_id)), "workers": workers}
+                "shm_segments": len(shm.list_segments(self.cluster_id, arenas=False)), "workers": workers}

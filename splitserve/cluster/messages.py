@@ -65,10 +65,11 @@ class Shutdown(Msg):
 
 # ---- prefill worker -> decode worker ----------------------------------------------------------
 class KVChunk(Msg):
-    """Canonical KV wire format: one layer, a run of tokens, payload [tokens, 2 (K, V), heads, head_dim].
+    """Canonical KV wire format: one layer, a run of tokens; K is [tokens, heads, head_dim], V the same.
 
-    The payload is in shared memory (`shm_name` at `shm_offset`) or in the next frame (TCP).
-    Positions are absolute token indices, so the sides may differ in block size and dtype.
+    K and V are in shared memory (`shm_name` at `k_offset` and `v_offset`) or in the next two
+    frames (TCP). Positions are absolute token indices and dtype and shape travel with the data,
+    so the two sides may differ in block size and dtype.
     """
 
     request_id: str
@@ -78,8 +79,11 @@ class KVChunk(Msg):
     num_kv_heads: int
     head_dim: int
     dtype: str
+    reply_to: str = ""  # the sender's inbox, for KVRelease
     shm_name: str | None = None
-    shm_offset: int = 0
+    arena: bool = False  # shm_name is the sender's long-lived arena (release it) or a one-off segment (unlink it)
+    k_offset: int = 0
+    v_offset: int = 0
 
 
 class PrefillDone(Msg):
@@ -87,6 +91,12 @@ class PrefillDone(Msg):
     first_token: int
     num_layers: int
     token_end: int  # KV covers tokens [send_from, token_end)
+
+
+class KVRelease(Msg):
+    """Decode side -> prefill side: done with (or gave up on) this request's arena region."""
+
+    request_id: str
 
 
 # ---- worker -> gateway ------------------------------------------------------------------------
@@ -148,7 +158,7 @@ class Stats(Msg):
     kv_events: list[tuple[str, bytes]] = []
 
 
-ToWorker = AddRequest | PrefillRequest | ReserveKV | AbortRequests | Shutdown | KVChunk | PrefillDone
+ToWorker = AddRequest | PrefillRequest | ReserveKV | AbortRequests | Shutdown | KVChunk | PrefillDone | KVRelease
 FromWorker = Ready | Outputs | RequestError | Stats
 
 _encoder = msgspec.msgpack.Encoder()

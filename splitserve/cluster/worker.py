@@ -59,8 +59,12 @@ class Worker:
         self.gateway.connect(gateway_addr)
         self.peers: dict[str, object] = {}
         runner = engine.runner
-        engine.kv_sender = KVSender(cluster_id, runner.kv_caches, engine.config.block_size, self.send_peer)
-        engine.kv_receiver = KVReceiver(engine.scheduler, runner.kv_caches, engine.config.block_size)
+        engine.kv_sender = KVSender(cluster_id, runner.kv_caches, engine.config.block_size, self.send_peer,
+                                    reply_to=self.address)
+        engine.kv_receiver = KVReceiver(engine.scheduler, runner.kv_caches, engine.config.block_size,
+                                        send=self.send_peer)
+        if role == "prefill":
+            engine.kv_sender.ensure_arena()  # fault its pages in now, not during the first request
         engine.scheduler.block_manager.events = []
         self.running = True
         self._last_stats = 0.0
@@ -100,12 +104,14 @@ class Worker:
             if self.inbox.poll(timeout, zmq.POLLIN):
                 while True:
                     try:
-                        frames = self.inbox.recv_multipart(zmq.NOBLOCK)
+                        # copy=False: KV payload frames are read in place, not copied into bytes first
+                        frames = self.inbox.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
                     self.handle(frames)
             if not self.running:
                 break
+            engine.kv_sender.poll()
             for rid in engine.poll_transfers():
                 self.to_gateway(m.RequestError(rid, "KV transfer failed or timed out", self.worker_id, True))
             if engine.has_work():
@@ -117,20 +123,22 @@ class Worker:
                 log.warning("parent gone; exiting")
                 break
 
-    def handle(self, frames: list[bytes]) -> None:
-        if len(frames) < 2 or not m.check_secret(frames[0], self.secret):
+    def handle(self, frames: list) -> None:
+        if len(frames) < 2 or not m.check_secret(frames[0].bytes, self.secret):
             self.dropped_frames += 1
             log.warning("dropped a frame without the cluster secret (%d so far)", self.dropped_frames)
             return
         try:
-            msg = m.decode_to_worker(frames[1])
+            msg = m.decode_to_worker(frames[1].bytes)
         except Exception as exc:  # malformed: drop it, never crash
             log.warning("dropped an undecodable message: %s", exc)
             return
         e = self.engine
         try:
             if isinstance(msg, m.KVChunk):
-                e.kv_receiver.on_chunk(msg, frames[2] if len(frames) > 2 else None)
+                e.kv_receiver.on_chunk(msg, tuple(f.buffer for f in frames[2:]))
+            elif isinstance(msg, m.KVRelease):
+                e.kv_sender.release(msg.request_id)
             elif isinstance(msg, m.PrefillDone):
                 e.kv_receiver.on_done(msg)
             elif isinstance(msg, m.AddRequest):
@@ -195,7 +203,7 @@ class Worker:
             self.worker_id, s.num_waiting + len(s.kv_ready), s.num_running, len(s.waiting_for_kv),
             bm.num_used_blocks, bm.num_free_blocks, s.num_waiting_tokens, bm.num_queried_tokens, bm.num_hit_tokens,
             s.num_preemptions, e.num_steps, tx.bytes_sent, rx.bytes_received, rx.transfer_seconds, rx.num_done,
-            rx.num_failed, rx.num_active + len(tx.transfers), events,
+            rx.num_failed, rx.num_active + tx.num_pending, events,
         )
 
     def close(self) -> None:

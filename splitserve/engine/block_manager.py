@@ -102,8 +102,9 @@ class BlockManager:
                 self.ref_counts[block] += 1
                 blocks.append(block)
             self.req_num_hashed[request.request_id] = len(computed_blocks)
-        for _ in range(num_new):
-            blocks.append(self._take_free_block())
+        # Ascending ids keep a request's blocks in long runs of adjacent slots, so KV lands with
+        # slice copies instead of scatters (eviction hands cached blocks out tail-first).
+        blocks.extend(sorted(self._take_free_block() for _ in range(num_new)))
         return True
 
     def cache_full_blocks(self, request: Request) -> None:

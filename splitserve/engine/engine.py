@@ -221,7 +221,7 @@ class LLMEngine:
         return [outputs[rid] for rid in ids]
 
     def is_idle(self) -> bool:
-        busy_transfers = (self.kv_sender is not None and self.kv_sender.transfers) or (
+        busy_transfers = (self.kv_sender is not None and self.kv_sender.num_pending) or (
             self.kv_receiver is not None and (self.kv_receiver.transfers or self.kv_receiver.orphans))
         return self.scheduler.is_idle() and not busy_transfers
 

@@ -29,7 +29,9 @@ def _path(name: str) -> str:
 class Segment:
     """A mapped segment. The creator sizes it; a reader maps what exists."""
 
-    def __init__(self, name: str, size: int | None = None) -> None:
+    def __init__(self, name: str, size: int | None = None, populate: bool = False) -> None:
+        """`populate` faults every page in at creation, so later copies run at memory speed
+        instead of paying a page fault per 4 KiB."""
         self.name = name
         path = _path(name)
         if size is not None:
@@ -44,7 +46,8 @@ class Segment:
             fd = os.open(path, os.O_RDWR)
         try:
             self.size = os.fstat(fd).st_size
-            self.buf = mmap.mmap(fd, self.size)
+            flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
+            self.buf = mmap.mmap(fd, self.size, flags=flags)
         finally:
             os.close(fd)
 
@@ -65,9 +68,10 @@ def unlink(name: str) -> None:
         pass
 
 
-def list_segments(cluster_id: str) -> list[str]:
+def list_segments(cluster_id: str, arenas: bool = True) -> list[str]:
     prefix = f"splitserve-{_SAFE.sub('_', cluster_id)}-"
-    return sorted(os.path.basename(p) for p in glob.glob(os.path.join(SHM_DIR, prefix + "*")))
+    names = sorted(os.path.basename(p) for p in glob.glob(os.path.join(SHM_DIR, prefix + "*")))
+    return names if arenas else [n for n in names if "-arena-" not in n]
 
 
 def remove_segments(cluster_id: str, request_prefix: str = "") -> int:
@@ -76,3 +80,63 @@ def remove_segments(cluster_id: str, request_prefix: str = "") -> int:
     for n in names:
         unlink(n)
     return len(names)
+
+
+class Arena:
+    """A long-lived, pre-faulted segment carved into per-transfer regions (first fit, page aligned).
+
+    The prefill side writes a transfer's KV into its region; the decode side maps the arena once
+    and copies from it; a region returns to the free list when the decode side says it is done,
+    or after `reclaim_after_s` when it never says so (it died or gave up).
+    """
+
+    ALIGN = 4096
+
+    def __init__(self, name: str, size: int) -> None:
+        self.segment = Segment(name, size=size, populate=True)
+        self.name = name
+        self.size = self.segment.size
+        self.free: list[tuple[int, int]] = [(0, self.size)]  # (offset, length), sorted by offset
+        self.allocs: dict[str, tuple[int, int, float]] = {}
+
+    def alloc(self, key: str, nbytes: int, now: float) -> int | None:
+        need = -(-nbytes // self.ALIGN) * self.ALIGN
+        for i, (off, length) in enumerate(self.free):
+            if length >= need:
+                if length == need:
+                    del self.free[i]
+                else:
+                    self.free[i] = (off + need, length - need)
+                self.allocs[key] = (off, need, now)
+                return off
+        return None
+
+    def release(self, key: str) -> bool:
+        a = self.allocs.pop(key, None)
+        if a is None:
+            return False
+        off, length, _ = a
+        self.free.append((off, length))
+        self.free.sort()
+        merged: list[tuple[int, int]] = []
+        for o, n in self.free:
+            if merged and merged[-1][0] + merged[-1][1] == o:
+                merged[-1] = (merged[-1][0], merged[-1][1] + n)
+            else:
+                merged.append((o, n))
+        self.free = merged
+        return True
+
+    def reclaim(self, older_than: float) -> list[str]:
+        stale = [k for k, (_, _, t) in self.allocs.items() if t < older_than]
+        for k in stale:
+            self.release(k)
+        return stale
+
+    @property
+    def bytes_in_use(self) -> int:
+        return sum(n for _, n, _ in self.allocs.values())
+
+    def close(self) -> None:
+        self.segment.close()
+        self.segment.unlink()
