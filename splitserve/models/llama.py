@@ -53,7 +53,7 @@ class DecoderLayer:
         self.gate_up: LinearOp = prepare_linear(torch.cat([w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"]]), None)
         self.down: LinearOp = prepare_linear(w["mlp.down_proj.weight"], None)
 
-    def forward(self, h: torch.Tensor, residual: torch.Tensor, positions, rotary: RotaryEmbedding,
+    def forward(self, h: torch.Tensor, residual: torch.Tensor, cos_sin, rotary: RotaryEmbedding,
                 kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         T = h.shape[0]
         qkv = self.qkv(h)
@@ -63,7 +63,7 @@ class DecoderLayer:
         if self.q_norm is not None:
             q = rms_norm(q, self.q_norm, self.eps)
             k = rms_norm(k, self.k_norm, self.eps)
-        q, k = rotary(positions, q, k)
+        q, k = rotary.apply(q, k, *cos_sin)
         k_cache, v_cache = kv
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         attn = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
@@ -101,9 +101,10 @@ class LlamaModel:
         ships that layer while the next ones compute."""
         h = F.embedding(input_ids, self.embed)
         residual = h
+        cos_sin = self.rotary.lookup(positions)
         for i, (layer, kv) in enumerate(zip(self.layers, kv_caches)):
             residual = layer.forward(rms_norm(residual, layer.input_norm, layer.eps), residual,
-                                     positions, self.rotary, kv, meta)
+                                     cos_sin, self.rotary, kv, meta)
             if layer_hook is not None:
                 layer_hook(i)
         return rms_norm(residual, self.norm, self.cfg.rms_norm_eps)
