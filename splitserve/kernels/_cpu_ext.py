@@ -36,9 +36,14 @@ CPP_SOURCE = r"""
 #include <torch/csrc/utils/pybind.h>
 #include <immintrin.h>
 #include <sys/mman.h>
+#include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -195,11 +200,573 @@ double read_buffer(const at::Tensor& buf) {
   return t;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Fused small ops for the decode step (bf16 or fp32, unit inner stride, any row strides):
+// rms_norm / add_rms_norm, rotary (in place), silu_mul, paged decode attention.
+// Elementwise ops reproduce torch's eager bf16 roundings (each torch op rounds its result to
+// bf16), so they match the unfused model code bit for bit except for summation order.
+// ---------------------------------------------------------------------------------------------
+namespace fz {
+
+using bf16_t = uint16_t;
+
+template <typename T> struct Vec;
+template <> struct Vec<float> {
+  static inline __m512 load(const float* p) { return _mm512_loadu_ps(p); }
+  static inline __m512 loadm(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+  static inline void store(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+  static inline void storem(float* p, __mmask16 m, __m512 v) { _mm512_mask_storeu_ps(p, m, v); }
+  static inline __m512 rnd(__m512 v) { return v; }
+};
+template <> struct Vec<bf16_t> {
+  static inline __m512 cvt(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+  static inline __m512 load(const bf16_t* p) { return cvt(_mm256_loadu_si256((const __m256i*)p)); }
+  static inline __m512 loadm(const bf16_t* p, __mmask16 m) { return cvt(_mm256_maskz_loadu_epi16(m, p)); }
+  static inline __m256i pack(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
+  static inline void store(bf16_t* p, __m512 v) { _mm256_storeu_si256((__m256i*)p, pack(v)); }
+  static inline void storem(bf16_t* p, __mmask16 m, __m512 v) { _mm256_mask_storeu_epi16(p, m, pack(v)); }
+  static inline __m512 rnd(__m512 v) { return cvt(pack(v)); }  // round to bf16 (RNE) and back
+};
+
+inline __mmask16 tmask(int64_t rem) { return rem >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << rem) - 1); }
+
+template <typename T> inline __m512 ld(const T* p, int64_t rem) {
+  return rem >= 16 ? Vec<T>::load(p) : Vec<T>::loadm(p, tmask(rem));
+}
+template <typename T> inline void st(T* p, int64_t rem, __m512 v) {
+  if (rem >= 16) Vec<T>::store(p, v); else Vec<T>::storem(p, tmask(rem), v);
+}
+
+// exp(x) in fp32, ~1 ulp (Cephes expf polynomial), inf/0 beyond the range, NaN propagates.
+inline __m512 exp512(__m512 x) {
+  x = _mm512_min_ps(_mm512_set1_ps(100.f), x);  // min/max return the 2nd operand on NaN
+  x = _mm512_max_ps(_mm512_set1_ps(-100.f), x);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// Row view of a 2-D [R, H] or 3-D [A, B, H] tensor with unit inner stride.
+struct Rows {
+  int64_t n, n1, s0, s1, H;
+  inline int64_t off(int64_t r) const { return n1 == 1 ? r * s0 : (r / n1) * s0 + (r % n1) * s1; }
+};
+inline Rows rows_of(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.dim() == 2 || t.dim() == 3, what, " must be 2-D or 3-D");
+  TORCH_CHECK(t.stride(-1) == 1 || t.size(-1) <= 1, what, " must have unit inner stride");
+  if (t.dim() == 2) return {t.size(0), 1, t.stride(0), 0, t.size(1)};
+  return {t.size(0) * t.size(1), t.size(1), t.stride(0), t.stride(1), t.size(2)};
+}
+inline bool is_bf16(const at::Tensor& t) {
+  TORCH_CHECK(t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kFloat, "bf16 or fp32 expected");
+  return t.scalar_type() == at::kBFloat16;
+}
+inline int64_t grain_rows(int64_t row_elems, int64_t min_elems = 16384) {
+  return std::max<int64_t>(1, min_elems / std::max<int64_t>(1, row_elems));
+}
+
+// ---- RMSNorm (optionally fused with the residual add) -----------------------------------------
+// y = w * round(x * rsqrt(mean(x^2) + eps)); with ADD, x := round(res + x) is stored to res_out first.
+template <typename T, bool ADD>
+void norm_rows(const T* x, Rows xr, const T* res, Rows rr, const T* w, T* out, T* res_out, float eps) {
+  const int64_t H = xr.H;
+  at::parallel_for(0, xr.n, grain_rows(H), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* xp = x + xr.off(r);
+      T* op = out + r * H;
+      const T* src = xp;
+      __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+      int64_t i = 0;
+      if constexpr (ADD) {
+        const T* rp = res + rr.off(r);
+        T* ro = res_out + r * H;
+        for (; i < H; i += 16) {
+          const __m512 v = Vec<T>::rnd(_mm512_add_ps(ld(rp + i, H - i), ld(xp + i, H - i)));
+          st(ro + i, H - i, v);
+          s0 = _mm512_fmadd_ps(v, v, s0);
+        }
+        src = ro;
+      } else {
+        for (; i + 32 <= H; i += 32) {
+          const __m512 a = Vec<T>::load(xp + i), b = Vec<T>::load(xp + i + 16);
+          s0 = _mm512_fmadd_ps(a, a, s0);
+          s1 = _mm512_fmadd_ps(b, b, s1);
+        }
+        for (; i < H; i += 16) {
+          const __m512 a = ld(xp + i, H - i);
+          s0 = _mm512_fmadd_ps(a, a, s0);
+        }
+      }
+      const float ms = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1)) / (float)H;
+      const __m512 k = _mm512_set1_ps(1.0f / std::sqrt(ms + eps));
+      for (int64_t j = 0; j < H; j += 16) {
+        const __m512 y = Vec<T>::rnd(_mm512_mul_ps(ld(src + j, H - j), k));
+        st(op + j, H - j, _mm512_mul_ps(ld(w + j, H - j), y));
+      }
+    }
+  });
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  const Rows xr = rows_of(x, "x");
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == xr.H && w.is_contiguous() && w.scalar_type() == x.scalar_type(),
+              "weight must be a contiguous [H] tensor of x's dtype");
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  if (x.numel() == 0) return out;
+  if (is_bf16(x))
+    norm_rows<bf16_t, false>((const bf16_t*)x.data_ptr(), xr, nullptr, xr, (const bf16_t*)w.data_ptr(),
+                             (bf16_t*)out.data_ptr(), nullptr, (float)eps);
+  else
+    norm_rows<float, false>(x.data_ptr<float>(), xr, nullptr, xr, w.data_ptr<float>(), out.data_ptr<float>(),
+                            nullptr, (float)eps);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& res, const at::Tensor& w,
+                                                double eps) {
+  const Rows xr = rows_of(x, "x"), rr = rows_of(res, "residual");
+  TORCH_CHECK(x.sizes() == res.sizes() && x.scalar_type() == res.scalar_type(), "x and residual must match");
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == xr.H && w.is_contiguous() && w.scalar_type() == x.scalar_type(),
+              "weight must be a contiguous [H] tensor of x's dtype");
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  at::Tensor res_out = at::empty(x.sizes(), x.options());
+  if (x.numel() == 0) return {out, res_out};
+  if (is_bf16(x))
+    norm_rows<bf16_t, true>((const bf16_t*)x.data_ptr(), xr, (const bf16_t*)res.data_ptr(), rr,
+                            (const bf16_t*)w.data_ptr(), (bf16_t*)out.data_ptr(), (bf16_t*)res_out.data_ptr(),
+                            (float)eps);
+  else
+    norm_rows<float, true>(x.data_ptr<float>(), xr, res.data_ptr<float>(), rr, w.data_ptr<float>(),
+                           out.data_ptr<float>(), res_out.data_ptr<float>(), (float)eps);
+  return {out, res_out};
+}
+
+// ---- SiLU(gate) * up --------------------------------------------------------------------------
+template <typename T>
+void silu_mul_rows(const T* x, Rows xr, T* out) {
+  const int64_t I = xr.H / 2;
+  at::parallel_for(0, xr.n, grain_rows(I, 8192), [&](int64_t r0, int64_t r1) {
+    const __m512 one = _mm512_set1_ps(1.f);
+    const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(0x80000000));
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* g = x + xr.off(r);
+      const T* u = g + I;
+      T* o = out + r * I;
+      for (int64_t i = 0; i < I; i += 16) {
+        const __m512 gv = ld(g + i, I - i);
+        const __m512 e = exp512(_mm512_xor_ps(gv, sign));
+        const __m512 s = Vec<T>::rnd(_mm512_div_ps(gv, _mm512_add_ps(one, e)));
+        st(o + i, I - i, _mm512_mul_ps(s, ld(u + i, I - i)));
+      }
+    }
+  });
+}
+
+at::Tensor silu_mul(const at::Tensor& x) {
+  const Rows xr = rows_of(x, "gate_up");
+  TORCH_CHECK(xr.H % 2 == 0, "gate_up's last dim must be even");
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() /= 2;
+  at::Tensor out = at::empty(shape, x.options());
+  if (out.numel() == 0) return out;
+  if (is_bf16(x)) silu_mul_rows<bf16_t>((const bf16_t*)x.data_ptr(), xr, (bf16_t*)out.data_ptr());
+  else silu_mul_rows<float>(x.data_ptr<float>(), xr, out.data_ptr<float>());
+  return out;
+}
+
+// ---- rotary (rotate-half), in place on q and k -----------------------------------------------
+// out = round(round(x * cos) + round(rotate_half(x) * sin)), as torch's three bf16 ops.
+template <typename T>
+void rope_rows(T* q, int64_t Hq, int64_t qs0, int64_t qs1, T* k, int64_t Hk, int64_t ks0, int64_t ks1,
+               const T* cs, int64_t cs0, const T* sn, int64_t ss0, int64_t Tn, int64_t D) {
+  const int64_t half = D / 2, H = Hq + Hk;
+  at::parallel_for(0, Tn * H, grain_rows(D, 8192), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t t = r / H, hh = r % H;
+      T* x = hh < Hq ? q + t * qs0 + hh * qs1 : k + t * ks0 + (hh - Hq) * ks1;
+      const T* c = cs + t * cs0;
+      const T* s = sn + t * ss0;
+      for (int64_t i = 0; i < half; i += 16) {
+        const int64_t rem = half - i;
+        const __m512 x1 = ld(x + i, rem), x2 = ld(x + half + i, rem);
+        const __m512 a1 = Vec<T>::rnd(_mm512_mul_ps(x1, ld(c + i, rem)));
+        const __m512 b1 = Vec<T>::rnd(_mm512_mul_ps(x2, ld(s + i, rem)));
+        const __m512 a2 = Vec<T>::rnd(_mm512_mul_ps(x2, ld(c + half + i, rem)));
+        const __m512 b2 = Vec<T>::rnd(_mm512_mul_ps(x1, ld(s + half + i, rem)));
+        st(x + i, rem, _mm512_sub_ps(a1, b1));
+        st(x + half + i, rem, _mm512_add_ps(a2, b2));
+      }
+    }
+  });
+}
+
+void apply_rotary(at::Tensor q, at::Tensor k, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && cos.dim() == 2 && sin.dim() == 2, "q/k [T, H, D], cos/sin [T, D]");
+  const int64_t Tn = q.size(0), D = q.size(2);
+  TORCH_CHECK(k.size(0) == Tn && k.size(2) == D && cos.size(0) == Tn && sin.size(0) == Tn &&
+              cos.size(1) == D && sin.size(1) == D && D % 2 == 0, "rotary shapes do not match");
+  TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && cos.stride(1) == 1 && sin.stride(1) == 1,
+              "rotary inputs need unit inner stride");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == cos.scalar_type() &&
+              q.scalar_type() == sin.scalar_type(), "rotary inputs must share a dtype");
+  if (Tn == 0 || D == 0) return;
+  if (is_bf16(q))
+    rope_rows<bf16_t>((bf16_t*)q.data_ptr(), q.size(1), q.stride(0), q.stride(1), (bf16_t*)k.data_ptr(), k.size(1),
+                      k.stride(0), k.stride(1), (const bf16_t*)cos.data_ptr(), cos.stride(0),
+                      (const bf16_t*)sin.data_ptr(), sin.stride(0), Tn, D);
+  else
+    rope_rows<float>(q.data_ptr<float>(), q.size(1), q.stride(0), q.stride(1), k.data_ptr<float>(), k.size(1),
+                     k.stride(0), k.stride(1), cos.data_ptr<float>(), cos.stride(0), sin.data_ptr<float>(),
+                     sin.stride(0), Tn, D);
+}
+
+// ---- paged decode attention ------------------------------------------------------------------
+constexpr int MAXG = 32;    // query heads per KV head
+constexpr int MAXD = 256;   // head_dim
+constexpr int TB = 16;      // tokens per block of work
+
+// 16 vectors -> one vector whose lane i is the horizontal sum of v[i].
+inline __m512 hsum16(const __m512* v) {
+  __m512 w[8], x[4];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i)
+    w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(w[2 * i]), b = _mm512_castps_pd(w[2 * i + 1]);
+    x[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  const __m512 z0 = _mm512_add_ps(_mm512_shuffle_f32x4(x[0], x[1], 0x88), _mm512_shuffle_f32x4(x[0], x[1], 0xDD));
+  const __m512 z1 = _mm512_add_ps(_mm512_shuffle_f32x4(x[2], x[3], 0x88), _mm512_shuffle_f32x4(x[2], x[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(z0, z1, 0x88), _mm512_shuffle_f32x4(z0, z1, 0xDD));
+}
+
+// scores of one query row against n (<= 16) key rows; D split into NC chunks of 32 elements.
+template <typename T, int NC>
+inline __m512 qk_block(const T* qrow, const T* const* kp, int n, int64_t D) {
+  __m512 sc[TB];
+  if constexpr (std::is_same<T, bf16_t>::value) {
+    __m512i qv[NC];
+    __mmask32 lm = (D % 32) ? (__mmask32)((1u << (D % 32)) - 1) : (__mmask32)0xFFFFFFFFu;
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; ++c) qv[c] = _mm512_maskz_loadu_epi16(c == NC - 1 ? lm : (__mmask32)0xFFFFFFFFu, qrow + 32 * c);
+#pragma GCC unroll 16
+    for (int t = 0; t < TB; ++t) {
+      __m512 a = _mm512_setzero_ps();
+      if (t < n) {
+        const bf16_t* kr = kp[t];
+#pragma GCC unroll 8
+        for (int c = 0; c < NC; ++c) {
+          const __m512i kv = c == NC - 1 ? _mm512_maskz_loadu_epi16(lm, kr + 32 * c) : _mm512_loadu_si512(kr + 32 * c);
+          a = _mm512_dpbf16_ps(a, (__m512bh)qv[c], (__m512bh)kv);
+        }
+      }
+      sc[t] = a;
+    }
+  } else {
+    __m512 qv[2 * NC];
+#pragma GCC unroll 16
+    for (int c = 0; c < 2 * NC; ++c) qv[c] = _mm512_maskz_loadu_ps(tmask(D - 16 * c > 0 ? D - 16 * c : 0), qrow + 16 * c);
+#pragma GCC unroll 16
+    for (int t = 0; t < TB; ++t) {
+      __m512 a = _mm512_setzero_ps();
+      if (t < n) {
+        const float* kr = kp[t];
+#pragma GCC unroll 16
+        for (int c = 0; c < 2 * NC; ++c) {
+          const int64_t rem = D - 16 * c;
+          const __m512 kv = rem >= 16 ? _mm512_loadu_ps(kr + 16 * c) : _mm512_maskz_loadu_ps(tmask(rem > 0 ? rem : 0), kr + 16 * c);
+          a = _mm512_fmadd_ps(qv[c], kv, a);
+        }
+      }
+      sc[t] = a;
+    }
+  }
+  return hsum16(sc);
+}
+
+// acc[g][:] += sum_t p[g][t] * v_t[:] for GT query heads starting at acc/p.
+template <typename T, int GT>
+inline void pv_tile(float* acc, int64_t DP, const float* p, const T* const* vp, int n, int64_t D) {
+  for (int64_t j = 0; j < D; j += 16) {
+    const int64_t rem = D - j;
+    __m512 a[GT];
+#pragma GCC unroll 8
+    for (int g = 0; g < GT; ++g) a[g] = _mm512_load_ps(acc + g * DP + j);
+    for (int t = 0; t < n; ++t) {
+      const __m512 v = ld(vp[t] + j, rem);
+#pragma GCC unroll 8
+      for (int g = 0; g < GT; ++g) a[g] = _mm512_fmadd_ps(_mm512_set1_ps(p[g * TB + t]), v, a[g]);
+    }
+#pragma GCC unroll 8
+    for (int g = 0; g < GT; ++g) _mm512_store_ps(acc + g * DP + j, a[g]);
+  }
+}
+
+template <typename T>
+inline void pv(float* acc, int64_t DP, const float* p, const T* const* vp, int n, int64_t D, int64_t G) {
+  int64_t g = 0;
+  for (; g + 8 <= G; g += 8) pv_tile<T, 8>(acc + g * DP, DP, p + g * TB, vp, n, D);
+  switch (G - g) {
+    case 1: pv_tile<T, 1>(acc + g * DP, DP, p + g * TB, vp, n, D); break;
+    case 2: pv_tile<T, 2>(acc + g * DP, DP, p + g * TB, vp, n, D); break;
+    case 3: pv_tile<T, 3>(acc + g * DP, DP, p + g * TB, vp, n, D); break;
+    case 4: pv_tile<T, 4>(acc + g * DP, DP, p + g * TB, vp, n, D); break;
+    case 5: pv_tile<T, 5>(acc + g * DP, DP, p + g * TB, vp, n, D); break;
+    case 6: pv_tile<T, 6>(acc + g * DP, DP, p + g * TB, vp, n, D); break;
+    case 7: pv_tile<T, 7>(acc + g * DP, DP, p + g * TB, vp, n, D); break;
+    default: break;
+  }
+}
+
+struct AttnCtx {
+  const void *q, *kc, *vc;
+  void* out;
+  int64_t qs0, qs1, ks0, ks1, vs0, vs1, os0, os1;
+  const int32_t* bt32;
+  const int64_t* bt64;
+  int64_t bts0, bts1, max_blocks, bs;
+  int64_t G, D, DP;
+  float scale;
+  inline int64_t block(int64_t b, int64_t j) const {
+    return bt32 ? (int64_t)bt32[b * bts0 + j * bts1] : bt64[b * bts0 + j * bts1];
+  }
+};
+
+struct Item { int64_t b, h, t0, t1, s, ns, part; };  // split s of ns; part: scratch slot (-1: none)
+
+// One (request, kv head, token range) with online softmax over blocks of 16 tokens. Writes the
+// normalised output (part == nullptr) or (m, l, acc) per query head into part.
+template <typename T, int NC>
+void attn_item(const AttnCtx& c, const Item& it, float* part) {
+  const int64_t G = c.G, D = c.D, DP = c.DP;
+  alignas(64) float acc[MAXG * MAXD];
+  alignas(64) float pb[MAXG * TB];
+  float m[MAXG], l[MAXG];
+  for (int64_t i = 0; i < G * DP; i += 16) _mm512_store_ps(acc + i, _mm512_setzero_ps());
+  for (int64_t g = 0; g < G; ++g) { m[g] = -INFINITY; l[g] = 0.f; }
+  const T* q0 = (const T*)c.q + it.b * c.qs0 + it.h * G * c.qs1;
+  const T* kc = (const T*)c.kc + it.h * c.ks1;
+  const T* vc = (const T*)c.vc + it.h * c.vs1;
+  const T* kp[TB];
+  const T* vp[TB];
+  int64_t blk = it.t0 / c.bs, off = it.t0 % c.bs;
+  int64_t base = it.t1 > it.t0 ? c.block(it.b, blk) * c.bs : 0;
+  const __m512 scale = _mm512_set1_ps(c.scale);
+  for (int64_t t = it.t0; t < it.t1; t += TB) {
+    const int n = (int)std::min<int64_t>(TB, it.t1 - t);
+    for (int i = 0; i < n; ++i) {
+      const int64_t slot = base + off;
+      kp[i] = kc + slot * c.ks0;
+      vp[i] = vc + slot * c.vs0;
+      if (++off == c.bs) {
+        off = 0;
+        ++blk;
+        base = (t + i + 1 < it.t1) ? c.block(it.b, blk) * c.bs : 0;
+      }
+    }
+    const __mmask16 valid = tmask(n);
+    for (int64_t g = 0; g < G; ++g) {
+      __m512 s = _mm512_mul_ps(qk_block<T, NC>(q0 + g * c.qs1, kp, n, D), scale);
+      s = _mm512_mask_blend_ps(valid, _mm512_set1_ps(-INFINITY), s);
+      const float bm = _mm512_reduce_max_ps(s);
+      if (bm > m[g]) {
+        const float alpha = m[g] == -INFINITY ? 0.f : std::exp(m[g] - bm);
+        const __m512 av = _mm512_set1_ps(alpha);
+        for (int64_t j = 0; j < DP; j += 16)
+          _mm512_store_ps(acc + g * DP + j, _mm512_mul_ps(av, _mm512_load_ps(acc + g * DP + j)));
+        l[g] *= alpha;
+        m[g] = bm;
+      }
+      const __m512 p = _mm512_maskz_mov_ps(valid, exp512(_mm512_sub_ps(s, _mm512_set1_ps(m[g]))));
+      l[g] += _mm512_reduce_add_ps(p);
+      _mm512_store_ps(pb + g * TB, p);
+    }
+    pv<T>(acc, DP, pb, vp, n, D, G);
+  }
+  if (part == nullptr) {
+    for (int64_t g = 0; g < G; ++g) {
+      T* o = (T*)c.out + it.b * c.os0 + (it.h * G + g) * c.os1;
+      const __m512 inv = _mm512_set1_ps(l[g] > 0.f ? 1.f / l[g] : 0.f);
+      for (int64_t j = 0; j < D; j += 16) st(o + j, D - j, _mm512_mul_ps(_mm512_load_ps(acc + g * DP + j), inv));
+    }
+  } else {
+    const int64_t ps = DP + 16;
+    for (int64_t g = 0; g < G; ++g) {
+      float* pg = part + g * ps;
+      pg[0] = m[g];
+      pg[1] = l[g];
+      std::memcpy(pg + 16, acc + g * DP, DP * sizeof(float));
+    }
+  }
+}
+
+template <typename T>
+void combine(const AttnCtx& c, const Item& it, const float* parts) {
+  const int64_t G = c.G, D = c.D, DP = c.DP, ps = DP + 16, is = G * ps;
+  for (int64_t g = 0; g < G; ++g) {
+    float M = -INFINITY;
+    for (int64_t s = 0; s < it.ns; ++s) M = std::max(M, parts[s * is + g * ps]);
+    alignas(64) float acc[MAXD];
+    for (int64_t j = 0; j < DP; j += 16) _mm512_store_ps(acc + j, _mm512_setzero_ps());
+    float L = 0.f;
+    for (int64_t s = 0; s < it.ns; ++s) {
+      const float* pg = parts + s * is + g * ps;
+      if (pg[1] <= 0.f) continue;
+      const float w = std::exp(pg[0] - M);
+      L += w * pg[1];
+      const __m512 wv = _mm512_set1_ps(w);
+      for (int64_t j = 0; j < DP; j += 16)
+        _mm512_store_ps(acc + j, _mm512_fmadd_ps(wv, _mm512_loadu_ps(pg + 16 + j), _mm512_load_ps(acc + j)));
+    }
+    T* o = (T*)c.out + it.b * c.os0 + (it.h * G + g) * c.os1;
+    const __m512 inv = _mm512_set1_ps(L > 0.f ? 1.f / L : 0.f);
+    for (int64_t j = 0; j < D; j += 16) st(o + j, D - j, _mm512_mul_ps(_mm512_load_ps(acc + j), inv));
+  }
+}
+
+template <typename T>
+void attn_run(const AttnCtx& c, const std::vector<Item>& items, int64_t Hk, int64_t nthreads) {
+  const int64_t NC = (c.D + 31) / 32;
+  void (*fn)(const AttnCtx&, const Item&, float*) = nullptr;
+  switch (NC) {
+    case 1: fn = attn_item<T, 1>; break;
+    case 2: fn = attn_item<T, 2>; break;
+    case 3: fn = attn_item<T, 3>; break;
+    case 4: fn = attn_item<T, 4>; break;
+    case 5: fn = attn_item<T, 5>; break;
+    case 6: fn = attn_item<T, 6>; break;
+    case 7: fn = attn_item<T, 7>; break;
+    default: fn = attn_item<T, 8>; break;
+  }
+  int64_t nparts = 0;
+  for (const Item& it : items) if (it.ns > 1) nparts = std::max(nparts, it.part + 1);
+  const int64_t is = c.G * (c.DP + 16);
+  std::vector<float> parts(nparts * is);
+  const int64_t n = (int64_t)items.size();
+  // Dynamic schedule: one task per thread pulls items; the last split of a (b, h) to finish combines.
+  std::atomic<int64_t> next{0};
+  std::unique_ptr<std::atomic<int64_t>[]> done(new std::atomic<int64_t>[n]);
+  for (int64_t i = 0; i < n; ++i) done[i].store(0, std::memory_order_relaxed);
+  auto work = [&](int64_t, int64_t) {
+    for (;;) {
+      const int64_t i = next.fetch_add(1, std::memory_order_relaxed);
+      if (i >= n) break;
+      const Item& it = items[i];
+      if (it.ns == 1) { fn(c, it, nullptr); continue; }
+      fn(c, it, parts.data() + it.part * is);
+      const int64_t first = i - it.s;  // the (b, h)'s splits are consecutive items
+      if (done[first].fetch_add(1, std::memory_order_acq_rel) == it.ns - 1) {
+        combine<T>(c, items[first], parts.data() + items[first].part * is);
+      }
+    }
+  };
+  const int64_t nt = std::min<int64_t>(nthreads, n);
+  if (nt <= 1) work(0, 1);
+  else at::parallel_for(0, nt, 1, work);
+}
+
+// q [B, Hq, D]; k/v cache [S, Hk, D]; block_tables [B, max_blocks] int32/int64; context_lens [B].
+// split_tokens: tokens per work item (0 = auto, < 0 = never split).
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
+                                  const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t bs,
+                                  double scale, const c10::optional<at::Tensor>& out_opt, int64_t split_tokens) {
+  TORCH_CHECK(q.dim() == 3 && kc.dim() == 3 && vc.dim() == 3, "q [B, Hq, D], caches [S, Hk, D] expected");
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), S = kc.size(0), Hk = kc.size(1);
+  TORCH_CHECK(kc.size(2) == D && vc.size(2) == D && vc.size(1) == Hk && vc.size(0) == S, "cache shapes do not match q");
+  TORCH_CHECK(Hk > 0 && Hq % Hk == 0 && Hq / Hk <= MAXG, "query heads must be a multiple (<= 32x) of kv heads");
+  TORCH_CHECK(D > 0 && D <= MAXD, "head_dim must be in 1..256");
+  TORCH_CHECK(q.scalar_type() == kc.scalar_type() && q.scalar_type() == vc.scalar_type(), "q, k, v dtypes differ");
+  TORCH_CHECK(q.stride(2) == 1 && kc.stride(2) == 1 && vc.stride(2) == 1, "unit inner stride needed");
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == B, "block_tables must be [B, max_blocks]");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt || block_tables.scalar_type() == at::kLong, "int block_tables");
+  TORCH_CHECK(context_lens.dim() == 1 && context_lens.size(0) == B, "context_lens must be [B]");
+  TORCH_CHECK(context_lens.scalar_type() == at::kInt || context_lens.scalar_type() == at::kLong, "int context_lens");
+  TORCH_CHECK(bs >= 1, "block_size must be >= 1");
+  const bool bf = is_bf16(q);
+  at::Tensor out;
+  if (out_opt.has_value() && out_opt->defined()) {
+    out = *out_opt;
+    TORCH_CHECK(out.dim() == 3 && out.size(0) == B && out.size(1) == Hq && out.size(2) == D &&
+                out.scalar_type() == q.scalar_type() && out.stride(2) == 1, "out must be [B, Hq, D] of q's dtype");
+  } else {
+    out = at::empty({B, Hq, D}, q.options());
+  }
+  if (B == 0) return out;
+  AttnCtx c;
+  c.q = q.data_ptr(); c.kc = kc.data_ptr(); c.vc = vc.data_ptr(); c.out = out.data_ptr();
+  c.qs0 = q.stride(0); c.qs1 = q.stride(1); c.ks0 = kc.stride(0); c.ks1 = kc.stride(1);
+  c.vs0 = vc.stride(0); c.vs1 = vc.stride(1); c.os0 = out.stride(0); c.os1 = out.stride(1);
+  c.bt32 = block_tables.scalar_type() == at::kInt ? block_tables.data_ptr<int32_t>() : nullptr;
+  c.bt64 = block_tables.scalar_type() == at::kLong ? block_tables.data_ptr<int64_t>() : nullptr;
+  c.bts0 = block_tables.stride(0); c.bts1 = block_tables.stride(1); c.max_blocks = block_tables.size(1);
+  c.bs = bs; c.G = Hq / Hk; c.D = D; c.DP = (D + 15) / 16 * 16; c.scale = (float)scale;
+  // Validate lengths and block ids up front (the parallel part does no checks).
+  std::vector<int64_t> lens(B);
+  int64_t total = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t L = context_lens.scalar_type() == at::kInt ? (int64_t)context_lens.data_ptr<int32_t>()[b * context_lens.stride(0)]
+                                                           : context_lens.data_ptr<int64_t>()[b * context_lens.stride(0)];
+    TORCH_CHECK(L >= 0 && L <= c.max_blocks * bs, "context_lens[", b, "] = ", L, " out of range for the block table");
+    for (int64_t j = 0; j * bs < L; ++j) {
+      const int64_t id = c.block(b, j), used = std::min(bs, L - j * bs);
+      TORCH_CHECK(id >= 0 && id * bs + used <= S, "block_tables[", b, ", ", j, "] = ", id, " outside the cache");
+    }
+    lens[b] = L;
+    total += L;
+  }
+  const int64_t nthreads = at::get_num_threads();
+  // Split long contexts so that there are >= ~4 items per thread; never below 64 tokens an item.
+  int64_t ch = INT64_MAX;
+  if (split_tokens > 0) ch = split_tokens;
+  else if (split_tokens == 0 && nthreads > 1 && B * Hk < 4 * nthreads) {
+    ch = std::max<int64_t>(64, (total * Hk + 4 * nthreads - 1) / (4 * nthreads));
+    ch = (ch + TB - 1) / TB * TB;
+  }
+  std::vector<Item> items;
+  items.reserve(B * Hk);
+  int64_t part = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t L = lens[b];
+    const int64_t ns = L > ch ? (L + ch - 1) / ch : 1;
+    for (int64_t h = 0; h < Hk; ++h) {
+      for (int64_t s = 0; s < ns; ++s) {
+        items.push_back({b, h, L * s / ns, L * (s + 1) / ns, s, ns, ns > 1 ? part++ : -1});
+      }
+    }
+  }
+  // A single thread for tiny problems: the fork/join costs more than it saves.
+  const int64_t work = total * Hq * D;
+  const int64_t nt = work < (1 << 16) ? 1 : nthreads;
+  if (bf) attn_run<bf16_t>(c, items, Hk, nt);
+  else attn_run<float>(c, items, Hk, nt);
+  return out;
+}
+
+}  // namespace fz
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm", &gemm, "bf16 packed small-M GEMM", pybind11::arg("x"), pybind11::arg("packed"),
         pybind11::arg("bias"), pybind11::arg("N"), pybind11::arg("nb"));
   m.def("alloc_buffer", &alloc_buffer);
   m.def("read_buffer", &read_buffer);
+  // fused decode ops (see splitserve/kernels/fused.py for the Python API and fallbacks)
+  m.def("rms_norm", &fz::rms_norm);
+  m.def("add_rms_norm", &fz::add_rms_norm);
+  m.def("silu_mul", &fz::silu_mul);
+  m.def("apply_rotary", &fz::apply_rotary);
+  m.def("paged_decode_attention", &fz::paged_decode_attention, pybind11::arg("q"), pybind11::arg("k_cache"),
+        pybind11::arg("v_cache"), pybind11::arg("block_tables"), pybind11::arg("context_lens"),
+        pybind11::arg("block_size"), pybind11::arg("scale"), pybind11::arg("out"), pybind11::arg("split_tokens"));
 }
 """
 

@@ -1,0 +1,197 @@
+"""Fused decode-step ops: RMSNorm (+ residual add), rotary, SiLU*up, paged decode attention.
+
+    from splitserve.kernels import fused
+    x = fused.rms_norm(x, w, eps)                          # x [T, H] (or [T, n, H])
+    x, residual = fused.add_rms_norm(x, residual, w, eps)  # residual := residual + x, then norm
+    q, k = fused.apply_rotary(q, k, cos, sin)              # IN PLACE on q, k; returns them
+    y = fused.silu_mul(gate_up)                            # [T, 2I] -> [T, I]
+    o = fused.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens,
+                                     block_size, scale)    # q [B, Hq, D] -> [B, Hq, D]
+
+Each op runs the AVX512 C++ kernel of ``_cpu_ext`` (the same one-build extension as the linear
+layers) for bf16/fp32 CPU tensors, and otherwise (CUDA, other dtypes, extension unavailable or
+``SPLITSERVE_DISABLE_CPU_EXT=1``) the pure-torch reference ``*_ref`` next to it, which is the
+arithmetic of the unfused model code. The elementwise kernels repeat torch's bf16 roundings
+(every torch op rounds its result to bf16), so in bf16 they agree with the references bit for
+bit except where a sum's order differs (RMSNorm's mean: an occasional 1-ulp difference).
+Attention accumulates in fp32 throughout (scores, softmax, P@V), so it is slightly *more*
+accurate than the reference, which rounds the scores and the probabilities to bf16.
+
+Inference only: no autograd (the kernels ignore requires_grad). Inputs need a unit stride in
+the last dim for the kernels (others are made contiguous first); any row/head strides are
+read in place, e.g. q/k/v views into a fused qkv output.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import _cpu_ext
+
+_KERNEL_DTYPES = (torch.bfloat16, torch.float32)
+_ext = None
+_ext_loaded = False
+
+
+def _load():
+    global _ext, _ext_loaded
+    if not _ext_loaded:
+        mod = _cpu_ext.load()
+        _ext = mod if mod is not None and hasattr(mod, "paged_decode_attention") else None
+        _ext_loaded = True
+    return _ext
+
+
+def kernels_available() -> bool:
+    """True when the C++ kernels serve bf16/fp32 CPU tensors here."""
+    return _load() is not None
+
+
+def _cpu_ok(t: torch.Tensor):
+    """The extension module when `t` (a CPU bf16/fp32 tensor) can go to the kernels, else None."""
+    if t.device.type != "cpu" or t.dtype not in _KERNEL_DTYPES:
+        return None
+    return _ext if _ext_loaded else _load()
+
+
+def _unit_inner(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+# ---- RMSNorm ------------------------------------------------------------------------------------
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm: normalise in fp32, round to x.dtype, scale by weight."""
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+def add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    residual = residual + x
+    return rms_norm_ref(residual, weight, eps), residual
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim of x ([T, H] or [T, n, H]); returns a new contiguous tensor."""
+    ext = _cpu_ok(x)
+    if ext is not None and weight.dtype == x.dtype and 2 <= x.dim() <= 3 and weight.dim() == 1:
+        return ext.rms_norm(_unit_inner(x), weight.contiguous(), float(eps))
+    return rms_norm_ref(x, weight, eps)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """(rms_norm(residual + x), residual + x): the sum is rounded to x.dtype before the norm
+    (as in transformers). Both outputs are new tensors; the inputs are not modified."""
+    ext = _cpu_ok(x)
+    if (ext is not None and residual.dtype == x.dtype and weight.dtype == x.dtype and 2 <= x.dim() <= 3
+            and residual.shape == x.shape and weight.dim() == 1 and residual.device.type == "cpu"):
+        return ext.add_rms_norm(_unit_inner(x), _unit_inner(residual), weight.contiguous(), float(eps))
+    return add_rms_norm_ref(x, residual, weight, eps)
+
+
+# ---- rotary ------------------------------------------------------------------------------------
+
+def _rotate_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def apply_rotary_ref(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Out of place: (q*cos + rotate_half(q)*sin, same for k); cos/sin [T, D]."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return _rotate_ref(q, cos, sin), _rotate_ref(k, cos, sin)
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Rotate-half rotary embedding, IN PLACE: q [T, Hq, D] and k [T, Hk, D] (any strides, e.g.
+    views into a fused qkv output) are overwritten and returned. cos/sin: [T, D] (rows of the
+    model's cos/sin tables at the tokens' positions), same dtype as q."""
+    ext = _cpu_ok(q)
+    if (ext is not None and q.dim() == 3 and k.dim() == 3 and q.stride(-1) == 1 and k.stride(-1) == 1
+            and k.dtype == q.dtype and cos.dtype == q.dtype and sin.dtype == q.dtype
+            and k.device.type == "cpu" and cos.device.type == "cpu" and q.shape[-1] % 2 == 0):
+        ext.apply_rotary(q, k, _unit_inner(cos), _unit_inner(sin))
+        return q, k
+    q_out, k_out = apply_rotary_ref(q, k, cos, sin)
+    q.copy_(q_out)
+    k.copy_(k_out)
+    return q, k
+
+
+# ---- SiLU(gate) * up ---------------------------------------------------------------------------
+
+def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
+    i = gate_up.shape[-1] // 2
+    return F.silu(gate_up[..., :i]) * gate_up[..., i:]
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [T, 2I] -> silu(gate_up[:, :I]) * gate_up[:, I:] ([T, I], new tensor)."""
+    ext = _cpu_ok(gate_up)
+    if ext is not None and 2 <= gate_up.dim() <= 3 and gate_up.shape[-1] % 2 == 0:
+        return ext.silu_mul(_unit_inner(gate_up))
+    return silu_mul_ref(gate_up)
+
+
+# ---- paged decode attention --------------------------------------------------------------------
+
+def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, block_size: int,
+                               scale: float) -> torch.Tensor:
+    """fp32 torch reference: gathers each request's context from the paged cache, masks padding."""
+    B, Hq, D = q.shape
+    Hk = k_cache.shape[1]
+    lens = context_lens.to(device=q.device, dtype=torch.long)
+    L = int(lens.max()) if B else 0
+    if L == 0:
+        return torch.zeros_like(q)
+    pos = torch.arange(L, device=q.device)
+    pad = pos.unsqueeze(0) >= lens.unsqueeze(1)  # [B, L]
+    blocks = block_tables.to(device=q.device, dtype=torch.long)[:, (pos // block_size).clamp_max(block_tables.shape[1] - 1)]
+    slots = (blocks * block_size + pos % block_size).masked_fill(pad, 0)
+    k = k_cache.index_select(0, slots.reshape(-1)).view(B, L, Hk, D).float()
+    v = v_cache.index_select(0, slots.reshape(-1)).view(B, L, Hk, D).float()
+    qg = q.float().view(B, Hk, Hq // Hk, D)
+    scores = torch.einsum("bhgd,blhd->bhgl", qg, k) * scale
+    scores = scores.masked_fill(pad.view(B, 1, 1, L), float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # context 0 -> zeros
+    out = torch.einsum("bhgl,blhd->bhgd", probs, v)
+    return out.reshape(B, Hq, D).to(q.dtype)
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
+                           scale: float, out: torch.Tensor | None = None,
+                           split_tokens: int = 0) -> torch.Tensor:
+    """One query token per request against its paged context.
+
+    q [B, Hq, D] (any strides with unit inner stride, e.g. a view into qkv); k_cache/v_cache
+    [num_slots, Hk, D], slot = block * block_size + offset; block_tables [B, max_blocks]
+    int32/int64; context_lens [B] int32/int64 CPU tensor: tokens attended, including the current
+    one (whose K/V must already be in the cache); 0 gives zeros. Hq must be a multiple of Hk.
+    Returns [B, Hq, D] in q's dtype, written into `out` when given (e.g. ``attn_out[:B]``).
+    split_tokens: tokens per work item for the kernel (0: automatic, -1: never split).
+    """
+    ext = _cpu_ok(q)
+    if (ext is not None and k_cache.dtype == q.dtype and v_cache.dtype == q.dtype and q.dim() == 3
+            and k_cache.device.type == "cpu" and q.shape[-1] <= 256 and q.shape[1] % k_cache.shape[1] == 0
+            and q.shape[1] // k_cache.shape[1] <= 32 and context_lens.device.type == "cpu"
+            and block_tables.device.type == "cpu"):
+        return ext.paged_decode_attention(_unit_inner(q), _unit_inner(k_cache), _unit_inner(v_cache),
+                                          block_tables, context_lens, int(block_size), float(scale),
+                                          out, int(split_tokens))
+    o = paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, block_size, scale)
+    if out is not None:
+        out.copy_(o)
+        return out
+    return o
+
+
+__all__ = [
+    "add_rms_norm", "add_rms_norm_ref", "apply_rotary", "apply_rotary_ref", "kernels_available",
+    "paged_decode_attention", "paged_decode_attention_ref", "rms_norm", "rms_norm_ref", "silu_mul",
+    "silu_mul_ref",
+]
