@@ -432,7 +432,8 @@ void apply_rotary(at::Tensor q, at::Tensor k, const at::Tensor& cos, const at::T
 // ---- paged decode attention ------------------------------------------------------------------
 constexpr int MAXG = 32;    // query heads per KV head
 constexpr int MAXD = 256;   // head_dim
-constexpr int TB = 16;      // tokens per block of work
+constexpr int TB = 16;      // tokens per score vector
+constexpr int CH = 256;     // tokens per softmax chunk
 
 // 16 vectors -> one vector whose lane i is the horizontal sum of v[i].
 inline __m512 hsum16(const __m512* v) {
@@ -494,38 +495,85 @@ inline __m512 qk_block(const T* qrow, const T* const* kp, int n, int64_t D) {
   return hsum16(sc);
 }
 
-// acc[g][:] += sum_t p[g][t] * v_t[:] for GT query heads starting at acc/p.
+// acc[g][j0 : j0 + 64] += sum_t p[g][t] * v_t[j0 : j0 + 64] for GT query heads (p rows CH apart).
+// GT*4 independent accumulator chains (x2 token parities when GT <= 2) keep both FMA pipes busy.
 template <typename T, int GT>
 inline void pv_tile(float* acc, int64_t DP, const float* p, const T* const* vp, int n, int64_t D) {
-  for (int64_t j = 0; j < D; j += 16) {
-    const int64_t rem = D - j;
-    __m512 a[GT];
+  constexpr int P = GT <= 2 ? 2 : 1;
+  for (int64_t j0 = 0; j0 < D; j0 += 64) {
+    const int64_t rem = D - j0;
+    const int JC = (int)std::min<int64_t>(4, (rem + 15) / 16);
+    __mmask16 mk[4];
+#pragma GCC unroll 4
+    for (int jj = 0; jj < 4; ++jj) mk[jj] = tmask(std::max<int64_t>(0, rem - 16 * jj));
+    __m512 a[P][GT][4];
+#pragma GCC unroll 2
+    for (int q = 0; q < P; ++q)
 #pragma GCC unroll 8
-    for (int g = 0; g < GT; ++g) a[g] = _mm512_load_ps(acc + g * DP + j);
-    for (int t = 0; t < n; ++t) {
-      const __m512 v = ld(vp[t] + j, rem);
+      for (int g = 0; g < GT; ++g)
+#pragma GCC unroll 4
+        for (int jj = 0; jj < 4; ++jj)
+          a[q][g][jj] = (q == 0 && jj < JC) ? _mm512_load_ps(acc + g * DP + j0 + 16 * jj) : _mm512_setzero_ps();
+    int t = 0;
+    for (; t + P <= n; t += P) {
+#pragma GCC unroll 2
+      for (int q = 0; q < P; ++q) {
+        const T* vr = vp[t + q] + j0;
+        __m512 v[4];
+#pragma GCC unroll 4
+        for (int jj = 0; jj < 4; ++jj)
+          v[jj] = mk[jj] == 0xFFFF ? Vec<T>::load(vr + 16 * jj) : Vec<T>::loadm(vr + 16 * jj, mk[jj]);
 #pragma GCC unroll 8
-      for (int g = 0; g < GT; ++g) a[g] = _mm512_fmadd_ps(_mm512_set1_ps(p[g * TB + t]), v, a[g]);
+        for (int g = 0; g < GT; ++g) {
+          const __m512 pb = _mm512_set1_ps(p[g * CH + t + q]);
+#pragma GCC unroll 4
+          for (int jj = 0; jj < 4; ++jj) a[q][g][jj] = _mm512_fmadd_ps(pb, v[jj], a[q][g][jj]);
+        }
+      }
+    }
+    for (; t < n; ++t) {
+      const T* vr = vp[t] + j0;
+      __m512 v[4];
+#pragma GCC unroll 4
+      for (int jj = 0; jj < 4; ++jj)
+        v[jj] = mk[jj] == 0xFFFF ? Vec<T>::load(vr + 16 * jj) : Vec<T>::loadm(vr + 16 * jj, mk[jj]);
+#pragma GCC unroll 8
+      for (int g = 0; g < GT; ++g) {
+        const __m512 pb = _mm512_set1_ps(p[g * CH + t]);
+#pragma GCC unroll 4
+        for (int jj = 0; jj < 4; ++jj) a[0][g][jj] = _mm512_fmadd_ps(pb, v[jj], a[0][g][jj]);
+      }
     }
 #pragma GCC unroll 8
-    for (int g = 0; g < GT; ++g) _mm512_store_ps(acc + g * DP + j, a[g]);
+    for (int g = 0; g < GT; ++g)
+#pragma GCC unroll 4
+      for (int jj = 0; jj < 4; ++jj) {
+        if (jj >= JC) break;
+        __m512 r = a[0][g][jj];
+        if constexpr (P == 2) r = _mm512_add_ps(r, a[1][g][jj]);
+        _mm512_store_ps(acc + g * DP + j0 + 16 * jj, r);
+      }
   }
 }
 
 template <typename T>
 inline void pv(float* acc, int64_t DP, const float* p, const T* const* vp, int n, int64_t D, int64_t G) {
   int64_t g = 0;
-  for (; g + 8 <= G; g += 8) pv_tile<T, 8>(acc + g * DP, DP, p + g * TB, vp, n, D);
+  for (; g + 4 <= G; g += 4) pv_tile<T, 4>(acc + g * DP, DP, p + g * CH, vp, n, D);
   switch (G - g) {
-    case 1: pv_tile<T, 1>(acc + g * DP, DP, p + g * TB, vp, n, D); break;
-    case 2: pv_tile<T, 2>(acc + g * DP, DP, p + g * TB, vp, n, D); break;
-    case 3: pv_tile<T, 3>(acc + g * DP, DP, p + g * TB, vp, n, D); break;
-    case 4: pv_tile<T, 4>(acc + g * DP, DP, p + g * TB, vp, n, D); break;
-    case 5: pv_tile<T, 5>(acc + g * DP, DP, p + g * TB, vp, n, D); break;
-    case 6: pv_tile<T, 6>(acc + g * DP, DP, p + g * TB, vp, n, D); break;
-    case 7: pv_tile<T, 7>(acc + g * DP, DP, p + g * TB, vp, n, D); break;
+    case 1: pv_tile<T, 1>(acc + g * DP, DP, p + g * CH, vp, n, D); break;
+    case 2: pv_tile<T, 2>(acc + g * DP, DP, p + g * CH, vp, n, D); break;
+    case 3: pv_tile<T, 3>(acc + g * DP, DP, p + g * CH, vp, n, D); break;
     default: break;
   }
+}
+
+template <typename T>
+inline void prefetch_row(const T* r, int64_t bytes) {
+  const char* p = (const char*)r;
+  _mm_prefetch(p, _MM_HINT_T0);
+  if (bytes > 64) _mm_prefetch(p + 64, _MM_HINT_T0);
+  for (int64_t o = 128; o < bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
 }
 
 struct AttnCtx {
@@ -544,26 +592,29 @@ struct AttnCtx {
 
 struct Item { int64_t b, h, t0, t1, s, ns, part; };  // split s of ns; part: scratch slot (-1: none)
 
-// One (request, kv head, token range) with online softmax over blocks of 16 tokens. Writes the
-// normalised output (part == nullptr) or (m, l, acc) per query head into part.
+// One (request, kv head, token range). Chunks of CH tokens: all scores of the chunk (QK), then
+// softmax over the chunk (rescaling the running sums when the max grows), then P@V. K rows are
+// prefetched PF tokens ahead and V rows during the QK pass (paged rows defeat the HW prefetcher).
+// Writes the normalised output (part == nullptr) or (m, l, acc) per query head into part.
 template <typename T, int NC>
 void attn_item(const AttnCtx& c, const Item& it, float* part) {
-  const int64_t G = c.G, D = c.D, DP = c.DP;
+  constexpr int PF = 32;
+  const int64_t G = c.G, D = c.D, DP = c.DP, rowb = D * (int64_t)sizeof(T);
   alignas(64) float acc[MAXG * MAXD];
-  alignas(64) float pb[MAXG * TB];
+  alignas(64) float sb[MAXG * CH];
   float m[MAXG], l[MAXG];
+  const T* kp[CH + PF];
+  const T* vp[CH];
   for (int64_t i = 0; i < G * DP; i += 16) _mm512_store_ps(acc + i, _mm512_setzero_ps());
   for (int64_t g = 0; g < G; ++g) { m[g] = -INFINITY; l[g] = 0.f; }
   const T* q0 = (const T*)c.q + it.b * c.qs0 + it.h * G * c.qs1;
   const T* kc = (const T*)c.kc + it.h * c.ks1;
   const T* vc = (const T*)c.vc + it.h * c.vs1;
-  const T* kp[TB];
-  const T* vp[TB];
   int64_t blk = it.t0 / c.bs, off = it.t0 % c.bs;
   int64_t base = it.t1 > it.t0 ? c.block(it.b, blk) * c.bs : 0;
   const __m512 scale = _mm512_set1_ps(c.scale);
-  for (int64_t t = it.t0; t < it.t1; t += TB) {
-    const int n = (int)std::min<int64_t>(TB, it.t1 - t);
+  for (int64_t c0 = it.t0; c0 < it.t1; c0 += CH) {
+    const int n = (int)std::min<int64_t>(CH, it.t1 - c0);
     for (int i = 0; i < n; ++i) {
       const int64_t slot = base + off;
       kp[i] = kc + slot * c.ks0;
@@ -571,27 +622,52 @@ void attn_item(const AttnCtx& c, const Item& it, float* part) {
       if (++off == c.bs) {
         off = 0;
         ++blk;
-        base = (t + i + 1 < it.t1) ? c.block(it.b, blk) * c.bs : 0;
+        base = (c0 + i + 1 < it.t1) ? c.block(it.b, blk) * c.bs : 0;
       }
     }
-    const __mmask16 valid = tmask(n);
+    for (int i = 0; i < std::min(PF, n); ++i) prefetch_row(kp[i], rowb);
+    // scores
     for (int64_t g = 0; g < G; ++g) {
-      __m512 s = _mm512_mul_ps(qk_block<T, NC>(q0 + g * c.qs1, kp, n, D), scale);
-      s = _mm512_mask_blend_ps(valid, _mm512_set1_ps(-INFINITY), s);
-      const float bm = _mm512_reduce_max_ps(s);
-      if (bm > m[g]) {
-        const float alpha = m[g] == -INFINITY ? 0.f : std::exp(m[g] - bm);
+      const T* qg = q0 + g * c.qs1;
+      float* sg = sb + g * CH;
+      for (int tb = 0; tb < n; tb += TB) {
+        const int nb = std::min(TB, n - tb);
+        if (g == 0) {
+          for (int i = tb + PF; i < std::min(tb + PF + TB, n); ++i) prefetch_row(kp[i], rowb);
+          for (int i = tb; i < tb + nb; ++i) prefetch_row(vp[i], rowb);
+        }
+        _mm512_store_ps(sg + tb, _mm512_mul_ps(qk_block<T, NC>(qg, kp + tb, nb, D), scale));
+      }
+    }
+    // softmax over the chunk, merged into the running (m, l, acc)
+    const int npad = (n + TB - 1) / TB * TB;
+    const __mmask16 last = tmask(n - (npad - TB));
+    for (int64_t g = 0; g < G; ++g) {
+      float* sg = sb + g * CH;
+      const __m512 ninf = _mm512_set1_ps(-INFINITY);
+      __m512 mx = ninf;
+      for (int i = 0; i < npad; i += TB)
+        mx = _mm512_max_ps(mx, i + TB < npad ? _mm512_load_ps(sg + i) : _mm512_mask_load_ps(ninf, last, sg + i));
+      const float cm = _mm512_reduce_max_ps(mx);
+      if (cm > m[g]) {
+        const float alpha = m[g] == -INFINITY ? 0.f : std::exp(m[g] - cm);
         const __m512 av = _mm512_set1_ps(alpha);
         for (int64_t j = 0; j < DP; j += 16)
           _mm512_store_ps(acc + g * DP + j, _mm512_mul_ps(av, _mm512_load_ps(acc + g * DP + j)));
         l[g] *= alpha;
-        m[g] = bm;
+        m[g] = cm;
       }
-      const __m512 p = _mm512_maskz_mov_ps(valid, exp512(_mm512_sub_ps(s, _mm512_set1_ps(m[g]))));
-      l[g] += _mm512_reduce_add_ps(p);
-      _mm512_store_ps(pb + g * TB, p);
+      const __m512 mv = _mm512_set1_ps(m[g]);
+      __m512 sum = _mm512_setzero_ps();
+      for (int i = 0; i < npad; i += TB) {
+        __m512 pv_ = exp512(_mm512_sub_ps(_mm512_load_ps(sg + i), mv));
+        if (i + TB >= npad) pv_ = _mm512_maskz_mov_ps(last, pv_);
+        _mm512_store_ps(sg + i, pv_);
+        sum = _mm512_add_ps(sum, pv_);
+      }
+      l[g] += _mm512_reduce_add_ps(sum);
     }
-    pv<T>(acc, DP, pb, vp, n, D, G);
+    pv<T>(acc, DP, sb, vp, n, D, G);
   }
   if (part == nullptr) {
     for (int64_t g = 0; g < G; ++g) {

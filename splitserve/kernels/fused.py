@@ -152,9 +152,10 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, 
     pad = pos.unsqueeze(0) >= lens.unsqueeze(1)  # [B, L]
     blocks = block_tables.to(device=q.device, dtype=torch.long)[:, (pos // block_size).clamp_max(block_tables.shape[1] - 1)]
     slots = (blocks * block_size + pos % block_size).masked_fill(pad, 0)
-    k = k_cache.index_select(0, slots.reshape(-1)).view(B, L, Hk, D).float()
-    v = v_cache.index_select(0, slots.reshape(-1)).view(B, L, Hk, D).float()
-    qg = q.float().view(B, Hk, Hq // Hk, D)
+    ct = torch.promote_types(q.dtype, torch.float32)  # fp32 math for bf16/fp16 (fp64 stays fp64)
+    k = k_cache.index_select(0, slots.reshape(-1)).view(B, L, Hk, D).to(ct)
+    v = v_cache.index_select(0, slots.reshape(-1)).view(B, L, Hk, D).to(ct)
+    qg = q.to(ct).reshape(B, Hk, Hq // Hk, D)
     scores = torch.einsum("bhgd,blhd->bhgl", qg, k) * scale
     scores = scores.masked_fill(pad.view(B, 1, 1, L), float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # context 0 -> zeros
