@@ -90,6 +90,10 @@ class BlockManager:
         `computed_blocks` (from get_computed_blocks, only on first admission) are shared, not
         copied. Returns False and changes nothing when there is not enough free space.
         """
+        if not computed_blocks:
+            blocks = self.req_blocks.get(request.request_id)
+            if blocks is not None and num_total_tokens <= len(blocks) * self.block_size:
+                return True  # the table covers it already: most decode steps
         num_new = self._num_new_blocks(request, num_total_tokens, computed_blocks)
         if num_new is None:
             return False
@@ -112,11 +116,13 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         rid = request.request_id
+        start = self.req_num_hashed.get(rid, 0)
+        if request.num_computed_tokens // self.block_size <= start:
+            return  # no block filled up since the last call: most steps
         blocks = self.req_blocks.get(rid)
         if not blocks:
             return
         num_full = min(request.num_computed_tokens // self.block_size, len(blocks))
-        start = self.req_num_hashed.get(rid, 0)
         if num_full <= start:
             return
         hashes = block_hashes_for(request.token_ids, self.block_size, request.block_hashes)
@@ -156,7 +162,7 @@ class BlockManager:
         have = len(self.req_blocks.get(request.request_id, ())) + len(computed_blocks)
         num_new = max(0, cdiv(num_total_tokens, self.block_size) - have)
         # Cached blocks we are about to share stop being free.
-        reviving = sum(1 for b in computed_blocks if self.ref_counts[b] == 0)
+        reviving = sum(1 for b in computed_blocks if self.ref_counts[b] == 0) if computed_blocks else 0
         if num_new > self.num_free_blocks - reviving:
             return None
         return num_new

@@ -168,9 +168,22 @@ class Scheduler:
         bm = self.block_manager
 
         i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+        running = self.running
+        chunks = plan.chunks
+        tables = bm.req_blocks
+        bs = bm.block_size
+        while i < len(running) and budget > 0:
+            req = running[i]
+            start = req.num_computed_tokens
+            num_new = len(req.token_ids) - start
+            if num_new == 1:  # decode, the common case: no allocation while the last block has room
+                table = tables.get(req.request_id)
+                if table is not None and start < len(table) * bs:
+                    chunks.append(ScheduledChunk(req, start, 1, True))
+                    budget -= 1
+                    i += 1
+                    continue
+            num_new = min(num_new, budget)
             if num_new <= 0:  # nothing to compute (should not happen); keep it seated
                 i += 1
                 continue
@@ -217,7 +230,7 @@ class Scheduler:
 
     def _chunk(self, req: Request, num_new: int) -> ScheduledChunk:
         start = req.num_computed_tokens
-        return ScheduledChunk(req, start, num_new, sample=start + num_new == req.num_tokens)
+        return ScheduledChunk(req, start, num_new, start + num_new == len(req.token_ids))
 
     def _preempt(self, req: Request) -> None:
         """Free everything and recompute later: the prefix cache usually makes that cheap."""
@@ -233,17 +246,31 @@ class Scheduler:
         """Apply a step's results. `sampled` maps request id to the token drawn for it."""
         events: list[TokenEvent] = []
         finished: list[Request] = []
+        bs = self.block_manager.block_size
+        cache_full_blocks = self.block_manager.cache_full_blocks
+        check_stop = self._check_stop
+        max_len = self.config.max_model_len
+        running_status = RequestStatus.RUNNING
         for chunk in plan.chunks:
             req = chunk.request
-            if req.status != RequestStatus.RUNNING:
+            if req.status != running_status:
                 continue  # aborted while the step ran
-            req.num_computed_tokens = chunk.end
-            self.block_manager.cache_full_blocks(req)
+            start = chunk.start
+            end = start + chunk.num_tokens
+            req.num_computed_tokens = end
+            if end // bs != start // bs:  # a block filled up: publish it to the prefix cache
+                cache_full_blocks(req)
             if not chunk.sample:
                 continue
             token = sampled[req.request_id]
-            req.append_token(token)
-            done = self._check_stop(req, token)
+            ids = req.token_ids
+            ids.append(token)
+            params = req.sampling_params
+            if (params.ignore_eos and not params.stop_token_ids and not req.prefill_only
+                    and len(ids) - req.num_prompt_tokens < params.max_tokens and len(ids) < max_len):
+                done = False  # nothing can stop it this step (the common case)
+            else:
+                done = check_stop(req, token)
             if done:
                 finished.append(req)
             events.append(TokenEvent(req, token, done))
@@ -256,16 +283,17 @@ class Scheduler:
 
     def _check_stop(self, req: Request, token: int) -> bool:
         params = req.sampling_params
-        n_out = req.num_output_tokens
+        num_tokens = len(req.token_ids)
+        n_out = num_tokens - req.num_prompt_tokens
         if n_out >= params.min_tokens:
             if not params.ignore_eos and token in req.eos_token_ids:
                 req.status = RequestStatus.FINISHED_STOPPED
                 return True
-            if token in params.stop_token_ids:
+            if params.stop_token_ids and token in params.stop_token_ids:
                 req.status = RequestStatus.FINISHED_STOPPED
                 req.stop_reason = token
                 return True
-        if n_out >= params.max_tokens or req.num_tokens >= self.config.max_model_len:
+        if n_out >= params.max_tokens or num_tokens >= self.config.max_model_len:
             req.status = RequestStatus.FINISHED_LENGTH
             return True
         if req.prefill_only:
