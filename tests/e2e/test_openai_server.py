@@ -25,7 +25,7 @@ CHAT = [{"role": "user", "content": "Write a short poem about the sea."}]
 
 
 MODES = {
-    "aggregated": ("--threads", "2"),
+    "aggregated": ("--threads", "1"),  # 1 thread: the gateway and the test client share the 2 CI cores
     "disaggregated": ("--disaggregated", "--threads", "1"),
 }
 
@@ -294,7 +294,7 @@ def test_worker_crash_mid_request_is_invisible_to_the_client(server, client):
 
 
 def test_auth_and_bounded_queue():
-    with ServerProcess("--model", "demo", "--threads", "2", "--max-model-len", "512", "--max-num-seqs", "2",
+    with ServerProcess("--model", "demo", "--threads", "1", "--max-model-len", "512", "--max-num-seqs", "2",
                        "--max-waiting", "2", api_key="s3cret") as s:
         bad = openai.OpenAI(base_url=s.base_url + "/v1", api_key="wrong", max_retries=0)
         with pytest.raises(openai.AuthenticationError) as err:
