@@ -72,6 +72,8 @@ class ModelRunner:
             pos = torch.arange(max_len)
             decode_slots = table[:, pos // self.block_size] * self.block_size + pos % self.block_size
             decode_padding = (pos.unsqueeze(0) >= ctx.unsqueeze(1))[:, None, None, :]
+            # Padding reads slot 0 exactly (zeroed at start, later only ever written with real KV).
+            decode_slots.masked_fill_(decode_padding[:, 0, 0, :], 0)
 
         chunks: list[PrefillChunk] = []
         row = len(decodes)
