@@ -7,6 +7,14 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_configure(config):
+    # One dequantized-weights cache per test session (servers the tests start inherit it).
+    if "SPLITSERVE_WEIGHT_CACHE" not in os.environ:
+        import tempfile
+
+        os.environ["SPLITSERVE_WEIGHT_CACHE"] = tempfile.mkdtemp(prefix="splitserve-weights-")
+
+
 @pytest.fixture(scope="session")
 def tiny_model_root(tmp_path_factory):
     return str(tmp_path_factory.mktemp("tiny-models"))

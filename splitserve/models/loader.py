@@ -6,7 +6,9 @@ Both paths yield Hugging Face tensor names, so the model code knows one naming s
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
+import logging
 import os
 import re
 from typing import Iterator
@@ -40,6 +42,7 @@ _GGUF_GLOBAL_NAMES = {
     "output.weight": "lm_head.weight",
 }
 _BLK = re.compile(r"blk\.(\d+)\.(.+)")
+log = logging.getLogger("splitserve.loader")
 
 
 def load_arch_config(path: str) -> ModelArchConfig:
@@ -49,17 +52,63 @@ def load_arch_config(path: str) -> ModelArchConfig:
     return ModelArchConfig.from_hf_dir(path)
 
 
+CACHE_ENV = "SPLITSERVE_WEIGHT_CACHE"  # a directory, or "off"
+
+
+def _cache_file(path: str, dtype: torch.dtype) -> str | None:
+    """Where a dequantized copy of a GGUF file lives: keyed by the file's identity and the dtype."""
+    root = os.environ.get(CACHE_ENV, os.path.join(os.path.expanduser("~"), ".cache", "splitserve", "weights"))
+    if root == "off":
+        return None
+    st = os.stat(path)
+    key = hashlib.sha256(f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}|{dtype}|v1".encode()).hexdigest()[:24]
+    return os.path.join(root, f"{os.path.basename(path)}.{str(dtype).removeprefix('torch.')}.{key}.safetensors")
+
+
 def iter_weights(path: str, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """(Hugging Face name, tensor in `dtype` on CPU) for every weight of the model."""
-    if path.endswith(".gguf"):
-        yield from _iter_gguf(path, dtype)
-    else:
+    """(Hugging Face name, tensor in `dtype` on CPU) for every weight of the model.
+
+    GGUF files are dequantized once and kept as safetensors in ~/.cache/splitserve/weights
+    (`SPLITSERVE_WEIGHT_CACHE=off` disables it): later starts map that file instead of
+    dequantizing again, which is most of a cold start on small models.
+    """
+    if not path.endswith(".gguf"):
         yield from _iter_safetensors(path, dtype)
+        return
+    cache = _cache_file(path, dtype)
+    if cache is not None and os.path.isfile(cache):
+        try:
+            yield from _iter_safetensors_file(cache, dtype)
+            return
+        except Exception as exc:  # a truncated or foreign file: rebuild it
+            log.warning("ignoring weight cache %s: %s", cache, exc)
+    tensors = dict(_iter_gguf(path, dtype))
+    if cache is not None:
+        _write_cache(cache, tensors)
+    yield from tensors.items()
+
+
+def _write_cache(cache: str, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    try:
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        tmp = f"{cache}.{os.getpid()}.tmp"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        os.replace(tmp, cache)  # atomic: a concurrent reader sees the whole file or none
+    except OSError as exc:
+        log.warning("could not write the weight cache %s: %s", cache, exc)
+
+
+def _iter_safetensors_file(file: str, dtype: torch.dtype):
+    from safetensors import safe_open
+
+    with safe_open(file, framework="pt") as f:
+        for name in f.keys():
+            yield name, f.get_tensor(name).to(dtype)
 
 
 def _iter_safetensors(path: str, dtype: torch.dtype):
-    from safetensors import safe_open
-
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         with open(index) as f:
@@ -70,9 +119,7 @@ def _iter_safetensors(path: str, dtype: torch.dtype):
     if not files:
         raise FileNotFoundError(f"no .safetensors files in {path}")
     for file in files:
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name).to(dtype)
+        yield from _iter_safetensors_file(file, dtype)
 
 
 def _unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
