@@ -175,9 +175,12 @@ class KVSender:
                             _dtype_name(self.dtype), self.reply_to)
             if t.view is not None:
                 rows = slice(s.start - t.send_from, s.end - t.send_from)
-                # One gather per tensor, straight into shared memory.
-                torch.index_select(k_cache, 0, s.slots, out=t.view[layer, 0, rows])
-                torch.index_select(v_cache, 0, s.slots, out=t.view[layer, 1, rows])
+                if k_cache.device.type == "cpu":  # one gather per tensor, straight into shared memory
+                    torch.index_select(k_cache, 0, s.slots, out=t.view[layer, 0, rows])
+                    torch.index_select(v_cache, 0, s.slots, out=t.view[layer, 1, rows])
+                else:  # gather on the device, then one copy to host shared memory
+                    t.view[layer, 0, rows].copy_(k_cache.index_select(0, s.slots))
+                    t.view[layer, 1, rows].copy_(v_cache.index_select(0, s.slots))
                 total = t.total_tokens - t.send_from
                 hdr.shm_name, hdr.arena = t.shm_name, t.arena
                 hdr.k_offset = t.base_offset + ((layer * 2) * total + rows.start) * self.row_bytes
