@@ -29,7 +29,6 @@ import torch.nn.functional as F
 
 from . import _cpu_ext
 
-_KERNEL_DTYPES = (torch.bfloat16, torch.float32)
 _ext = None
 _ext_loaded = False
 
@@ -48,16 +47,8 @@ def kernels_available() -> bool:
     return _load() is not None
 
 
-def _cpu_ok(t: torch.Tensor):
-    """The extension module when `t` (a CPU bf16/fp32 tensor) can go to the kernels, else None."""
-    if t.device.type != "cpu" or t.dtype not in _KERNEL_DTYPES:
-        return None
-    return _ext if _ext_loaded else _load()
-
-
-def _unit_inner(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
-
+# The C++ entry points check device/dtype/rank themselves (cheaper than doing it here) and
+# return None / False for inputs they do not serve; the wrappers then run the torch reference.
 
 # ---- RMSNorm ------------------------------------------------------------------------------------
 
@@ -76,19 +67,22 @@ def add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tens
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim of x ([T, H] or [T, n, H]); returns a new contiguous tensor."""
-    ext = _cpu_ok(x)
-    if ext is not None and weight.dtype == x.dtype and 2 <= x.dim() <= 3 and weight.dim() == 1:
-        return ext.rms_norm(_unit_inner(x), weight.contiguous(), float(eps))
+    ext = _ext if _ext_loaded else _load()
+    if ext is not None:
+        out = ext.rms_norm(x, weight, eps)
+        if out is not None:
+            return out
     return rms_norm_ref(x, weight, eps)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
     """(rms_norm(residual + x), residual + x): the sum is rounded to x.dtype before the norm
     (as in transformers). Both outputs are new tensors; the inputs are not modified."""
-    ext = _cpu_ok(x)
-    if (ext is not None and residual.dtype == x.dtype and weight.dtype == x.dtype and 2 <= x.dim() <= 3
-            and residual.shape == x.shape and weight.dim() == 1 and residual.device.type == "cpu"):
-        return ext.add_rms_norm(_unit_inner(x), _unit_inner(residual), weight.contiguous(), float(eps))
+    ext = _ext if _ext_loaded else _load()
+    if ext is not None:
+        out = ext.add_rms_norm(x, residual, weight, eps)
+        if out is not None:
+            return out
     return add_rms_norm_ref(x, residual, weight, eps)
 
 
@@ -100,26 +94,45 @@ def _rotate_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     return x * cos + rotated * sin
 
 
-def apply_rotary_ref(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Out of place: (q*cos + rotate_half(q)*sin, same for k); cos/sin [T, D]."""
+def apply_rotary_ref(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     positions: torch.Tensor | None = None):
+    """Out of place: (q*cos + rotate_half(q)*sin, same for k); cos/sin [T, D] (or tables + positions)."""
+    if positions is not None:
+        cos, sin = cos[positions], sin[positions]
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return _rotate_ref(q, cos, sin), _rotate_ref(k, cos, sin)
 
 
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 positions: torch.Tensor | None = None):
     """Rotate-half rotary embedding, IN PLACE: q [T, Hq, D] and k [T, Hk, D] (any strides, e.g.
-    views into a fused qkv output) are overwritten and returned. cos/sin: [T, D] (rows of the
-    model's cos/sin tables at the tokens' positions), same dtype as q."""
-    ext = _cpu_ok(q)
-    if (ext is not None and q.dim() == 3 and k.dim() == 3 and q.stride(-1) == 1 and k.stride(-1) == 1
-            and k.dtype == q.dtype and cos.dtype == q.dtype and sin.dtype == q.dtype
-            and k.device.type == "cpu" and cos.device.type == "cpu" and q.shape[-1] % 2 == 0):
-        ext.apply_rotary(q, k, _unit_inner(cos), _unit_inner(sin))
+    views into a fused qkv output) are overwritten and returned (on every path).
+    cos/sin: [T, D] rows for the tokens, same dtype as q; or, with ``positions`` [T] (int64/int32),
+    the whole [max_positions, D] tables, indexed inside the kernel (saves two gathers a layer)."""
+    ext = _ext if _ext_loaded else _load()
+    if ext is not None and ext.apply_rotary(q, k, cos, sin, positions):
         return q, k
-    q_out, k_out = apply_rotary_ref(q, k, cos, sin)
+    q_out, k_out = apply_rotary_ref(q, k, cos, sin, positions)
     q.copy_(q_out)
     k.copy_(k_out)
     return q, k
+
+
+# ---- KV cache write ----------------------------------------------------------------------------
+
+def write_kv_ref(k, v, k_cache, v_cache, slots) -> None:
+    k_cache.index_copy_(0, slots, k)
+    v_cache.index_copy_(0, slots, v)
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slots: torch.Tensor) -> None:
+    """k_cache[slots] = k, v_cache[slots] = v for k/v [T, Hk, D] (e.g. views into qkv) and
+    slots [T] (int64/int32): one call instead of two index_copy_."""
+    ext = _ext if _ext_loaded else _load()
+    if ext is not None and ext.write_kv(k, v, k_cache, v_cache, slots):
+        return
+    write_kv_ref(k, v, k_cache, v_cache, slots.long())
 
 
 # ---- SiLU(gate) * up ---------------------------------------------------------------------------
@@ -131,9 +144,11 @@ def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up [T, 2I] -> silu(gate_up[:, :I]) * gate_up[:, I:] ([T, I], new tensor)."""
-    ext = _cpu_ok(gate_up)
-    if ext is not None and 2 <= gate_up.dim() <= 3 and gate_up.shape[-1] % 2 == 0:
-        return ext.silu_mul(_unit_inner(gate_up))
+    ext = _ext if _ext_loaded else _load()
+    if ext is not None:
+        out = ext.silu_mul(gate_up)
+        if out is not None:
+            return out
     return silu_mul_ref(gate_up)
 
 
@@ -176,14 +191,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     Returns [B, Hq, D] in q's dtype, written into `out` when given (e.g. ``attn_out[:B]``).
     split_tokens: tokens per work item for the kernel (0: automatic, -1: never split).
     """
-    ext = _cpu_ok(q)
-    if (ext is not None and k_cache.dtype == q.dtype and v_cache.dtype == q.dtype and q.dim() == 3
-            and k_cache.device.type == "cpu" and q.shape[-1] <= 256 and q.shape[1] % k_cache.shape[1] == 0
-            and q.shape[1] // k_cache.shape[1] <= 32 and context_lens.device.type == "cpu"
-            and block_tables.device.type == "cpu"):
-        return ext.paged_decode_attention(_unit_inner(q), _unit_inner(k_cache), _unit_inner(v_cache),
-                                          block_tables, context_lens, int(block_size), float(scale),
-                                          out, int(split_tokens))
+    ext = _ext if _ext_loaded else _load()
+    if ext is not None:
+        o = ext.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, block_size, scale,
+                                       out, split_tokens)
+        if o is not None:
+            return o
     o = paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, block_size, scale)
     if out is not None:
         out.copy_(o)
@@ -194,5 +207,5 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 __all__ = [
     "add_rms_norm", "add_rms_norm_ref", "apply_rotary", "apply_rotary_ref", "kernels_available",
     "paged_decode_attention", "paged_decode_attention_ref", "rms_norm", "rms_norm_ref", "silu_mul",
-    "silu_mul_ref",
+    "silu_mul_ref", "write_kv", "write_kv_ref",
 ]
