@@ -286,3 +286,41 @@ def test_fallback_on_other_dtypes():
     q, kc, vc, table, cl = _paged_setup([5, 30], 4, 2, 16, 4, torch.float64, g)
     torch.testing.assert_close(fused.paged_decode_attention(q, kc, vc, table, cl, 4, 0.25),
                                _attn_ref64(q, kc, vc, table, cl, 4, 0.25))
+
+
+@pytest.mark.parametrize("dtype", [BF, F32])
+def test_apply_rotary_with_positions(impl, dtype):
+    """Whole cos/sin tables + positions (gathered inside the kernel) == pre-gathered rows."""
+    g = _gen(21)
+    T, Hq, Hk, D = 6, 9, 3, 64
+    cos_t, sin_t = _rope_tables(128, D, g, dtype, positions=torch.arange(128))
+    for pos in (torch.tensor([0, 1, 127, 5, 5, 64]), torch.tensor([3, 2, 1, 0, 9, 8], dtype=torch.int32)):
+        qkv = torch.randn(T, (Hq + 2 * Hk) * D, generator=g).to(dtype)
+        q = qkv[:, : Hq * D].view(T, Hq, D)
+        k = qkv[:, Hq * D : (Hq + Hk) * D].view(T, Hk, D)
+        rq, rk = fused.apply_rotary_ref(q, k, cos_t[pos.long()], sin_t[pos.long()])
+        fused.apply_rotary(q, k, cos_t, sin_t, positions=pos)
+        _close(q, rq, dtype)
+        _close(k, rk, dtype)
+    if impl == "kernel":
+        with pytest.raises(RuntimeError):  # position outside the table
+            fused.apply_rotary(q, k, cos_t, sin_t, positions=torch.tensor([0, 1, 2, 3, 4, 128]))
+
+
+@pytest.mark.parametrize("dtype", [BF, F32])
+@pytest.mark.parametrize("slot_dtype", [torch.int64, torch.int32])
+def test_write_kv(impl, dtype, slot_dtype):
+    g = _gen(4)
+    T, Hq, Hk, D, S = 5, 9, 3, 64, 40
+    qkv = torch.randn(T, (Hq + 2 * Hk) * D, generator=g).to(dtype)
+    k = qkv[:, Hq * D : (Hq + Hk) * D].view(T, Hk, D)
+    v = qkv[:, (Hq + Hk) * D :].view(T, Hk, D)
+    kv = torch.randn(2, 2, S, Hk, D, generator=g).to(dtype)  # [layers, k/v, ...] like the runner
+    ref = kv.clone()
+    slots = torch.tensor([7, 0, 39, 12, 13], dtype=slot_dtype)
+    fused.write_kv(k, v, kv[1, 0], kv[1, 1], slots)
+    fused.write_kv_ref(k, v, ref[1, 0], ref[1, 1], slots.long())
+    assert torch.equal(kv, ref)
+    if impl == "kernel":
+        with pytest.raises(RuntimeError):
+            fused.write_kv(k, v, kv[1, 0], kv[1, 1], torch.tensor([0, 1, 2, 3, 40]))

@@ -1,4 +1,8 @@
-"""AVX512-BF16 small-M GEMM for bf16 linear layers on x86 CPUs, built on first use.
+"""AVX512-BF16 small-M GEMM for bf16 linear layers, and fused decode ops, on x86 CPUs, built on first use.
+
+The fused ops (namespace ``fz``: RMSNorm with/without the residual add, rotary in place, SiLU*up,
+KV-cache write, paged decode attention; bf16 and fp32) are called through
+``splitserve.kernels.fused``, which documents them and holds their torch fallbacks.
 
 The C++ source below is compiled with ``torch.utils.cpp_extension.load`` (gcc, ninja) the
 first time :func:`load` is called in an environment, and cached under
@@ -774,7 +778,7 @@ void combine(const AttnCtx& c, const Item& it, const float* parts) {
 }
 
 template <typename T>
-void attn_run(const AttnCtx& c, const std::vector<Item>& items, int64_t Hk, int64_t nthreads) {
+void attn_run(const AttnCtx& c, const std::vector<Item>& items, int64_t nthreads) {
   const int64_t NC = (c.D + 31) / 32;
   void (*fn)(const AttnCtx&, const Item&, float*) = nullptr;
   switch (NC) {
@@ -890,8 +894,8 @@ c10::optional<at::Tensor> paged_decode_attention(const at::Tensor& q_, const at:
       }
     }
   }
-  if (bf) attn_run<bf16_t>(c, items, Hk, nt);
-  else attn_run<float>(c, items, Hk, nt);
+  if (bf) attn_run<bf16_t>(c, items, nt);
+  else attn_run<float>(c, items, nt);
   return out;
 }
 
@@ -973,7 +977,7 @@ def load(verbose: bool = False):
                 )
             except Exception as e:  # no compiler/ninja, read-only cache dir, ...
                 reason = f"build failed: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
-                log.warning("splitserve: AVX512-BF16 linear kernel unavailable (%s); using oneDNN/torch", reason)
+                log.warning("splitserve: AVX512-BF16 kernels unavailable (%s); using oneDNN/torch", reason)
         _state["mod"] = mod
         _state["reason"] = reason
         return mod
