@@ -60,20 +60,22 @@ class ModelRunner:
             positions.extend(range(c.start, c.end))
         slot_parts = [self._slots(block_tables[c.request_id], c.start, c.end) for c in ordered]
 
-        decode_slots = decode_padding = None
+        decode_slots = decode_padding = tables = lens = None
         if decodes:
-            ctx = torch.tensor([c.end for c in decodes])
+            ctx = torch.tensor([c.end for c in decodes], dtype=torch.int32)
             max_len = int(ctx.max())
             max_blocks = -(-max_len // self.block_size)
-            table = torch.zeros(len(decodes), max_blocks, dtype=torch.long)
+            tables = torch.zeros(len(decodes), max_blocks, dtype=torch.int32)
             for i, c in enumerate(decodes):
                 bt = block_tables[c.request_id][:max_blocks]
-                table[i, : len(bt)] = torch.tensor(bt, dtype=torch.long)
-            pos = torch.arange(max_len)
-            decode_slots = table[:, pos // self.block_size] * self.block_size + pos % self.block_size
-            decode_padding = (pos.unsqueeze(0) >= ctx.unsqueeze(1))[:, None, None, :]
-            # Padding reads slot 0 exactly (zeroed at start, later only ever written with real KV).
-            decode_slots.masked_fill_(decode_padding[:, 0, 0, :], 0)
+                tables[i, : len(bt)] = torch.tensor(bt, dtype=torch.int32)
+            lens = ctx
+            if not self.model.ops.fused_attention:  # the torch path gathers padded context slots
+                pos = torch.arange(max_len)
+                decode_slots = tables.long()[:, pos // self.block_size] * self.block_size + pos % self.block_size
+                decode_padding = (pos.unsqueeze(0) >= ctx.unsqueeze(1))[:, None, None, :]
+                # Padding reads slot 0 exactly (zeroed at start, later only ever written with real KV).
+                decode_slots.masked_fill_(decode_padding[:, 0, 0, :], 0)
 
         chunks: list[PrefillChunk] = []
         row = len(decodes)
@@ -95,6 +97,9 @@ class ModelRunner:
             decode_slots=None if decode_slots is None else decode_slots.to(dev),
             decode_padding=None if decode_padding is None else decode_padding.to(dev),
             prefills=chunks,
+            decode_block_tables=None if tables is None else tables.to(dev),
+            decode_context_lens=lens,  # stays on the CPU: the kernel reads lengths there
+            block_size=self.block_size,
         )
         # Rows whose logits are sampled: the last token of each chunk that reaches the end.
         sample_rows: list[int] = []

@@ -29,11 +29,10 @@ class AttentionMetadata:
     decode_slots: torch.Tensor | None  # [B, L] slots of each decode request's context (padded)
     decode_padding: torch.Tensor | None  # [B, 1, 1, L] True where a slot is padding
     prefills: list[PrefillChunk]
-
-
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-    k_cache.index_copy_(0, slots, k)
-    v_cache.index_copy_(0, slots, v)
+    # For the fused paged kernel, which reads the cache through block tables (no gather):
+    decode_block_tables: torch.Tensor | None = None  # [B, max_blocks] int32
+    decode_context_lens: torch.Tensor | None = None  # [B] int32, including the current token
+    block_size: int = 16
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -63,11 +62,17 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    fused_decode: bool = False,
 ) -> torch.Tensor:
     out = torch.empty_like(q)
     gqa = q.shape[1] != k.shape[1]
     nd = meta.num_decode
-    if nd:
+    if nd and fused_decode:
+        from splitserve.kernels.fused import paged_decode_attention
+
+        paged_decode_attention(q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens,
+                               meta.block_size, scale, out=out[:nd])
+    elif nd:
         out[:nd] = decode_attention(q[:nd], k_cache, v_cache, meta.decode_slots, meta.decode_padding, scale)
     for p in meta.prefills:
         qp = q[p.q_start : p.q_end].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]

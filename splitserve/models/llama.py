@@ -12,24 +12,46 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-try:
-    from splitserve.kernels.linear import prepare_linear
-except ImportError:  # pragma: no cover - until the kernels package lands
-    def prepare_linear(weight, bias):
-        return lambda x: F.linear(x, weight, bias)
-from splitserve.models.attention import AttentionMetadata, paged_attention, write_kv
+from splitserve.kernels import fused
+from splitserve.kernels.linear import prepare_linear
+from splitserve.models.attention import AttentionMetadata, paged_attention
 from splitserve.models.config import ModelArchConfig
 from splitserve.models.rotary import RotaryEmbedding
 
 LinearOp = Callable[[torch.Tensor], torch.Tensor]
 
 
+class ReferenceOps:
+    """The element-wise steps in plain torch, with transformers' arithmetic (exact in float32)."""
+
+    fused_attention = False
+    rms_norm = staticmethod(fused.rms_norm_ref)
+    add_rms_norm = staticmethod(fused.add_rms_norm_ref)
+    apply_rotary = staticmethod(fused.apply_rotary_ref)
+    write_kv = staticmethod(fused.write_kv_ref)
+    silu_mul = staticmethod(fused.silu_mul_ref)
+
+
+class FusedOps:
+    """The same steps as single AVX-512 kernels (bf16 on CPU): a decode step is otherwise
+    hundreds of tiny torch calls whose dispatch costs as much as the matrix products."""
+
+    fused_attention = True
+    rms_norm = staticmethod(fused.rms_norm)
+    add_rms_norm = staticmethod(fused.add_rms_norm)
+    apply_rotary = staticmethod(fused.apply_rotary)
+    write_kv = staticmethod(fused.write_kv)
+    silu_mul = staticmethod(fused.silu_mul)
+
+
+def select_ops(dtype: torch.dtype, device: torch.device):
+    if dtype == torch.bfloat16 and device.type == "cpu" and fused.kernels_available():
+        return FusedOps
+    return ReferenceOps
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # Same arithmetic as transformers' LlamaRMSNorm: normalise in float32, scale in the model dtype.
-    dtype = x.dtype
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(dtype)
+    return fused.rms_norm_ref(x, weight, eps)
 
 
 class DecoderLayer:
@@ -53,25 +75,24 @@ class DecoderLayer:
         self.gate_up: LinearOp = prepare_linear(torch.cat([w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"]]), None)
         self.down: LinearOp = prepare_linear(w["mlp.down_proj.weight"], None)
 
-    def forward(self, h: torch.Tensor, residual: torch.Tensor, cos_sin, rotary: RotaryEmbedding,
-                kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
-        T = h.shape[0]
-        qkv = self.qkv(h)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata, ops) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: this layer's normalised input; returns (MLP output, residual after attention).
+        The caller adds the MLP output to the residual, fused with the next norm."""
+        T = x.shape[0]
+        qkv = self.qkv(x)
         q = qkv[:, : self.q_size].view(T, self.num_heads, self.head_dim)
         k = qkv[:, self.q_size : self.q_size + self.kv_size].view(T, self.num_kv_heads, self.head_dim)
         v = qkv[:, self.q_size + self.kv_size :].view(T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
-            q = rms_norm(q, self.q_norm, self.eps)
-            k = rms_norm(k, self.k_norm, self.eps)
-        q, k = rotary.apply(q, k, *cos_sin)
+            q = ops.rms_norm(q, self.q_norm, self.eps)
+            k = ops.rms_norm(k, self.k_norm, self.eps)
+        q, k = ops.apply_rotary(q, k, cos, sin)
         k_cache, v_cache = kv
-        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-        attn = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
-        residual = residual + self.o_proj(attn.view(T, self.q_size))
-        x = rms_norm(residual, self.post_norm, self.eps)
-        gate_up = self.gate_up(x)
-        x = F.silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :]
-        return residual + self.down(x)
+        ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        attn = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale, ops.fused_attention)
+        x, residual = ops.add_rms_norm(self.o_proj(attn.view(T, self.q_size)), residual, self.post_norm, self.eps)
+        return self.down(ops.silu_mul(self.gate_up(x))), residual
 
 
 class LlamaModel:
@@ -94,20 +115,24 @@ class LlamaModel:
         self.lm_head: LinearOp = prepare_linear(lm_head, None)
         self.layers = [DecoderLayer(cfg, w) for w in per_layer]
         self.rotary = RotaryEmbedding(cfg, max_positions, dtype, device)
+        self.ops = select_ops(dtype, device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], layer_hook=None) -> torch.Tensor:
         """`layer_hook(i)` runs after layer i wrote its KV: the prefill side of a KV handoff
         ships that layer while the next ones compute."""
-        h = F.embedding(input_ids, self.embed)
-        residual = h
-        cos_sin = self.rotary.lookup(positions)
+        ops = self.ops
+        residual = F.embedding(input_ids, self.embed)
+        x = ops.rms_norm(residual, self.layers[0].input_norm, self.cfg.rms_norm_eps)
+        cos, sin = self.rotary.lookup(positions)
+        last = len(self.layers) - 1
         for i, (layer, kv) in enumerate(zip(self.layers, kv_caches)):
-            residual = layer.forward(rms_norm(residual, layer.input_norm, layer.eps), residual,
-                                     cos_sin, self.rotary, kv, meta)
+            out, residual = layer.forward(x, residual, cos, sin, kv, meta, ops)
+            next_norm = self.layers[i + 1].input_norm if i < last else self.norm
+            x, residual = ops.add_rms_norm(out, residual, next_norm, self.cfg.rms_norm_eps)
             if layer_hook is not None:
                 layer_hook(i)
-        return rms_norm(residual, self.norm, self.cfg.rms_norm_eps)
+        return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -1,4 +1,6 @@
-"""Rotary position embeddings (rotate-half layout, as in Hugging Face Llama), with llama3 and linear scaling."""
+"""Rotary position tables (rotate-half layout, as in Hugging Face Llama), with llama3 and linear scaling.
+
+Applying them is an element-wise op in `splitserve.kernels.fused` (`apply_rotary`)."""
 
 from __future__ import annotations
 
@@ -40,16 +42,3 @@ class RotaryEmbedding:
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin for a step's positions, [T, D]: gathered once per step, used by every layer."""
         return self.cos.index_select(0, positions), self.sin.index_select(0, positions)
-
-    def apply(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """q: [T, Hq, D], k: [T, Hk, D]; cos, sin from `lookup`."""
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
-
-    def __call__(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.apply(q, k, *self.lookup(positions))
-
-    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x1, x2 = x[..., : self.half], x[..., self.half :]
-        rotated = torch.cat((-x2, x1), dim=-1)
-        return x * cos + rotated * sin
