@@ -56,7 +56,12 @@ def convert_demo(out: str) -> None:
 
     gguf = demo_model_path()
     kw = dict(gguf_file=os.path.basename(gguf))
-    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), dtype=torch.float32, **kw)
+    loaded = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), dtype=torch.float32, **kw)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # a GGUF-loaded model refuses to serialize; a plain copy does not
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
     model.to(torch.bfloat16).save_pretrained(out)
     AutoTokenizer.from_pretrained(os.path.dirname(gguf), **kw).save_pretrained(out)
 
