@@ -12,8 +12,8 @@ cache copies (one per layer, up to --layers, >= --cold-mb in all) that, as in a 
 cache is not L2-resident. Each round times every case's torch and fused variants in a shuffled
 order; the table shows medians over rounds and the median of per-round time ratios. "busy" is
 the largest share of CPU other processes took during a round (on a shared 2-core host, rounds
-with busy > ~0.05 are noise). "layer" rows sum one decoder layer's worth of the ops (2 norms,
-rotary, silu_mul, attention) for the first attention context.
+with busy > ~0.05 are noise). "layer" rows sum one decoder layer's worth of the ops (2 fused
+add+norms, rotary, write_kv, silu_mul, attention at the first attention context).
 """
 
 from __future__ import annotations
@@ -33,13 +33,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from linear_kernels import OthersCPU, wait_quiet  # noqa: E402
 
 from splitserve.kernels import fused  # noqa: E402
-from splitserve.models.attention import decode_attention  # noqa: E402
+try:  # the unfused decode path the runner used before the fused kernel
+    from splitserve.models.attention import decode_attention  # noqa: E402
+except ImportError:  # pragma: no cover - removed from the model code: compare with the fp32 reference
+    decode_attention = None
 
 MODELS = {  # hidden, heads, kv heads, head_dim, intermediate, layers
     "smol": (576, 9, 3, 64, 1536, 30),
     "0.85b": (2048, 32, 8, 64, 5632, 24),
 }
-OPS = ("rms_norm", "add_rms_norm", "rotary", "silu_mul", "attn")
+OPS = ("rms_norm", "add_rms_norm", "rotary", "write_kv", "silu_mul", "attn")
 
 
 def time_calls(fn, objs, min_time):
@@ -82,6 +85,7 @@ def attn_case(B, lens, Hq, Hk, D, nlayers, cold_mb, bs, g):
     tl = table.long()
     slots = tl[:, pos // bs] * bs + pos % bs
     padding = (pos.unsqueeze(0) >= ctx.long().unsqueeze(1))[:, None, None, :]
+    slots.masked_fill_(padding[:, 0, 0, :], 0)  # as the runner does: padding reads slot 0
     scale = D ** -0.5
     objs = []
     for _ in range(ncopy):
@@ -91,6 +95,8 @@ def attn_case(B, lens, Hq, Hk, D, nlayers, cold_mb, bs, g):
         objs.append((qkv[:, : Hq * D].view(B, Hq, D), kc, vc))
 
     def ref(o):
+        if decode_attention is None:
+            return fused.paged_decode_attention_ref(o[0], o[1], o[2], table, ctx, bs, scale)
         return decode_attention(o[0], o[1], o[2], slots, padding, scale)
 
     def fus(o):
@@ -146,6 +152,14 @@ def main():
                 err = (rq.float() - fused.apply_rotary(q.clone(), k.clone(), cos, sin)[0].float()).abs().max().item()
                 cases.append(("rotary", f"q[{B},{Hq},{D}] k view", lambda o: fused.apply_rotary_ref(o[0], o[1], cos, sin),
                               lambda o: fused.apply_rotary(o[0], o[1], cos, sin), [(q, k)], err))
+            if "write_kv" in ops:
+                qkv2 = torch.randn(B, (Hq + 2 * Hk) * D, generator=g).to(torch.bfloat16)
+                kk = qkv2[:, Hq * D : (Hq + Hk) * D].view(B, Hk, D)
+                vv = qkv2[:, (Hq + Hk) * D :].view(B, Hk, D)
+                cache = torch.zeros(2, 4096, Hk, D, dtype=torch.bfloat16)
+                slots = torch.randperm(4096, generator=g)[:B]
+                cases.append(("write_kv", f"k,v[{B},{Hk},{D}] views", lambda o: fused.write_kv_ref(kk, vv, o[0], o[1], slots),
+                              lambda o: fused.write_kv(kk, vv, o[0], o[1], slots), [(cache[0], cache[1])], 0.0))
             if "silu_mul" in ops:
                 gu = torch.randn(B, 2 * I, generator=g).to(torch.bfloat16)
                 cases.append(("silu_mul", f"[{B},{2 * I}]", fused.silu_mul_ref, fused.silu_mul, [gu],
@@ -177,7 +191,7 @@ def main():
                 for i, (op, shape, *_rest) in enumerate(cases):
                     tr, tf = st.median(T[(i, 0)]), st.median(T[(i, 1)])
                     sp = st.median([a / b for a, b in zip(T[(i, 0)], T[(i, 1)])])
-                    if op in ("add_rms_norm", "rotary", "silu_mul") or (op == "attn" and first_attn):
+                    if op in ("add_rms_norm", "rotary", "write_kv", "silu_mul") or (op == "attn" and first_attn):
                         mult = 2 if op == "add_rms_norm" else 1
                         layer_t[0] += mult * tr
                         layer_t[1] += mult * tf
@@ -185,7 +199,7 @@ def main():
                     print(f"{model:6} {thr:3d} {B:3d} {op:14} {shape:22} {tr * 1e6:9.1f} {tf * 1e6:9.1f} "
                           f"{sp:7.2f} {max(busy):5.2f}  {cases[i][5]:.2g}", flush=True)
                 if layer_t[1] > 0:
-                    print(f"{model:6} {thr:3d} {B:3d} {'layer':14} {'2 norms+rot+silu+attn':22} "
+                    print(f"{model:6} {thr:3d} {B:3d} {'layer':14} {'2norm+rot+kv+silu+attn':22} "
                           f"{layer_t[0] * 1e6:9.1f} {layer_t[1] * 1e6:9.1f} {layer_t[0] / layer_t[1]:7.2f}", flush=True)
             torch.set_num_threads(max(int(t) for t in args.threads.split(",")))
 
