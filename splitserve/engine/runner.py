@@ -60,7 +60,51 @@ class ModelRunner:
             positions.extend(range(c.start, c.end))
         slot_parts = [self._slots(block_tables[c.request_id], c.start, c.end) for c in ordered]
 
-        decode_slots = decode_padding = tables = lens = None
+        dev = self.device
+        if self.model.ops.fused_attention:
+            meta = self._fused_metadata(ordered, block_tables, slot_parts, len(decodes))
+        else:
+            meta = self._torch_metadata(decodes, prefills, block_tables, slot_parts)
+        # Rows whose logits are sampled: the last token of each chunk that reaches the end.
+        sample_rows: list[int] = []
+        sample_reqs: list[Request] = []
+        row = 0
+        for c in ordered:
+            row += c.num_tokens
+            if c.sample:
+                sample_rows.append(row - 1)
+                sample_reqs.append(c.request)
+        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
+        pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
+        return input_ids, pos_t, meta, sample_rows, sample_reqs
+
+    def _fused_metadata(self, ordered, block_tables, slot_parts, num_decode) -> AttentionMetadata:
+        """Every token row, decode or prefill, is one query of the paged kernel: its request's block
+        table and a context of position + 1 tokens. One kernel call per layer for the whole step,
+        and prefill reads the same cache layout, in the same order, as decode does."""
+        lens_parts = [torch.arange(c.start + 1, c.end + 1, dtype=torch.int32) for c in ordered]
+        max_blocks = -(-max(c.end for c in ordered) // self.block_size)
+        per_chunk = torch.zeros(len(ordered), max_blocks, dtype=torch.int32)
+        for i, c in enumerate(ordered):
+            bt = block_tables[c.request_id][:max_blocks]
+            per_chunk[i, : len(bt)] = torch.tensor(bt, dtype=torch.int32)
+        row_chunk = torch.repeat_interleave(torch.arange(len(ordered)),
+                                            torch.tensor([c.num_tokens for c in ordered]))
+        return AttentionMetadata(
+            slot_mapping=torch.cat(slot_parts).to(self.device),
+            num_decode=num_decode,
+            decode_slots=None,
+            decode_padding=None,
+            prefills=[],
+            token_block_tables=per_chunk[row_chunk].to(self.device),
+            token_context_lens=torch.cat(lens_parts),  # stays on the CPU: the kernel reads lengths there
+            block_size=self.block_size,
+        )
+
+    def _torch_metadata(self, decodes, prefills, block_tables, slot_parts) -> AttentionMetadata:
+        """Reference path: decodes gather their padded context; each prefill chunk is one causal
+        SDPA call (with an explicit mask over the cached prefix when the chunk is not the first)."""
+        decode_slots = decode_padding = None
         if decodes:
             ctx = torch.tensor([c.end for c in decodes], dtype=torch.int32)
             max_len = int(ctx.max())
@@ -69,13 +113,11 @@ class ModelRunner:
             for i, c in enumerate(decodes):
                 bt = block_tables[c.request_id][:max_blocks]
                 tables[i, : len(bt)] = torch.tensor(bt, dtype=torch.int32)
-            lens = ctx
-            if not self.model.ops.fused_attention:  # the torch path gathers padded context slots
-                pos = torch.arange(max_len)
-                decode_slots = tables.long()[:, pos // self.block_size] * self.block_size + pos % self.block_size
-                decode_padding = (pos.unsqueeze(0) >= ctx.unsqueeze(1))[:, None, None, :]
-                # Padding reads slot 0 exactly (zeroed at start, later only ever written with real KV).
-                decode_slots.masked_fill_(decode_padding[:, 0, 0, :], 0)
+            pos = torch.arange(max_len)
+            decode_slots = tables.long()[:, pos // self.block_size] * self.block_size + pos % self.block_size
+            decode_padding = (pos.unsqueeze(0) >= ctx.unsqueeze(1))[:, None, None, :]
+            # Padding reads slot 0 exactly (zeroed at start, later only ever written with real KV).
+            decode_slots.masked_fill_(decode_padding[:, 0, 0, :], 0)
 
         chunks: list[PrefillChunk] = []
         row = len(decodes)
@@ -89,30 +131,15 @@ class ModelRunner:
                 mask = torch.arange(c.end).unsqueeze(0) <= q_pos
                 chunks.append(PrefillChunk(row, row + n, c.start, ctx_slots.to(self.device), mask.to(self.device)))
             row += n
-
         dev = self.device
-        meta = AttentionMetadata(
+        return AttentionMetadata(
             slot_mapping=torch.cat(slot_parts).to(dev),
             num_decode=len(decodes),
             decode_slots=None if decode_slots is None else decode_slots.to(dev),
             decode_padding=None if decode_padding is None else decode_padding.to(dev),
             prefills=chunks,
-            decode_block_tables=None if tables is None else tables.to(dev),
-            decode_context_lens=lens,  # stays on the CPU: the kernel reads lengths there
             block_size=self.block_size,
         )
-        # Rows whose logits are sampled: the last token of each chunk that reaches the end.
-        sample_rows: list[int] = []
-        sample_reqs: list[Request] = []
-        row = 0
-        for c in ordered:
-            row += c.num_tokens
-            if c.sample:
-                sample_rows.append(row - 1)
-                sample_reqs.append(c.request)
-        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
-        pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
-        return input_ids, pos_t, meta, sample_rows, sample_reqs
 
     # ---- execution -------------------------------------------------------------------------
     @torch.inference_mode()

@@ -1,8 +1,10 @@
 """Attention over a paged KV cache.
 
-The runner orders a step's tokens as: decode tokens first (one per request, batched into a
-single padded attention call), then prefill chunks (one causal attention call each). The KV
-cache of a layer is a flat [num_slots, kv_heads, head_dim] pair; slot = block * block_size + offset.
+The runner orders a step's tokens as: decode tokens first, then prefill chunks. The fused path
+(bf16 on CPU) treats every token as one query over its request's paged context (one kernel call
+per layer). The torch reference path batches decodes into one padded call and runs one causal
+SDPA call per prefill chunk. The KV cache of a layer is a flat [num_slots, kv_heads, head_dim]
+pair; slot = block * block_size + offset.
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ class AttentionMetadata:
     decode_slots: torch.Tensor | None  # [B, L] slots of each decode request's context (padded)
     decode_padding: torch.Tensor | None  # [B, 1, 1, L] True where a slot is padding
     prefills: list[PrefillChunk]
-    # For the fused paged kernel, which reads the cache through block tables (no gather):
-    decode_block_tables: torch.Tensor | None = None  # [B, max_blocks] int32
-    decode_context_lens: torch.Tensor | None = None  # [B] int32, including the current token
+    # For the fused paged kernel, which reads the cache through block tables (no gather), every
+    # token of the step (decode or prefill) is one query row:
+    token_block_tables: torch.Tensor | None = None  # [T, max_blocks] int32, the row's request's table
+    token_context_lens: torch.Tensor | None = None  # [T] int32: position + 1 (causal by construction)
     block_size: int = 16
 
 
@@ -62,17 +65,19 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
-    fused_decode: bool = False,
+    fused: bool = False,
 ) -> torch.Tensor:
+    if fused:
+        from splitserve.kernels.fused import paged_decode_attention
+
+        # The step's K/V are already in the cache, so causal attention over the whole step is one
+        # paged call: it beats SDPA's CPU kernel on prefill as well (GQA without repeating K/V).
+        return paged_decode_attention(q, k_cache, v_cache, meta.token_block_tables, meta.token_context_lens,
+                                      meta.block_size, scale)
     out = torch.empty_like(q)
     gqa = q.shape[1] != k.shape[1]
     nd = meta.num_decode
-    if nd and fused_decode:
-        from splitserve.kernels.fused import paged_decode_attention
-
-        paged_decode_attention(q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens,
-                               meta.block_size, scale, out=out[:nd])
-    elif nd:
+    if nd:
         out[:nd] = decode_attention(q[:nd], k_cache, v_cache, meta.decode_slots, meta.decode_padding, scale)
     for p in meta.prefills:
         qp = q[p.q_start : p.q_end].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
