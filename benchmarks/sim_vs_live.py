@@ -267,6 +267,13 @@ def main() -> int:
     ap.add_argument("--backoff", type=float, default=20.0, help="seconds to wait before a retry")
     ap.add_argument("--output", default=None, help="write the comparison as JSON")
     args = ap.parse_args()
+    if args.disaggregated and args.calibration is None:
+        # The live 1P1D server gives each worker one of the two cores: use the 1-thread calibration.
+        from splitserve.sim.calibration import DEFAULT_PATH
+
+        one_thread = os.path.join(os.path.dirname(DEFAULT_PATH), "local_cpu_1t.json")
+        if os.path.isfile(one_thread):
+            args.calibration = one_thread
 
     tmp = tempfile.mkdtemp(prefix="sim-vs-live-")
     port = free_port()

@@ -9,8 +9,8 @@ times each, and fits
              + c_kv_big * max(K - kv_knee, 0) + c_samp * S + c_chunk * P + c_mixed * [P and B > P]
 
 (P prefill chunks, i.e. chunks of more than one token. c_mixed is a step that mixes decodes and
-prefill chunks: on the reference path it runs both attention paths; on the fused path the fit
-still finds a few ms for such steps, so the term stays and the data decide.)
+prefill chunks: on the reference path it runs both attention paths; on the fused path it is
+one call, and the fit gives the term 0-6 ms depending on the day, so it stays and the data decide.)
 
 (T tokens computed, B sequences, A attention (query, key) pairs, K KV tokens read, S samples)
 by non-negative least squares on relative error. The file keeps the coefficients, every raw
