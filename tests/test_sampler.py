@@ -62,6 +62,29 @@ def test_sampling_follows_the_distribution():
     assert abs(frac - 0.75) < 0.04
 
 
+def test_inverse_cdf_edges_never_pick_a_zero_probability_token():
+    from splitserve.engine.sampler import _inverse_cdf_draw
+
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0]] * 4)
+    # u = 0 -> the first token with mass; u just under 1 (or rounding up to the total) -> the last.
+    picked = _inverse_cdf_draw(probs, [0.0, 0.49999, 0.5, 1.0 - 2**-53]).tolist()
+    assert picked == [1, 1, 3, 3]
+    assert _inverse_cdf_draw(probs[:1], [1.0]).tolist() == [3]  # at the total: the last token with mass, never 5
+
+
+def test_uniform_draws_are_uniform_and_unrelated_across_positions():
+    from splitserve.engine.sampler import _step_uniform
+
+    us = [_step_uniform(seed, i) for seed in range(50) for i in range(200)]
+    assert all(0.0 <= u < 1.0 for u in us)
+    assert abs(sum(us) / len(us) - 0.5) < 0.01
+    deciles = [sum(1 for u in us if k / 10 <= u < (k + 1) / 10) / len(us) for k in range(10)]
+    assert max(abs(d - 0.1) for d in deciles) < 0.01
+    pairs = list(zip(us[::2], us[1::2]))  # consecutive positions of one seed
+    corr = sum((a - 0.5) * (b - 0.5) for a, b in pairs) / len(pairs) / (1 / 12)
+    assert abs(corr) < 0.05
+
+
 def test_seeded_draws_do_not_depend_on_batch_or_position():
     torch.manual_seed(0)
     logits = torch.randn(4, 1000)

@@ -217,8 +217,9 @@ def measure(engine, *, repeats: int = 3, quick: bool = False, log=print) -> list
 
     def add(n_prompt: int, n_out: int) -> None:
         counter[0] += 1
+        # temperature 1, the API's default: live requests that set nothing are sampled, not greedy
         engine.add_request(f"cal-{counter[0]}", prompt(n_prompt),
-                           SamplingParams(max_tokens=n_out, ignore_eos=True, temperature=0.0))
+                           SamplingParams(max_tokens=n_out, ignore_eos=True, temperature=1.0, seed=counter[0]))
 
     def drain() -> None:
         while engine.has_unfinished():
