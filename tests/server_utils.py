@@ -13,6 +13,17 @@ import time
 import httpx
 
 
+SHM_DIR = "/dev/shm"
+
+
+def shm_files() -> set[str]:
+    """splitserve's shared-memory segments and arenas now on this host."""
+    try:
+        return {n for n in os.listdir(SHM_DIR) if n.startswith("splitserve-")}
+    except FileNotFoundError:
+        return set()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -46,6 +57,7 @@ class ServerProcess:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def start(self) -> "ServerProcess":
+        self.shm_before = shm_files()
         cmd = [sys.executable, "-m", "splitserve", "serve", "--port", str(self.port), *self.args]
         if self.api_key:
             cmd += ["--api-key", self.api_key]
@@ -112,6 +124,10 @@ class ServerProcess:
             os.kill(p, signal.SIGKILL)
         self.proc = None
         assert not orphans, f"worker processes outlived the server: {orphans}"
+        leaked = sorted(shm_files() - self.shm_before)
+        for name in leaked:
+            os.unlink(os.path.join(SHM_DIR, name))
+        assert not leaked, f"shared memory outlived the server: {leaked}"
 
     def __enter__(self) -> "ServerProcess":
         return self.start()

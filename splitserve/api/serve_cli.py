@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -122,7 +123,16 @@ async def serve(args: argparse.Namespace) -> None:
         max_model_len=cluster.max_model_len, max_inflight=seats * max(1, args.decode_workers if args.disaggregated else 1),
         api_key=args.api_key, metrics=ServerMetrics(cluster, name), started=time.time(),
     )
-    app = build_app(state)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        # uvicorn re-raises SIGTERM/SIGINT once it has served, which would kill this process
+        # before the `finally` below: the workers' orderly shutdown and the shared-memory
+        # cleanup have to happen in the app's lifespan, which uvicorn awaits first.
+        yield
+        await cluster.shutdown()
+
+    app = build_app(state, lifespan=lifespan)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
                                            timeout_graceful_shutdown=3, access_log=False))
     log.info("serving %s (%s) on http://%s:%d, ready in %.2fs", name, cluster.mode, args.host, args.port,

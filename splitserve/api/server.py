@@ -141,8 +141,8 @@ class BodySizeLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-def build_app(state: ServerState) -> FastAPI:
-    app = FastAPI(title="splitserve", docs_url=None, redoc_url=None, openapi_url=None)
+def build_app(state: ServerState, lifespan=None) -> FastAPI:
+    app = FastAPI(title="splitserve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.s = state
 
     @app.exception_handler(APIError)

@@ -189,6 +189,8 @@ class Cluster:
         return min(lens) if lens else 0
 
     async def shutdown(self) -> None:
+        if self._closing:  # the app's lifespan and the server's exit path both call this
+            return
         self._closing = True
         for t in self._tasks:
             t.cancel()
@@ -213,8 +215,9 @@ class Cluster:
                 w.push.close(0)
         self.collector.close(0)
         self.ctx.term()
-        shm.remove_segments(self.cluster_id)
+        removed = shm.remove_segments(self.cluster_id)
         shutil.rmtree(self._dir, ignore_errors=True)
+        log.info("cluster shut down; %d shared-memory segment(s) left by workers removed", removed)
 
     # ---- background loops ------------------------------------------------------------------
     async def _read_loop(self) -> None:
