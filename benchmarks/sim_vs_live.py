@@ -230,9 +230,13 @@ def fit_overhead(args, proc, port: int, tmp: str) -> None:
                 delta, *_ = np.linalg.lstsq(np.array(rows), np.array(ys), rcond=None)
             else:
                 delta = [ys[0], 0.0]
-            server = {"step_s": min(0.03, max(0.0, server["step_s"] + 0.7 * float(delta[0]))),
-                      "token_s": min(0.005, max(0.0, server["token_s"] + 0.7 * float(delta[1]))),
-                      "request_s": min(0.5, max(0.0, server["request_s"] + 0.7 * ttft[0]))}
+            terms = set(args.fit_terms.split(","))
+            server = {"step_s": min(0.03, max(0.0, server["step_s"] + 0.7 * float(delta[0])))
+                      if "step" in terms else 0.0,
+                      "token_s": min(0.005, max(0.0, server["token_s"] + 0.7 * float(delta[1])))
+                      if "token" in terms else 0.0,
+                      "request_s": min(0.5, max(0.0, server["request_s"] + 0.7 * ttft[0]))
+                      if "request" in terms else 0.0}
     finally:
         args.num_requests, args.seed = n, seed
     server.update({"fitted_at_rates": rates, "date": time.strftime("%Y-%m-%d")})
@@ -258,6 +262,8 @@ def main() -> int:
     ap.add_argument("--disaggregated", action="store_true")
     ap.add_argument("--fit-overhead", action="store_true")
     ap.add_argument("--fit-rates", default="0.5,1.4", help="rates of the overhead fit (not validated)")
+    ap.add_argument("--fit-terms", default="step,token,request",
+                    help="which server overheads to fit: step, token, request (comma-separated)")
     ap.add_argument("--fit-requests", type=int, default=40)
     ap.add_argument("--fit-repeats", type=int, default=2)
     ap.add_argument("--calibration", default=None)
