@@ -53,6 +53,23 @@ def test_cuda_bf16_demo_runs_and_samples():
     assert engine.is_idle()
 
 
+def test_cuda_seeded_sampling_is_batch_invariant(tiny_model_root):
+    """Sampled draws on the GPU depend only on (seed, token index): alone or in a batch, the same."""
+    from splitserve.config import EngineConfig
+    from splitserve.engine.engine import LLMEngine
+    from splitserve.engine.sampling_params import SamplingParams
+    from tests.hf_models import write_tiny_model
+
+    path = write_tiny_model(tiny_model_root, "qwen3")
+    engine = LLMEngine(EngineConfig(model=path, dtype="float32", device="cuda", max_model_len=256, num_kv_blocks=128))
+    params = [SamplingParams(max_tokens=12, temperature=0.9, top_p=0.95, seed=s, ignore_eos=True) for s in range(4)]
+    prompts = [[5 + i, 17, 33, 2 + i] for i in range(4)]
+    alone = [engine.generate([p], sp)[0] for p, sp in zip(prompts, params)]
+    assert engine.generate(prompts, params) == alone
+    assert len({tuple(a) for a in alone}) > 1
+    assert engine.is_idle()
+
+
 @pytest.fixture(scope="module")
 def smollm2_shaped(tmp_path_factory):
     """Random weights in the demo model's shapes, with a byte-level tokenizer and a chat template."""
