@@ -26,7 +26,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 from engine_speed import decode_weight_bytes  # noqa: E402
-from engine_workload import CONCURRENT, NEW_TOKENS, PREFILL_LEN, PROMPT_LEN, prompts  # noqa: E402
+from engine_workload import SplitserveEngine, run  # noqa: E402
 from make_random_model import write_random_llama  # noqa: E402
 
 
@@ -57,27 +57,8 @@ def machine_limits() -> dict:
             "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
 
 
-class Ours:
-    name = "splitserve"
-
-    def __init__(self, path: str) -> None:
-        from splitserve.config import EngineConfig
-        from splitserve.engine.engine import LLMEngine
-
-        self.engine = LLMEngine(EngineConfig(model=path, dtype="bfloat16", device="cuda", max_model_len=2048,
-                                             max_num_batched_tokens=2048, max_num_seqs=64,
-                                             enable_prefix_caching=False, kv_cache_memory_gb=8))
-        self.vocab = self.engine.arch.vocab_size
-
-    def generate(self, batch: list[list[int]], max_tokens: int) -> int:
-        from splitserve.engine.sampling_params import SamplingParams
-
-        outs = self.engine.generate(batch, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
-        return sum(len(o) for o in outs)
-
-
 class Transformers:
-    name = "transformers"
+    """The peer, with engine_workload's interface (generate -> tokens produced, vocab)."""
 
     def __init__(self, path: str) -> None:
         import torch
@@ -93,26 +74,6 @@ class Transformers:
             out = self.model.generate(ids, attention_mask=self.torch.ones_like(ids), max_new_tokens=max_tokens,
                                       min_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
         return (out.shape[1] - ids.shape[1]) * out.shape[0]
-
-
-def run_workload(engine, name: str, seed: int) -> float:
-    def timed(batch, n):
-        t = time.perf_counter()
-        got = engine.generate(batch, n)
-        return time.perf_counter() - t, got
-
-    if name == "decode_b1":
-        p = prompts(1, PROMPT_LEN, engine.vocab, seed)
-        t_full, n_full = timed(p, NEW_TOKENS)
-        t_one, _ = timed(p, 1)
-        return (n_full - 1) / max(t_full - t_one, 1e-9)
-    if name == "throughput_32":
-        t, n = timed(prompts(CONCURRENT, PROMPT_LEN, engine.vocab, seed), NEW_TOKENS)
-        return n / t
-    if name == "prefill_1024":
-        t, _ = timed(prompts(1, PREFILL_LEN, engine.vocab, seed), 1)
-        return PREFILL_LEN / t
-    raise ValueError(name)
 
 
 def main() -> int:
@@ -132,15 +93,16 @@ def main() -> int:
         path = write_random_llama(os.path.join(args.models_dir, model), preset=model)
         weight_bytes = decode_weight_bytes(path)
         results = {}
-        for cls in (Ours, Transformers):
+        for name, make in (("splitserve", lambda: SplitserveEngine(path, None, device="cuda")),
+                           ("transformers", lambda: Transformers(path))):
             t0 = time.perf_counter()
-            engine = cls(path)
+            engine = make()
             load_s = time.perf_counter() - t0
-            engine.generate(prompts(2, 64, engine.vocab, 0), 4)  # warm-up
+            run(engine, "warmup", 0)
             for workload in ("decode_b1", "throughput_32", "prefill_1024"):
-                vals = [run_workload(engine, workload, seed) for seed in range(1, args.rounds + 1)]
-                results[(cls.name, workload)] = statistics.median(vals)
-            results[(cls.name, "load_s")] = load_s
+                vals = [run(engine, workload, seed)["tok_s"] for seed in range(1, args.rounds + 1)]
+                results[(name, workload)] = statistics.median(vals)
+            results[(name, "load_s")] = load_s
             del engine
             torch.cuda.empty_cache()
         for workload in ("decode_b1", "throughput_32", "prefill_1024"):

@@ -31,13 +31,15 @@ def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 
 
 class SplitserveEngine:
-    def __init__(self, model: str, threads: int) -> None:
+    def __init__(self, model: str, threads: int | None, device: str = "cpu") -> None:
         from splitserve.config import EngineConfig
         from splitserve.engine.engine import LLMEngine
 
-        self.engine = LLMEngine(EngineConfig(model=model, dtype="bfloat16", threads=threads, max_model_len=2048,
-                                             max_num_batched_tokens=2048, max_num_seqs=64,
-                                             enable_prefix_caching=False))
+        # On a GPU a fixed 8 GB KV pool, not 80% of free memory: a peer loads on the same card next.
+        kv_gb = 8.0 if device.startswith("cuda") else None
+        self.engine = LLMEngine(EngineConfig(model=model, dtype="bfloat16", threads=threads, device=device,
+                                             max_model_len=2048, max_num_batched_tokens=2048, max_num_seqs=64,
+                                             enable_prefix_caching=False, kv_cache_memory_gb=kv_gb))
         self.vocab = self.engine.arch.vocab_size
 
     def generate(self, batch: list[list[int]], max_tokens: int) -> int:

@@ -230,13 +230,11 @@ def fit_overhead(args, proc, port: int, tmp: str) -> None:
                 delta, *_ = np.linalg.lstsq(np.array(rows), np.array(ys), rcond=None)
             else:
                 delta = [ys[0], 0.0]
+            server = {"step_s": min(0.03, max(0.0, server["step_s"] + 0.7 * float(delta[0]))),
+                      "token_s": min(0.005, max(0.0, server["token_s"] + 0.7 * float(delta[1]))),
+                      "request_s": min(0.5, max(0.0, server["request_s"] + 0.7 * ttft[0]))}
             terms = set(args.fit_terms.split(","))
-            server = {"step_s": min(0.03, max(0.0, server["step_s"] + 0.7 * float(delta[0])))
-                      if "step" in terms else 0.0,
-                      "token_s": min(0.005, max(0.0, server["token_s"] + 0.7 * float(delta[1])))
-                      if "token" in terms else 0.0,
-                      "request_s": min(0.5, max(0.0, server["request_s"] + 0.7 * ttft[0]))
-                      if "request" in terms else 0.0}
+            server = {k: (v if k.removesuffix("_s") in terms else 0.0) for k, v in server.items()}
     finally:
         args.num_requests, args.seed = n, seed
     server.update({"fitted_at_rates": rates, "date": time.strftime("%Y-%m-%d")})

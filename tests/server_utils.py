@@ -12,16 +12,12 @@ import time
 
 import httpx
 
-
-SHM_DIR = "/dev/shm"
+from splitserve.kv import shm
 
 
 def shm_files() -> set[str]:
-    """splitserve's shared-memory segments and arenas now on this host."""
-    try:
-        return {n for n in os.listdir(SHM_DIR) if n.startswith("splitserve-")}
-    except FileNotFoundError:
-        return set()
+    """splitserve's shared-memory segments and arenas now on this host, of any cluster."""
+    return set(shm.list_segments(""))
 
 
 def free_port() -> int:
@@ -126,7 +122,7 @@ class ServerProcess:
         assert not orphans, f"worker processes outlived the server: {orphans}"
         leaked = sorted(shm_files() - self.shm_before)
         for name in leaked:
-            os.unlink(os.path.join(SHM_DIR, name))
+            shm.unlink(name)
         assert not leaked, f"shared memory outlived the server: {leaked}"
 
     def __enter__(self) -> "ServerProcess":

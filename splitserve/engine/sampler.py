@@ -27,16 +27,9 @@ class TokenLogprobs:
 _M64 = 2**64 - 1
 
 
-def _step_seed(seed: int, index: int) -> int:
-    # splitmix64-style mixing keeps consecutive steps' streams unrelated.
-    z = (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & _M64
-    z ^= z >> 31
-    return z & (2**63 - 1)
-
-
 def _step_uniform(seed: int, index: int) -> float:
-    """A uniform draw in [0, 1) fixed by (seed, output index): the splitmix64 finaliser, 53 bits."""
-    z = (_step_seed(seed, index) + 0x9E3779B97F4A7C15) & _M64
+    """A uniform draw in [0, 1) fixed by (seed, output index): splitmix64 over the pair, 53 bits."""
+    z = (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & _M64
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
     z ^= z >> 31
@@ -69,8 +62,11 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> tuple[list[int], li
         logits = logits.clone()
         apply_penalties(logits, requests)
 
-    tokens = torch.argmax(logits, dim=-1)
     random_rows = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
+    if len(random_rows) < len(requests):
+        tokens = torch.argmax(logits, dim=-1)
+    else:  # every row samples: the argmax over the vocabulary would be thrown away
+        tokens = torch.empty(len(requests), dtype=torch.long, device=logits.device)
     if random_rows:
         sub = _process_for_sampling(logits[random_rows], [requests[i].sampling_params for i in random_rows])
         tokens[random_rows] = _inverse_cdf_draw(torch.softmax(sub.float(), dim=-1), [

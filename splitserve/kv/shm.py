@@ -69,7 +69,8 @@ def unlink(name: str) -> None:
 
 
 def list_segments(cluster_id: str, arenas: bool = True) -> list[str]:
-    prefix = f"splitserve-{_SAFE.sub('_', cluster_id)}-"
+    """One cluster's segments, or every splitserve segment on the host when cluster_id is ""."""
+    prefix = f"splitserve-{_SAFE.sub('_', cluster_id)}-" if cluster_id else "splitserve-"
     names = sorted(os.path.basename(p) for p in glob.glob(os.path.join(SHM_DIR, prefix + "*")))
     return names if arenas else [n for n in names if "-arena-" not in n]
 
