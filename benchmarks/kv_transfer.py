@@ -3,7 +3,15 @@
     python benchmarks/kv_transfer.py [--tokens 2000] [--rounds 5]
 
 Runs the real connector halves (KVSender in one process, KVReceiver + Scheduler in another) for
-one request's KV and reports delivered GB/s, next to:
+one request's KV and reports delivered GB/s for each way the connector moves KV:
+  * shm direct: the decode side's cache is a shared-memory segment; its KVPlacement (sent when it
+    reserves, which overlaps the prefill's compute in the server) tells the sender where to write:
+    one copy. Timed from the first layer's send, after the placement arrived.
+  * shm arena: the path before a placement arrives: copy into the sender's arena, the receiver
+    copies into its blocks.
+  * TCP data channel: sent from the cache slots, received into the reserved slots (kv/tcp.py).
+  * TCP ZeroMQ frames: the fallback for a peer without a data port (gather, frame, land).
+next to:
   * memcpy: one process copying a buffer of the same size (the ceiling for shared memory);
   * loopback TCP: a raw socket stream between two processes (the ceiling for TCP).
 Targets (issue 3): shared memory >= 80% of memcpy, TCP >= 80% of the raw loopback stream.
@@ -15,6 +23,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import select
 import socket
 import statistics
 import time
@@ -26,14 +35,19 @@ SHAPES = {
 }
 
 
-def _caches(layers, slots, heads, dim, fill):
+def _caches(layers, slots, heads, dim, fill, storage=None):
     import torch
 
-    kv = torch.full((layers, 2, slots, heads, dim), fill, dtype=torch.bfloat16)
+    if storage is not None:
+        kv = torch.frombuffer(storage, dtype=torch.bfloat16, count=layers * 2 * slots * heads * dim)
+        kv = kv.view(layers, 2, slots, heads, dim)
+        kv.fill_(fill)
+    else:
+        kv = torch.full((layers, 2, slots, heads, dim), fill, dtype=torch.bfloat16)
     return kv, [(kv[i, 0], kv[i, 1]) for i in range(layers)]
 
 
-def _receiver(addr, shape, tokens, secret, q, out):
+def _receiver(addr, shape, tokens, secret, q, out, writer="", cache_name=None, data=False):
     import torch
     import zmq
 
@@ -42,35 +56,53 @@ def _receiver(addr, shape, tokens, secret, q, out):
     from splitserve.engine.request import Request
     from splitserve.engine.sampling_params import SamplingParams
     from splitserve.engine.scheduler import Scheduler
+    from splitserve.kv import shm
     from splitserve.kv.connector import KVReceiver
 
     torch.set_num_threads(1)
     layers, heads, dim = shape
     bs = 16
     blocks = tokens // bs + 8
-    _, caches = _caches(layers, blocks * bs, heads, dim, 0.0)
+    seg = None
+    if cache_name:
+        seg = shm.Segment(cache_name, size=layers * 2 * blocks * bs * heads * dim * 2)
+    _, caches = _caches(layers, blocks * bs, heads, dim, 0.0, seg.buf if seg else None)
     sched = Scheduler(SchedulerConfig(num_blocks=blocks, block_size=bs, max_model_len=tokens + 16))
-    rx = KVReceiver(sched, caches, bs)
     ctx = zmq.Context()
+    back = ctx.socket(zmq.PUSH)
+    if writer:
+        back.connect(writer)
+
+    def send(_addr, frames):
+        back.send_multipart([secret, *frames])
+
+    rx = KVReceiver(sched, caches, bs, send=send, shared_cache=cache_name, reply_to=addr,
+                    data_host="127.0.0.1" if data else None, secret=secret)
     pull = ctx.socket(zmq.PULL)
     pull.bind(addr)
-    out.put("ready")
+    out.put(("ready", rx.data.address if rx.data else ""))
     while True:
         rid = q.get()
         if rid is None:
             break
         req = Request(rid, list(range(tokens)), SamplingParams(max_tokens=2))
-        rx.reserve(req, 0)
+        rx.reserve(req, 0, writer=writer, writer_pid=os.getppid())
         t_first = None
         while rid not in sched.requests or rid in sched.waiting_for_kv:
-            frames = pull.recv_multipart(copy=False)
-            if t_first is None:
-                t_first = time.perf_counter()
-            msg = m.decode_to_worker(frames[1].bytes)
-            if isinstance(msg, m.KVChunk):
-                rx.on_chunk(msg, tuple(f.buffer for f in frames[2:]))
-            else:
-                rx.on_done(msg)
+            poller = zmq.Poller()  # as the worker does: the inbox and the data sockets together
+            poller.register(pull, zmq.POLLIN)
+            for fd in rx.data.fds() if rx.data else ():
+                poller.register(fd, zmq.POLLIN)
+            for sock, _ in poller.poll(1000):
+                if sock is not pull:
+                    rx.data.pump(sock)
+                    continue
+                frames = pull.recv_multipart(copy=False)
+                msg = m.decode_to_worker(frames[1].bytes)
+                if isinstance(msg, m.KVChunk):
+                    rx.on_chunk(msg, tuple(f.buffer for f in frames[2:]))
+                else:
+                    rx.on_done(msg)
             rx.poll()
         t_done = time.perf_counter()
         ok = bool((caches[-1][1][: tokens] == 1.0).all())
@@ -78,20 +110,27 @@ def _receiver(addr, shape, tokens, secret, q, out):
         out.put((t_done, rx.bytes_received, ok))
         rx.bytes_received = 0
     pull.close(0)
+    back.close(0)
+    rx.close()
     ctx.term()
+    if seg is not None:
+        seg.unlink()
 
 
 def _send_one(transport, addr, shape, tokens, rid, sender_state):
-    import torch
     from types import SimpleNamespace
 
+    from splitserve.cluster import messages as m
     from splitserve.engine.scheduler import ScheduledChunk, StepPlan
 
-    kv, caches, sock, secret, tx = sender_state
+    kv, caches, inbox, data_addr, tx = sender_state
     bs = 16
     table = list(range(tokens // bs + 1))
     req = SimpleNamespace(request_id=rid)
-    tx.add(rid, addr, 0, transport, tokens)
+    tx.add(rid, addr, 0, "shm" if transport.startswith("shm") else "tcp", tokens, data_addr)
+    if transport == "shm-direct":  # the decode side's placement (in the server it overlaps the prefill)
+        tx.place(m.decode_to_worker(inbox.recv_multipart()[1]))
+        assert tx.transfers[rid].dest is not None
     plan = StepPlan([ScheduledChunk(req, 0, tokens, True)])
     t0 = time.perf_counter()
     tx.begin_step(plan, {rid: table})
@@ -99,6 +138,9 @@ def _send_one(transport, addr, shape, tokens, rid, sender_state):
         tx.on_layer(layer)
     tx.end_step()
     tx.finish(rid, 7)
+    while tx.data_waiting():  # what the socket could not take at once (the worker's loop does this)
+        select.select([], tx.data_waiting(), [], 1.0)
+        tx.flush_data()
     return t0
 
 
@@ -162,17 +204,26 @@ def measure(transport, shape, tokens, rounds):
 
     torch.set_num_threads(1)
     ctx = zmq.Context()
-    addr = f"ipc:///tmp/kvbench-{os.getpid()}-{transport}.sock" if transport == "shm" else "tcp://127.0.0.1:0"
-    if transport == "tcp":
+    owner = f"kvbench{os.getpid()}"
+    addr = f"ipc:///tmp/kvbench-{os.getpid()}-{transport}.sock"
+    inbox, writer, cache_name = None, "", None
+    if transport == "shm-direct":
+        writer = f"ipc:///tmp/kvbench-{os.getpid()}-writer.sock"
+        inbox = ctx.socket(zmq.PULL)
+        inbox.bind(writer)
+        cache_name = shm.segment_name(owner, "rx-kvcache-1")
+    if transport.startswith("tcp"):
         s = socket.socket()
         s.bind(("127.0.0.1", 0))
         addr = f"tcp://127.0.0.1:{s.getsockname()[1]}"
         s.close()
     spawn = mp.get_context("spawn")
     q, out = spawn.Queue(), spawn.Queue()  # one queue per direction
-    proc = spawn.Process(target=_receiver, args=(addr, shape, tokens, b"x", q, out), daemon=True)
+    proc = spawn.Process(target=_receiver, args=(addr, shape, tokens, b"x", q, out, writer, cache_name,
+                                                 transport == "tcp-data"), daemon=True)
     proc.start()
-    assert out.get(timeout=120) == "ready"
+    ready, data_addr = out.get(timeout=120)
+    assert ready == "ready"
     push = ctx.socket(zmq.PUSH)
     push.setsockopt(zmq.SNDHWM, 100000)
     push.connect(addr)
@@ -182,13 +233,13 @@ def measure(transport, shape, tokens, rounds):
     def send(a, frames):
         push.send_multipart([b"x", *frames], copy=len(frames) == 1)
 
-    tx = KVSender(f"kvbench{os.getpid()}", caches, 16, send, arena_bytes=2 * layers * tokens * 4 * heads * dim)
+    tx = KVSender(owner, caches, 16, send, arena_bytes=2 * layers * tokens * 4 * heads * dim, secret=b"x")
     tx.ensure_arena()
     results = []
     for r in range(rounds + 1):  # round 0 warms both sides' mappings and allocators
         rid = f"r{r}"
         q.put(rid)
-        t0 = _send_one(transport, addr, shape, tokens, rid, (kv, caches, push, b"x", tx))
+        t0 = _send_one(transport, addr, shape, tokens, rid, (kv, caches, inbox, data_addr, tx))
         t_done, nbytes, ok = out.get(timeout=120)
         assert ok, "KV did not land intact"
         tx.release(rid)  # the receiver's KVRelease, delivered by hand: the region is reused next round
@@ -197,9 +248,11 @@ def measure(transport, shape, tokens, rounds):
     q.put(None)
     proc.join(5)
     push.close(0)
-    ctx.term()
+    if inbox is not None:
+        inbox.close(0)
     tx.close()
-    assert not shm.list_segments(f"kvbench{os.getpid()}")
+    ctx.term()
+    assert not shm.list_segments(owner)
     return statistics.median(results), nbytes
 
 
@@ -210,19 +263,24 @@ def main() -> None:
     ap.add_argument("--shape", choices=sorted(SHAPES), default=None)
     args = ap.parse_args()
     print(f"# KV transfer, {args.tokens}-token prompt, bf16, 1 thread per side, {time.strftime('%Y-%m-%d %H:%M')}")
-    print("| model shape | KV bytes | memcpy GB/s | shm GB/s | shm / memcpy | raw TCP GB/s | TCP GB/s | TCP / raw |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model shape | KV bytes | path | GB/s | ceiling | ceiling GB/s | ratio |")
+    print("|---|---|---|---|---|---|---|")
     for name in [args.shape] if args.shape else list(SHAPES):
         shape = SHAPES[name]
         nbytes = shape[0] * args.tokens * 2 * shape[1] * shape[2] * 2
-        mc, sh, raw, tcp = [], [], [], []
+        paths = [("shm-direct", "shm direct", "memcpy"), ("shm", "shm arena", "memcpy"),
+                 ("tcp-data", "TCP data channel", "raw loopback"), ("tcp", "TCP ZeroMQ frames", "raw loopback")]
+        got: dict[str, list[float]] = {p: [] for p, _, _ in paths}
+        mc, raw = [], []
         for _ in range(args.rounds):  # interleaved A/B rounds
             mc.append(_memcpy_gbps(nbytes))
-            sh.append(measure("shm", shape, args.tokens, 3)[0])
             raw.append(_raw_tcp_gbps(nbytes))
-            tcp.append(measure("tcp", shape, args.tokens, 3)[0])
-        m_, s_, r_, t_ = (statistics.median(x) for x in (mc, sh, raw, tcp))
-        print(f"| {name} | {nbytes / 1e6:.1f} MB | {m_:.2f} | {s_:.2f} | {s_ / m_:.0%} | {r_:.2f} | {t_:.2f} | {t_ / r_:.0%} |")
+            for p, _, _ in paths:
+                got[p].append(measure(p, shape, args.tokens, 3)[0])
+        ceilings = {"memcpy": statistics.median(mc), "raw loopback": statistics.median(raw)}
+        for p, label, ceiling in paths:
+            g, c = statistics.median(got[p]), ceilings[ceiling]
+            print(f"| {name} | {nbytes / 1e6:.1f} MB | {label} | {g:.2f} | {ceiling} | {c:.2f} | {g / c:.0%} |")
 
 
 if __name__ == "__main__":

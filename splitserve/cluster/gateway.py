@@ -378,9 +378,14 @@ class Cluster:
         else:
             bs = self.workers[d].ready.block_size
             reuse = placement.decode_cached_tokens // bs * bs
-            await self._send(d, m.ReserveKV(sub_id, prompt, params, seed, reuse, outs))
-            await self._send(p, m.PrefillRequest(sub_id, prompt, params, seed, d, self.workers[d].address, reuse,
-                                                 self._transport(p, d), outs))
+            transport = self._transport(p, d)
+            pw = self.workers[p]
+            await self._send(d, m.ReserveKV(sub_id, prompt, params, seed, reuse, outs, pw.address,
+                                            pw.ready.pid if pw.ready else 0, transport))
+            dw = self.workers[d]
+            data_addr = dw.ready.kv_data_addr if transport == "tcp" and dw.ready else ""
+            await self._send(p, m.PrefillRequest(sub_id, prompt, params, seed, d, dw.address, reuse, transport, outs,
+                                                 data_addr))
         self.router.on_dispatch(placement, len(prompt) + len(emitted))
         return attempt
 
@@ -489,6 +494,7 @@ class Cluster:
                 },
                 "transfers": None if s is None else {
                     "active": s.active_transfers, "bytes_sent": s.kv_bytes_sent, "bytes_received": s.kv_bytes_received,
+                    "bytes_direct": s.kv_bytes_direct,  # no staging copy (shm placement / TCP data port)
                     "done": s.kv_transfers_done, "failed": s.kv_transfers_failed,
                     "gb_per_s": (s.kv_bytes_received / s.kv_transfer_seconds / 1e9) if s.kv_transfer_seconds else None,
                 },

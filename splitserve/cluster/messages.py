@@ -41,6 +41,7 @@ class PrefillRequest(Msg):
     send_from: int  # the decode worker caches tokens [0, send_from) already
     transport: str  # "shm" | "tcp"
     output_token_ids: list[int] = []
+    dest_data_addr: str = ""  # tcp: the decode worker's raw KV data port (HOST:PORT), if it has one
 
 
 class ReserveKV(Msg):
@@ -52,6 +53,9 @@ class ReserveKV(Msg):
     seed: int
     reuse_tokens: int  # take tokens [0, reuse_tokens) from the local prefix cache
     output_token_ids: list[int] = []
+    prefill_addr: str = ""  # the prefill worker's inbox, for a KVPlacement (same host, shm)
+    prefill_pid: int = 0  # same host: lets the decode side tell when a writer can no longer write
+    transport: str = ""
 
 
 class AbortRequests(Msg):
@@ -84,6 +88,14 @@ class KVChunk(Msg):
     arena: bool = False  # shm_name is the sender's long-lived arena (release it) or a one-off segment (unlink it)
     k_offset: int = 0
     v_offset: int = 0
+    direct: bool = False  # already written into the receiver's own cache (after a KVPlacement)
+    num_layers_covered: int = 1  # a direct notice covers layers [layer, layer + num_layers_covered)
+
+
+class KVStopped(Msg):
+    """Prefill side -> decode side: no more writes for this request (it ended without PrefillDone)."""
+
+    request_id: str
 
 
 class PrefillDone(Msg):
@@ -99,6 +111,28 @@ class KVRelease(Msg):
     request_id: str
 
 
+class KVPlacement(Msg):
+    """Decode side -> prefill side, same host: write this request's KV straight into my cache.
+
+    The decode worker's KV cache is a shared-memory segment, [layers, 2, slots, heads, head_dim];
+    `block_ids` are the blocks reserved for the request. The prefill worker copies each computed
+    layer into those slots (one copy, no staging) and sends a `direct` KVChunk notice. It must end
+    every placed transfer with PrefillDone or KVStopped: until then the decode side keeps the
+    blocks, so a late write can never land in a block handed to someone else.
+    """
+
+    request_id: str
+    cache_name: str
+    num_layers: int
+    num_slots: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+    block_size: int
+    block_ids: list[int]
+    reply_to: str  # the decode worker's inbox
+
+
 # ---- worker -> gateway ------------------------------------------------------------------------
 class Ready(Msg):
     worker_id: str
@@ -111,6 +145,7 @@ class Ready(Msg):
     vocab_size: int
     load_seconds: float
     host: str = ""
+    kv_data_addr: str = ""  # HOST:PORT of its raw TCP KV data port
 
 
 class TokenOut(Msg):
@@ -156,9 +191,11 @@ class Stats(Msg):
     kv_transfers_failed: int = 0
     active_transfers: int = 0
     kv_events: list[tuple[str, bytes]] = []
+    kv_bytes_direct: int = 0  # moved with no staging copy: shm writes into a peer's cache, TCP into ours
 
 
-ToWorker = AddRequest | PrefillRequest | ReserveKV | AbortRequests | Shutdown | KVChunk | PrefillDone | KVRelease
+ToWorker = (AddRequest | PrefillRequest | ReserveKV | AbortRequests | Shutdown | KVChunk | PrefillDone | KVRelease
+            | KVPlacement | KVStopped)
 FromWorker = Ready | Outputs | RequestError | Stats
 
 _encoder = msgspec.msgpack.Encoder()

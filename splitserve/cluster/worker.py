@@ -59,10 +59,17 @@ class Worker:
         self.gateway.connect(gateway_addr)
         self.peers: dict[str, object] = {}
         runner = engine.runner
+        from splitserve.kv.tcp import data_host
+
         engine.kv_sender = KVSender(cluster_id, runner.kv_caches, engine.config.block_size, self.send_peer,
-                                    reply_to=self.address)
+                                    reply_to=self.address, secret=secret)
         engine.kv_receiver = KVReceiver(engine.scheduler, runner.kv_caches, engine.config.block_size,
-                                        send=self.send_peer)
+                                        send=self.send_peer, reply_to=self.address,
+                                        shared_cache=engine.kv_segment.name if engine.kv_segment else None,
+                                        data_host=data_host(self.address) if role == "decode" else None,
+                                        secret=secret)
+        engine.kv_sender.fetch_placements = self.fetch_placements
+        self.deferred: list = []  # messages read between layers, handled after the step
         if role == "prefill":
             engine.kv_sender.ensure_arena()  # fault its pages in now, not during the first request
         engine.scheduler.block_manager.events = []
@@ -89,8 +96,10 @@ class Worker:
     def ready_message(self, load_seconds: float) -> m.Ready:
         e = self.engine
         bm = e.scheduler.block_manager
+        data = e.kv_receiver.data
         return m.Ready(self.worker_id, os.getpid(), self.role, self.address, bm.num_blocks, bm.block_size,
-                       e.max_model_len, e.arch.vocab_size, load_seconds, socket.gethostname())
+                       e.max_model_len, e.arch.vocab_size, load_seconds, socket.gethostname(),
+                       data.address if data else "")
 
     # ---- loop ----------------------------------------------------------------------------
     def run(self) -> None:
@@ -98,17 +107,35 @@ class Worker:
 
         engine = self.engine
         while self.running:
-            busy = engine.has_work()
-            transfers = engine.kv_receiver.num_active or engine.kv_receiver.orphans
-            timeout = 0 if busy else (TRANSFER_POLL_MS if transfers else IDLE_POLL_MS)
-            if self.inbox.poll(timeout, zmq.POLLIN):
-                while True:
-                    try:
-                        # copy=False: KV payload frames are read in place, not copied into bytes first
-                        frames = self.inbox.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
+            if self.deferred:
+                deferred, self.deferred = self.deferred, []
+                for frames in deferred:
                     self.handle(frames)
+            busy = engine.has_work()
+            transfers = engine.kv_receiver.busy
+            timeout = 0 if busy else (TRANSFER_POLL_MS if transfers else IDLE_POLL_MS)
+            # One poll for the inbox and the raw KV data sockets (incoming chunks, queued sends).
+            poller = zmq.Poller()
+            poller.register(self.inbox, zmq.POLLIN)
+            data_in = engine.kv_receiver.data
+            for fd in data_in.fds() if data_in else ():
+                poller.register(fd, zmq.POLLIN)
+            for fd in engine.kv_sender.data_waiting():
+                poller.register(fd, zmq.POLLOUT)
+            events = poller.poll(timeout)
+            for sock, ev in events:
+                if sock is self.inbox:
+                    while True:
+                        try:
+                            # copy=False: KV payload frames are read in place, not copied into bytes first
+                            frames = self.inbox.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self.handle(frames)
+                elif ev & zmq.POLLOUT:
+                    engine.kv_sender.flush_data()
+                else:
+                    data_in.pump(sock)
             if not self.running:
                 break
             engine.kv_sender.poll()
@@ -122,6 +149,25 @@ class Worker:
             if not busy and self.parent_pid is not None and os.getppid() != self.parent_pid:
                 log.warning("parent gone; exiting")
                 break
+
+    def fetch_placements(self) -> None:
+        """Between layers of a step: apply KVPlacements now, keep every other message for later."""
+        import zmq
+
+        while True:
+            try:
+                frames = self.inbox.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            if len(frames) >= 2 and m.check_secret(frames[0].bytes, self.secret):
+                try:
+                    msg = m.decode_to_worker(frames[1].bytes)
+                except Exception:
+                    msg = None
+                if isinstance(msg, m.KVPlacement):
+                    self.engine.kv_sender.place(msg)
+                    continue
+            self.deferred.append(frames)
 
     def handle(self, frames: list) -> None:
         if len(frames) < 2 or not m.check_secret(frames[0].bytes, self.secret):
@@ -139,6 +185,10 @@ class Worker:
                 e.kv_receiver.on_chunk(msg, tuple(f.buffer for f in frames[2:]))
             elif isinstance(msg, m.KVRelease):
                 e.kv_sender.release(msg.request_id)
+            elif isinstance(msg, m.KVPlacement):
+                e.kv_sender.place(msg)
+            elif isinstance(msg, m.KVStopped):
+                e.kv_receiver.on_stopped(msg.request_id)
             elif isinstance(msg, m.PrefillDone):
                 e.kv_receiver.on_done(msg)
             elif isinstance(msg, m.AddRequest):
@@ -146,11 +196,11 @@ class Worker:
                               output_token_ids=msg.output_token_ids)
             elif isinstance(msg, m.PrefillRequest):
                 e.add_prefill_request(msg.request_id, msg.prompt_token_ids, msg.params, msg.seed, msg.dest_addr,
-                                      msg.send_from, msg.transport, msg.output_token_ids)
+                                      msg.send_from, msg.transport, msg.output_token_ids, msg.dest_data_addr)
             elif isinstance(msg, m.ReserveKV):
                 try:
                     e.reserve_kv(msg.request_id, msg.prompt_token_ids, msg.params, msg.seed, msg.reuse_tokens,
-                                 msg.output_token_ids)
+                                 msg.output_token_ids, msg.prefill_addr, msg.prefill_pid, msg.transport)
                 except ValueError as exc:
                     retry = "no longer cached" in str(exc)
                     self.to_gateway(m.RequestError(msg.request_id, str(exc), self.worker_id, retry))
@@ -204,11 +254,13 @@ class Worker:
             bm.num_used_blocks, bm.num_free_blocks, s.num_waiting_tokens, bm.num_queried_tokens, bm.num_hit_tokens,
             s.num_preemptions, e.num_steps, tx.bytes_sent, rx.bytes_received, rx.transfer_seconds, rx.num_done,
             rx.num_failed, rx.num_active + tx.num_pending, events,
+            tx.bytes_direct + (rx.data.bytes_direct if rx.data else 0),
         )
 
     def close(self) -> None:
         self.engine.kv_sender.close()
         self.engine.kv_receiver.close()
+        self.engine.close()
         for sock in self.peers.values():
             sock.close(0)
         self.inbox.close(0)
@@ -225,7 +277,13 @@ def run_worker(worker_id: str, role: str, engine_config: dict, eos_token_ids: li
     gateway = None
     try:
         t0 = time.perf_counter()
-        engine = LLMEngine(EngineConfig(**engine_config), tokenizer_eos=frozenset(eos_token_ids))
+        from splitserve.kv import shm
+
+        # A decode worker keeps its CPU KV cache in shared memory: same-host prefill workers write
+        # each request's KV straight into its blocks (KVPlacement), one copy instead of two.
+        kv_segment = shm.segment_name(cluster_id, f"kvcache-{os.getpid()}") if role == "decode" else None
+        engine = LLMEngine(EngineConfig(**engine_config), tokenizer_eos=frozenset(eos_token_ids),
+                           kv_cache_segment=kv_segment)
         worker = Worker(worker_id, role, engine, secret, ctx, inbox, gateway_addr, cluster_id, parent_pid)
     except Exception as exc:  # report, then exit: the gateway turns this into a clear startup error
         log.exception("worker failed to start")

@@ -61,7 +61,10 @@ def _cpu_has_bf16() -> bool:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, tokenizer_eos: frozenset[int] = frozenset()) -> None:
+    def __init__(self, config: EngineConfig, tokenizer_eos: frozenset[int] = frozenset(),
+                 kv_cache_segment: str | None = None) -> None:
+        """`kv_cache_segment`: on CPU, keep the KV cache in this shared-memory segment (created
+        here, removed by `close()`) so a same-host prefill worker can write into it directly."""
         t0 = time.perf_counter()
         self.config = config
         if config.threads:
@@ -86,7 +89,14 @@ class LLMEngine:
             enable_prefix_caching=config.enable_prefix_caching,
             max_waiting=config.max_waiting,
         ))
-        self.runner = ModelRunner(self.model, num_blocks, config.block_size)
+        self.kv_segment = None
+        if kv_cache_segment and self.device.type == "cpu":
+            from splitserve.kv import shm
+
+            nbytes = kv_bytes_per_token(self.model) * config.block_size * num_blocks
+            self.kv_segment = shm.Segment(kv_cache_segment, size=nbytes)
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size,
+                                  kv_storage=self.kv_segment.buf if self.kv_segment else None)
         self.eos_token_ids = frozenset(self.arch.eos_token_ids) | tokenizer_eos
         self.kv_sender = None  # set by a prefill worker (splitserve.kv.connector.KVSender)
         self.kv_receiver = None  # set by a decode worker (splitserve.kv.connector.KVReceiver)
@@ -136,23 +146,25 @@ class LLMEngine:
 
     def add_prefill_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, seed: int,
                             dest_addr: str, send_from: int, transport: str,
-                            output_token_ids: list[int] | None = None) -> Request:
+                            output_token_ids: list[int] | None = None, data_addr: str = "") -> Request:
         """Prefill here and stream the KV of tokens [send_from, end) to a decode worker."""
         req = self.make_request(request_id, prompt_token_ids, params, seed, output_token_ids, prefill_only=True)
         if not 0 <= send_from < req.num_tokens:
             raise ValueError("send_from must be inside the prompt")
         self.scheduler.add_request(req)
-        self.kv_sender.add(request_id, dest_addr, send_from, transport, req.num_tokens)
+        self.kv_sender.add(request_id, dest_addr, send_from, transport, req.num_tokens, data_addr)
         return req
 
     def reserve_kv(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, seed: int,
-                   reuse_tokens: int, output_token_ids: list[int] | None = None) -> None:
+                   reuse_tokens: int, output_token_ids: list[int] | None = None, prefill_addr: str = "",
+                   prefill_pid: int = 0, transport: str = "") -> None:
         """Decode side of a handoff: blocks for KV a prefill worker is computing. Raises ValueError
-        when it cannot work (bad ids, too long, prefix gone)."""
+        when it cannot work (bad ids, too long, prefix gone). With a shared cache and an shm
+        transport, the prefill worker at `prefill_addr` is told where to write (KVPlacement)."""
         req = self.make_request(request_id, prompt_token_ids, params, seed, output_token_ids)
         if req.num_tokens >= self.max_model_len:
             raise ValueError(f"prompt of {req.num_tokens} tokens does not fit max_model_len={self.max_model_len}")
-        error = self.kv_receiver.reserve(req, reuse_tokens)
+        error = self.kv_receiver.reserve(req, reuse_tokens, prefill_addr if transport == "shm" else "", prefill_pid)
         if error:
             raise ValueError(error)
 
@@ -160,6 +172,8 @@ class LLMEngine:
         found = False
         if self.kv_receiver is not None:
             found = self.kv_receiver.drop(request_id)
+            if request_id in self.kv_receiver.fenced:
+                return True  # its blocks stay until the prefill worker can no longer write them
         if self.kv_sender is not None:
             self.kv_sender.abort(request_id)
         return self.scheduler.finish(request_id, status) is not None or found
@@ -222,8 +236,14 @@ class LLMEngine:
 
     def is_idle(self) -> bool:
         busy_transfers = (self.kv_sender is not None and self.kv_sender.num_pending) or (
-            self.kv_receiver is not None and (self.kv_receiver.transfers or self.kv_receiver.orphans))
+            self.kv_receiver is not None and self.kv_receiver.busy)
         return self.scheduler.is_idle() and not busy_transfers
+
+    def close(self) -> None:
+        """Remove the shared KV cache segment (the mapping goes with the last tensor view)."""
+        if self.kv_segment is not None:
+            self.kv_segment.unlink()
+            self.kv_segment.close()
 
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()

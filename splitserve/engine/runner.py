@@ -29,7 +29,9 @@ def kv_bytes_per_token(model: LlamaModel) -> int:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int) -> None:
+    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, kv_storage=None) -> None:
+        """`kv_storage`: a writable buffer (a shared-memory mapping) to hold the CPU KV cache, so a
+        prefill worker on the same host can write a request's KV straight into its blocks."""
         self.model = model
         self.block_size = block_size
         self.num_blocks = num_blocks
@@ -38,7 +40,13 @@ class ModelRunner:
         # Uninitialised: a slot is only read after it is written, except that decode padding
         # reads slot 0, so block 0 starts as zeros (finite values times a zero weight stay zero).
         # Skipping the fill saves touching gigabytes at start-up.
-        self.kv_cache = torch.empty(shape, dtype=model.dtype, device=model.device)
+        if kv_storage is not None:
+            numel = 1
+            for n in shape:
+                numel *= n
+            self.kv_cache = torch.frombuffer(kv_storage, dtype=model.dtype, count=numel).view(shape)
+        else:
+            self.kv_cache = torch.empty(shape, dtype=model.dtype, device=model.device)
         self.kv_cache[:, :, :block_size].zero_()
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(cfg.num_layers)]
         self.device = model.device

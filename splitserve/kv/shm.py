@@ -68,11 +68,15 @@ def unlink(name: str) -> None:
         pass
 
 
+LONG_LIVED = ("-arena-", "-kvcache-")  # a worker's arena or KV cache, not a request's segment
+
+
 def list_segments(cluster_id: str, arenas: bool = True) -> list[str]:
-    """One cluster's segments, or every splitserve segment on the host when cluster_id is ""."""
+    """One cluster's segments, or every splitserve segment on the host when cluster_id is "".
+    `arenas=False` leaves out the long-lived ones (arenas, shared KV caches): per-request only."""
     prefix = f"splitserve-{_SAFE.sub('_', cluster_id)}-" if cluster_id else "splitserve-"
     names = sorted(os.path.basename(p) for p in glob.glob(os.path.join(SHM_DIR, prefix + "*")))
-    return names if arenas else [n for n in names if "-arena-" not in n]
+    return names if arenas else [n for n in names if not any(tag in n for tag in LONG_LIVED)]
 
 
 def remove_segments(cluster_id: str, request_prefix: str = "") -> int:

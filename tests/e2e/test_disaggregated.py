@@ -72,6 +72,9 @@ def test_disaggregated_output_identical_to_aggregated(reference, topology):
         moved = sum(w["transfers"]["bytes_received"] for w in decode)
         assert moved > 0 and sum(w["transfers"]["done"] for w in decode) > 0
         assert sum(w["transfers"]["bytes_sent"] for w in prefill) == moved
+        # The one-copy paths carry the KV: shm writes into the decode cache, or the TCP data port.
+        direct = sum(w["transfers"]["bytes_direct"] for w in (decode if "tcp" in topology else prefill))
+        assert direct > moved // 2
         if "local-prefill" in topology:
             # Short prompts ("Hi", ...) never left the decode worker.
             assert sum(w["transfers"]["done"] for w in decode) < len(PROMPTS) + 2 + 2

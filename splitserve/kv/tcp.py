@@ -1,0 +1,306 @@
+"""The TCP data channel for KV between hosts: sent from the prefill cache, received into the decode cache.
+
+ZeroMQ frames cost two extra copies (gather into a frame before sending, land from the frame
+after receiving). This channel moves the bytes between the caches and the kernel only:
+
+  * sender: `sendmsg` with one buffer per run of consecutive cache slots, straight from the
+    prefill worker's cache; whatever the socket cannot take right now is copied into a queue
+    (the cache blocks may be reused after the step) and flushed when the socket is writable.
+    A full socket never stalls the forward pass.
+  * receiver: non-blocking; reads the header, asks where the chunk goes (runs of the decode
+    worker's reserved slots) and `recv_into`s those slots directly. Chunks whose blocks are not
+    reserved yet, or that need a dtype conversion, land in a scratch buffer instead.
+
+Wire: on connect, MAGIC + u16 secret length + the cluster secret (checked with compare_digest;
+a wrong one closes the connection). Then per chunk: u32 header length, the msgpack KVChunk
+header, K bytes, V bytes; sizes come from the header and are bounded. Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import collections
+import hmac
+import logging
+import socket
+import struct
+from typing import Callable
+
+from splitserve.cluster import messages as m
+
+log = logging.getLogger("splitserve.kv.tcp")
+
+MAGIC = b"SSKV0001"
+MAX_HEADER = 4096
+MAX_CHUNK_BYTES = 1 << 30
+IOV_MAX = 512
+CONNECT_TIMEOUT_S = 5.0
+_U32 = struct.Struct("<I")
+_U16 = struct.Struct("<H")
+
+
+def chunk_bytes(hdr: m.KVChunk) -> int:
+    """Bytes of K (and of V) that follow a header."""
+    itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}.get(hdr.dtype)
+    if itemsize is None:
+        raise ValueError(f"unsupported KV dtype {hdr.dtype!r}")
+    n = hdr.num_tokens * hdr.num_kv_heads * hdr.head_dim * itemsize
+    if hdr.num_tokens <= 0 or not 0 < 2 * n <= MAX_CHUNK_BYTES:
+        raise ValueError(f"bad KV chunk size {hdr.num_tokens}x{hdr.num_kv_heads}x{hdr.head_dim}")
+    return n
+
+
+def parse_addr(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    return host, int(port)
+
+
+# ---- sending side ----------------------------------------------------------------------------
+class DataSender:
+    """One connection to a decode worker's data port."""
+
+    def __init__(self, addr: str, secret: bytes) -> None:
+        self.addr = addr
+        self.sock = socket.create_connection(parse_addr(addr), timeout=CONNECT_TIMEOUT_S)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.sendall(MAGIC + _U16.pack(len(secret)) + secret)
+        self.sock.setblocking(False)
+        self.queue: collections.deque = collections.deque()  # views of owned bytes not yet sent
+        self.broken = False
+        self.bytes_copied = 0  # what had to be queued because the socket was full
+
+    @property
+    def wants_write(self) -> bool:
+        return bool(self.queue) and not self.broken
+
+    def send(self, buffers: list) -> None:
+        """Send `buffers` (views of cache memory valid only now) in order, never blocking."""
+        if self.broken:
+            return
+        views = [memoryview(b).cast("B") for b in buffers]
+        if not self.queue:
+            sent = self._sendmsg(views)
+            while views and sent >= len(views[0]):
+                sent -= len(views.pop(0))
+            if views and sent:
+                views[0] = views[0][sent:]
+        for v in views:  # the rest must outlive this step's cache contents
+            self.queue.append(memoryview(bytes(v)))  # views: sending part of it later copies nothing
+            self.bytes_copied += len(v)
+
+    def flush(self) -> None:
+        while self.queue and not self.broken:
+            batch = list(self.queue)[:IOV_MAX]
+            sent = self._sendmsg(batch)
+            if not sent:
+                return
+            while self.queue and sent >= len(self.queue[0]):
+                sent -= len(self.queue.popleft())
+            if sent:
+                self.queue[0] = self.queue[0][sent:]
+
+    def _sendmsg(self, views: list) -> int:
+        total = 0
+        while views:
+            try:
+                n = self.sock.sendmsg(views[:IOV_MAX])
+            except (BlockingIOError, InterruptedError):
+                return total
+            except OSError as exc:
+                log.warning("KV data connection to %s failed: %s", self.addr, exc)
+                self.broken = True
+                self.queue.clear()
+                return total
+            total += n
+            # Advance past what went; stop when the kernel took less than offered.
+            offered = sum(len(v) for v in views[:IOV_MAX])
+            if n < offered:
+                return total
+            views = views[IOV_MAX:]
+        return total
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.queue.clear()
+        self.sock.close()
+
+
+def frame_buffers(hdr: m.KVChunk, k_parts: list, v_parts: list) -> list:
+    header = m.encode(hdr)
+    return [_U32.pack(len(header)) + header, *k_parts, *v_parts]
+
+
+# ---- receiving side --------------------------------------------------------------------------
+Placer = Callable[[m.KVChunk], "tuple[list, list] | None"]  # -> (K slot views, V slot views) or None
+Landed = Callable[[m.KVChunk, "tuple | None"], None]  # (header, None when placed else (k, v) bytes)
+
+
+class _Conn:
+    def __init__(self, sock: socket.socket, peer) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.authed = False
+        self.buf = bytearray()  # auth / header bytes gathered so far
+        self.need = len(MAGIC) + _U16.size  # bytes wanted into buf
+        self.state = "auth"
+        self.hdr: m.KVChunk | None = None
+        self.targets: list = []  # memoryviews still to fill, in order
+        self.placed = False
+        self.scratch: tuple[bytearray, bytearray] | None = None
+
+
+class DataReceiver:
+    """The decode worker's data port. `pump(fd)` whenever a socket of `fds()` is readable."""
+
+    def __init__(self, host: str, secret: bytes, placer: Placer, landed: Landed,
+                 still_placed: Callable[[m.KVChunk], bool]) -> None:
+        self.secret = secret
+        self.placer = placer
+        self.landed = landed
+        self.still_placed = still_placed
+        self.listener = socket.create_server((host, 0), backlog=64)
+        self.listener.setblocking(False)
+        self.address = f"{host}:{self.listener.getsockname()[1]}"
+        self.conns: dict[int, _Conn] = {}
+        self.bytes_direct = 0
+        self.rejected = 0
+
+    def fds(self) -> list[int]:
+        return [self.listener.fileno(), *self.conns]
+
+    @property
+    def mid_chunk(self) -> bool:
+        return any(c.state == "payload" or c.buf for c in self.conns.values())
+
+    def pump(self, fd: int) -> None:
+        if fd == self.listener.fileno():
+            self._accept()
+            return
+        conn = self.conns.get(fd)
+        if conn is None:
+            return
+        try:
+            self._read(conn)
+        except (ValueError, ConnectionError, OSError) as exc:
+            if not isinstance(exc, ConnectionError) or conn.state != "header" or conn.buf:
+                log.warning("closing KV data connection from %s: %s", conn.peer, exc)
+            self._close(fd)
+
+    def pump_all(self) -> None:
+        for fd in self.fds():
+            self.pump(fd)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, peer = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            sock.setblocking(False)
+            self.conns[sock.fileno()] = _Conn(sock, peer)
+
+    def _close(self, fd: int) -> None:
+        conn = self.conns.pop(fd, None)
+        if conn is not None:
+            conn.sock.close()
+
+    def _fill_buf(self, conn: _Conn) -> bool:
+        """Read towards conn.need bytes in conn.buf. True once they are all there."""
+        while len(conn.buf) < conn.need:
+            try:
+                data = conn.sock.recv(conn.need - len(conn.buf))
+            except (BlockingIOError, InterruptedError):
+                return False
+            if not data:
+                raise ConnectionError("closed")
+            conn.buf += data
+        return True
+
+    def _read(self, conn: _Conn) -> None:
+        while True:
+            if conn.state == "payload":
+                if not self._read_payload(conn):
+                    return
+                continue
+            if not self._fill_buf(conn):
+                return
+            if conn.state == "auth":
+                if conn.need == len(MAGIC) + _U16.size:
+                    if bytes(conn.buf[: len(MAGIC)]) != MAGIC:
+                        self.rejected += 1
+                        raise ValueError("not a splitserve KV connection")
+                    conn.need += _U16.unpack_from(conn.buf, len(MAGIC))[0]
+                    continue
+                if not hmac.compare_digest(bytes(conn.buf[len(MAGIC) + _U16.size:]), self.secret):
+                    self.rejected += 1
+                    raise ValueError("wrong cluster secret")
+                conn.state, conn.buf, conn.need = "header", bytearray(), _U32.size
+            elif conn.state == "header" and conn.need == _U32.size:
+                size = _U32.unpack(conn.buf)[0]
+                if not 0 < size <= MAX_HEADER:
+                    raise ValueError(f"header of {size} bytes")
+                conn.need += size
+            else:
+                msg = m.decode_to_worker(bytes(conn.buf[_U32.size:]))
+                if not isinstance(msg, m.KVChunk) or msg.shm_name or msg.direct:
+                    raise ValueError("expected a KV chunk header")
+                self._start_payload(conn, msg)
+
+    def _start_payload(self, conn: _Conn, hdr: m.KVChunk) -> None:
+        n = chunk_bytes(hdr)
+        conn.hdr, conn.state, conn.buf, conn.need = hdr, "payload", bytearray(), 0
+        where = self.placer(hdr)
+        if where is not None:
+            k_views, v_views = where
+            conn.targets = [memoryview(v).cast("B") for v in (*k_views, *v_views)]
+            if sum(len(v) for v in conn.targets) != 2 * n:
+                raise ValueError("placement does not match the chunk size")
+            conn.placed, conn.scratch = True, None
+        else:
+            conn.scratch = (bytearray(n), bytearray(n))
+            conn.targets = [memoryview(conn.scratch[0]), memoryview(conn.scratch[1])]
+            conn.placed = False
+
+    def _read_payload(self, conn: _Conn) -> bool:
+        """Receive into the targets. True when the chunk is complete."""
+        if conn.placed and not self.still_placed(conn.hdr):
+            # The transfer was dropped and its blocks may belong to someone else now: the rest of
+            # this chunk goes nowhere.
+            left = sum(len(v) for v in conn.targets)
+            conn.targets = [memoryview(bytearray(left))] if left else []
+            conn.placed = False
+            conn.hdr = None
+        while conn.targets:
+            view = conn.targets[0]
+            try:
+                got = conn.sock.recv_into(view)
+            except (BlockingIOError, InterruptedError):
+                return False
+            if got == 0:
+                raise ConnectionError("closed mid-chunk")
+            if got == len(view):
+                conn.targets.pop(0)
+            else:
+                conn.targets[0] = view[got:]
+        hdr, placed, scratch = conn.hdr, conn.placed, conn.scratch
+        conn.state, conn.buf, conn.need, conn.hdr, conn.scratch = "header", bytearray(), _U32.size, None, None
+        if hdr is not None:
+            if placed:
+                self.bytes_direct += 2 * chunk_bytes(hdr)
+            self.landed(hdr, None if placed else scratch)
+        return True
+
+    def close(self) -> None:
+        for fd in list(self.conns):
+            self._close(fd)
+        self.listener.close()
+
+
+def data_host(inbox_address: str) -> str:
+    """The host a worker's data port binds to: the one its ZeroMQ inbox uses."""
+    if inbox_address.startswith("tcp://"):
+        host = inbox_address[len("tcp://"):].rpartition(":")[0]
+        return host.strip("[]") or "127.0.0.1"
+    return "127.0.0.1"
+
