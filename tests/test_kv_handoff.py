@@ -523,3 +523,17 @@ def test_placement_arriving_between_layers_switches_the_rest_of_the_step(tiny, e
     assert len(calls) == arrives_at_layer + 1 and layers > 1
     assert tx.bytes_direct == tx.bytes_sent * (layers - arrives_at_layer) // layers
     pair.assert_clean()
+
+
+def test_shared_cache_that_does_not_fit_falls_back_to_a_private_one(tiny, monkeypatch):
+    """A container's small /dev/shm: no SIGBUS later, no file left, the arena path instead."""
+    import errno
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    cluster = f"test{uuid.uuid4().hex[:8]}"
+    e = LLMEngine(EngineConfig(**_engine_kw(tiny)), kv_cache_segment=shm.segment_name(cluster, "D-kvcache-1"))
+    assert e.kv_segment is None and shm.list_segments(cluster) == []
+    assert e.generate([prompts_for(384)[0]], GREEDY)

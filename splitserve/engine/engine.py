@@ -94,7 +94,11 @@ class LLMEngine:
             from splitserve.kv import shm
 
             nbytes = kv_bytes_per_token(self.model) * config.block_size * num_blocks
-            self.kv_segment = shm.Segment(kv_cache_segment, size=nbytes)
+            try:
+                self.kv_segment = shm.Segment(kv_cache_segment, size=nbytes, reserve=True)
+            except OSError as exc:  # e.g. a container's small /dev/shm: KV still moves, with a staging copy
+                log.warning("KV cache stays private (%.2f GB in %s: %s); same-host transfers use the arena",
+                            nbytes / 1e9, shm.SHM_DIR, exc)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size,
                                   kv_storage=self.kv_segment.buf if self.kv_segment else None)
         self.eos_token_ids = frozenset(self.arch.eos_token_ids) | tokenizer_eos

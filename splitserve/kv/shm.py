@@ -29,15 +29,18 @@ def _path(name: str) -> str:
 class Segment:
     """A mapped segment. The creator sizes it; a reader maps what exists."""
 
-    def __init__(self, name: str, size: int | None = None, populate: bool = False) -> None:
+    def __init__(self, name: str, size: int | None = None, populate: bool = False, reserve: bool = False) -> None:
         """`populate` faults every page in at creation, so later copies run at memory speed
-        instead of paying a page fault per 4 KiB."""
+        instead of paying a page fault per 4 KiB. `reserve` allocates the memory now (OSError when
+        /dev/shm cannot hold it) instead of failing with SIGBUS on first touch later."""
         self.name = name
         path = _path(name)
         if size is not None:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 os.ftruncate(fd, max(size, 1))
+                if reserve:
+                    os.posix_fallocate(fd, 0, max(size, 1))
             except BaseException:
                 os.close(fd)
                 os.unlink(path)
