@@ -97,3 +97,15 @@ def test_dispatch_accounting_spreads_a_burst():
         r.on_dispatch(pl, len(PROMPT))
         seen.append((pl.prefill_worker, pl.decode_worker))
     assert {p for p, _ in seen} == {"p0", "p1"} and {d for _, d in seen} == {"d0", "d1"}
+
+
+def test_block_hashes_of_a_token_array_equal_those_of_the_list():
+    """The simulator keeps token ids in array("q"): same bytes, same chained hashes, extended alike."""
+    from array import array
+
+    tokens = [3, 1 << 40, 7, 2**63 - 1, -5] * 13
+    for bs in (1, 4, 16):
+        ref = block_hashes_for(tokens, bs)
+        assert block_hashes_for(array("q", tokens), bs) == ref
+        known = block_hashes_for(tokens[: 2 * bs], bs)
+        assert block_hashes_for(array("q", tokens), bs, known) == ref and known == ref

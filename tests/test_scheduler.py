@@ -311,3 +311,117 @@ def test_resubmitted_request_counts_prior_outputs():
     sched.add_request(req)
     out = run_to_completion(sched)
     assert len(out["r"]) == 3 and req.output_token_ids[:2] == [7, 8]
+
+
+# ---- the fast paths plan and update exactly like the general ones ------------------------------
+class ReferenceScheduler(Scheduler):
+    """The scheduler with its shortcuts off: no decode lane in schedule(), every sampled token
+    stop-checked in update()."""
+
+    decode_lane = False
+
+    def _stop_check_len(self, req: Request) -> int:
+        return 0
+
+
+def _lane_token(req: Request) -> int:
+    """Deterministic 'model' that sometimes draws EOS (stop id 77 too), so stops happen mid-run."""
+    x = (sum(req.token_ids[-4:]) * 2654435761 + req.num_tokens) % 97
+    return EOS if x < 4 else 77 if x < 6 else 1000 + x
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_decode_lane_and_stop_shortcut_change_nothing(seed):
+    """Same random workload (chunked prefill, shared prefixes, preemption, aborts, EOS and stop ids,
+    ignore_eos, prefill-only, remote KV) through the scheduler with its fast paths and through
+    ReferenceScheduler: identical plans, preemptions, events, block tables and prefix cache at
+    every step. Half the steps go through advance() (the simulator's entry) instead of update()."""
+    rng = random.Random(seed)
+    bs = rng.choice([1, 2, 4, 8, 16])
+    max_len = 96
+    cfg = SchedulerConfig(num_blocks=-(-max_len // bs) + rng.choice([0, 4, 40, 400]), block_size=bs,
+                          max_model_len=max_len, max_num_batched_tokens=rng.choice([8, 24, 64, 512]),
+                          max_num_seqs=rng.choice([3, 8, 64]))
+    fast, ref = Scheduler(cfg), ReferenceScheduler(cfg)
+    live: list[str] = []
+    lane_items = 0
+    for step in range(600):
+        if rng.random() < 0.35:
+            rid = f"q{step}"
+            n = rng.randint(1, 60)
+            kw = dict(max_tokens=rng.randint(1, 40), base=rng.choice([100, 100, 300, 10_000 + step * 100]))
+            kind = rng.random()
+            if kind < 0.5:
+                kw["ignore_eos"] = True
+            elif kind < 0.6:
+                kw["stop_token_ids"] = (77,)
+            elif kind < 0.7:
+                kw["min_tokens"] = min(3, kw["max_tokens"])
+            prefill_only = rng.random() < 0.1
+            remote = not prefill_only and rng.random() < 0.1
+            for s in (fast, ref):
+                req = make_request(rid, n, **kw)
+                req.prefill_only = prefill_only
+                if remote:
+                    if s.reserve_remote(req, 0):
+                        s.admit_remote(rid, 5)
+                        live.append(rid) if s is fast else None
+                else:
+                    s.add_request(req)
+                    live.append(rid) if s is fast else None
+        if live and rng.random() < 0.04:
+            rid = live.pop(rng.randrange(len(live)))
+            assert (fast.finish(rid) is None) == (ref.finish(rid) is None)
+        p_fast, p_ref = fast.schedule(), ref.schedule()
+        as_ids = lambda p: [(r.request_id, s, n, smp) for r, s, n, smp in p.items]  # noqa: E731
+        assert as_ids(p_fast) == as_ids(p_ref) and p_fast.preempted == p_ref.preempted, f"step {step}"
+        assert [(c.request_id, c.start, c.num_tokens, c.sample) for c in p_fast.chunks] == as_ids(p_ref)
+        lane_items += sum(1 for _, s, n, _ in p_fast.items if n == 1 and s % bs)
+        tokens = {r.request_id: _lane_token(r) for r, _, _, smp in p_ref.items if smp}
+        ev_ref = [(e.request.request_id, e.new_token, e.finished, e.request.status) for e in ref.update(p_ref, tokens)]
+        if step % 2:
+            got, finished = fast.advance(p_fast, tokens)
+            ev_fast = [(r.request_id, r.token_ids[-1], r in finished, r.status) for r in got]
+            assert all(r.status != RequestStatus.RUNNING for r in finished)
+        else:
+            ev_fast = [(e.request.request_id, e.new_token, e.finished, e.request.status)
+                       for e in fast.update(p_fast, tokens)]
+        assert ev_fast == ev_ref, f"step {step}"
+        for rid, _, done, _ in ev_ref:
+            if done and rid in live:
+                live.remove(rid)
+        fb, rb = fast.block_manager, ref.block_manager
+        assert fb.req_blocks == rb.req_blocks and fb.cached == rb.cached
+        assert list(fb.free_cached) == list(rb.free_cached) and fb.free_uncached == rb.free_uncached
+        fast.check_integrity()
+        ref.check_integrity()
+    assert lane_items > 100 or bs == 1  # the lane was exercised (block size 1: every decode allocates)
+    assert fast.num_preemptions == ref.num_preemptions
+
+
+def test_bulk_block_take_hands_out_what_single_takes_would():
+    """_take_free_blocks(n) (one call per allocation) == n x _take_free_block(), eviction events included."""
+    rng = random.Random(5)
+    managers = [BlockManager(num_blocks=24, block_size=2) for _ in range(2)]
+    for bm in managers:
+        bm.events = []
+    for i in range(40):  # fill the cache with a mix of cached and uncached free blocks
+        n = rng.randint(1, 9)
+        for bm in managers:
+            r = make_request(f"r{i}", n, base=random.Random(i).randrange(1000))
+            assert bm.allocate_slots(r, n)
+            r.num_computed_tokens = n
+            bm.cache_full_blocks(r)
+            bm.free(r)
+        bulk, single = managers
+        k = rng.randint(1, bulk.num_free_blocks)
+        assert bulk._take_free_blocks(k) == [single._take_free_block() for _ in range(k)]
+        assert bulk.events == single.events and bulk.cached == single.cached
+        taken = [b for b in range(24) if bulk.ref_counts[b]]
+        for bm in managers:  # give them back
+            for b in taken:
+                bm.ref_counts[b] = 0
+                bm.free_uncached.append(b)
+        bulk.check_integrity()
+        single.check_integrity()
+    assert sum(1 for kind, _ in bulk.events if kind == "removed") > 10  # evictions were compared

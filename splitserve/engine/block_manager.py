@@ -90,25 +90,35 @@ class BlockManager:
         `computed_blocks` (from get_computed_blocks, only on first admission) are shared, not
         copied. Returns False and changes nothing when there is not enough free space.
         """
-        if not computed_blocks:
-            blocks = self.req_blocks.get(request.request_id)
-            if blocks is not None and num_total_tokens <= len(blocks) * self.block_size:
-                return True  # the table covers it already: most decode steps
+        if not computed_blocks:  # growing a table (or a first one without a prefix hit)
+            rid = request.request_id
+            blocks = self.req_blocks.get(rid)
+            num_new = -(-num_total_tokens // self.block_size) - (len(blocks) if blocks is not None else 0)
+            if num_new > 0 and num_new > len(self.free_uncached) + len(self.free_cached):
+                return False
+            if blocks is None:
+                blocks = self.req_blocks[rid] = []
+            if num_new == 1:  # decode crossing into a new block: the common allocation
+                blocks.append(self._take_free_block())
+            elif num_new > 1:
+                # Ascending ids keep a request's blocks in long runs of adjacent slots, so KV lands
+                # with slice copies instead of scatters (eviction hands cached blocks out tail-first).
+                blocks.extend(sorted(self._take_free_blocks(num_new)))
+            return True
         num_new = self._num_new_blocks(request, num_total_tokens, computed_blocks)
         if num_new is None:
             return False
         blocks = self.req_blocks.setdefault(request.request_id, [])
-        if computed_blocks:
-            assert not blocks, "computed blocks are only taken on first admission"
-            for block in computed_blocks:
-                if self.ref_counts[block] == 0:
-                    del self.free_cached[block]
-                self.ref_counts[block] += 1
-                blocks.append(block)
-            self.req_num_hashed[request.request_id] = len(computed_blocks)
-        # Ascending ids keep a request's blocks in long runs of adjacent slots, so KV lands with
-        # slice copies instead of scatters (eviction hands cached blocks out tail-first).
-        blocks.extend(sorted(self._take_free_block() for _ in range(num_new)))
+        assert not blocks, "computed blocks are only taken on first admission"
+        ref_counts, free_cached = self.ref_counts, self.free_cached
+        for block in computed_blocks:
+            if ref_counts[block] == 0:
+                del free_cached[block]
+            ref_counts[block] += 1
+            blocks.append(block)
+        self.req_num_hashed[request.request_id] = len(computed_blocks)
+        if num_new:
+            blocks.extend(sorted(self._take_free_blocks(num_new)))
         return True
 
     def cache_full_blocks(self, request: Request) -> None:
@@ -117,24 +127,29 @@ class BlockManager:
             return
         rid = request.request_id
         start = self.req_num_hashed.get(rid, 0)
-        if request.num_computed_tokens // self.block_size <= start:
+        num_full = request.num_computed_tokens // self.block_size
+        if num_full <= start:
             return  # no block filled up since the last call: most steps
         blocks = self.req_blocks.get(rid)
         if not blocks:
             return
-        num_full = min(request.num_computed_tokens // self.block_size, len(blocks))
-        if num_full <= start:
-            return
-        hashes = block_hashes_for(request.token_ids, self.block_size, request.block_hashes)
+        if num_full > len(blocks):
+            num_full = len(blocks)
+            if num_full <= start:
+                return
+        hashes = request.block_hashes
+        if len(hashes) < num_full:
+            hashes = block_hashes_for(request.token_ids, self.block_size, hashes)
+        block_hash, cached, events = self.block_hash, self.cached, self.events
         for i in range(start, num_full):
-            block, h = blocks[i], hashes[i]
-            if self.block_hash[block] is not None:
+            block = blocks[i]
+            if block_hash[block] is not None:
                 continue  # shared from the cache already
-            if h not in self.cached:  # a twin computed concurrently keeps the first copy
-                self.block_hash[block] = h
-                self.cached[h] = block
-                if self.events is not None:
-                    self.events.append(("stored", h))
+            h = hashes[i]
+            if cached.setdefault(h, block) == block:  # a twin computed concurrently keeps the first copy
+                block_hash[block] = h
+                if events is not None:
+                    events.append(("stored", h))
         self.req_num_hashed[rid] = num_full
 
     def free(self, request: Request) -> None:
@@ -143,13 +158,16 @@ class BlockManager:
         self.req_num_hashed.pop(request.request_id, None)
         if not blocks:
             return
+        ref_counts, block_hash = self.ref_counts, self.block_hash
+        free_cached, free_uncached = self.free_cached, self.free_uncached
         for block in reversed(blocks):
-            self.ref_counts[block] -= 1
-            if self.ref_counts[block] == 0:
-                if self.block_hash[block] is not None:
-                    self.free_cached[block] = None
+            refs = ref_counts[block] - 1
+            ref_counts[block] = refs
+            if not refs:
+                if block_hash[block] is not None:
+                    free_cached[block] = None
                 else:
-                    self.free_uncached.append(block)
+                    free_uncached.append(block)
 
     def reset_prefix_cache(self) -> None:
         for block in list(self.free_cached):
@@ -168,13 +186,49 @@ class BlockManager:
         return num_new
 
     def _take_free_block(self) -> int:
+        """One free block, as _take_free_blocks(1) takes it."""
         if self.free_uncached:
             block = self.free_uncached.pop()
         else:
             block, _ = self.free_cached.popitem(last=False)
-            self._evict(block)
+            h = self.block_hash[block]
+            if h is not None:  # evict: its content leaves the prefix cache
+                self.block_hash[block] = None
+                if self.cached.get(h) == block:
+                    del self.cached[h]
+                    if self.events is not None:
+                        self.events.append(("removed", h))
         self.ref_counts[block] = 1
         return block
+
+    def _take_free_blocks(self, n: int) -> list[int]:
+        """n free blocks (the caller checked there are enough), each with one reference: uncached
+        ones first, newest freed first, then cached ones least-recently freed first, evicted."""
+        free_uncached = self.free_uncached
+        k = min(n, len(free_uncached))
+        if k:
+            taken = free_uncached[-k:]
+            taken.reverse()  # the order pop() would hand them out
+            del free_uncached[-k:]
+        else:
+            taken = []
+        if k < n:
+            popitem = self.free_cached.popitem
+            block_hash, cached, events = self.block_hash, self.cached, self.events
+            for _ in range(n - k):
+                block, _ = popitem(last=False)
+                h = block_hash[block]
+                if h is not None:  # evict: its content leaves the prefix cache
+                    block_hash[block] = None
+                    if cached.get(h) == block:
+                        del cached[h]
+                        if events is not None:
+                            events.append(("removed", h))
+                taken.append(block)
+        ref_counts = self.ref_counts
+        for block in taken:
+            ref_counts[block] = 1
+        return taken
 
     def _evict(self, block: int) -> None:
         h = self.block_hash[block]

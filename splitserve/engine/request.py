@@ -8,6 +8,7 @@ a time.
 from __future__ import annotations
 
 import enum
+from array import array
 
 from splitserve.engine.sampling_params import SamplingParams
 
@@ -38,7 +39,7 @@ class Request:
     __slots__ = (
         "request_id", "token_ids", "num_prompt_tokens", "sampling_params", "num_computed_tokens",
         "num_cached_tokens", "status", "stop_reason", "block_hashes", "arrival_index",
-        "num_preemptions", "eos_token_ids", "seed", "prefill_only",
+        "num_preemptions", "eos_token_ids", "seed", "prefill_only", "stop_check_len",
     )
 
     def __init__(
@@ -58,7 +59,12 @@ class Request:
         if not prompt_token_ids:
             raise ValueError("the prompt must contain at least one token")
         self.request_id = request_id
-        self.token_ids: list[int] = list(prompt_token_ids) + list(output_token_ids or ())
+        # A list, or an array("q") when the prompt comes as one (the simulator: compact, and hashed
+        # into prefix-cache keys without a conversion). Both hold the same ids and hash alike.
+        self.token_ids: list[int] = (prompt_token_ids[:] if type(prompt_token_ids) is array
+                                     else list(prompt_token_ids))
+        if output_token_ids:
+            self.token_ids.extend(output_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.prefill_only = prefill_only
         self.sampling_params = sampling_params
@@ -70,6 +76,10 @@ class Request:
         self.block_hashes: list[bytes] = []  # chained hashes of the full blocks of token_ids
         self.arrival_index = arrival_index
         self.num_preemptions = 0
+        # The scheduler's stop-check shortcut: while len(token_ids) < stop_check_len no stop
+        # condition can fire (ignore_eos, no stop ids, below max_tokens and max_model_len), so
+        # update() skips the check. 0: check every token. Set by the scheduler on admission.
+        self.stop_check_len = 0
         # The sampling stream's seed, fixed when the request is created (by the front end, from the
         # user's seed or at random), so every worker that continues this request draws the same tokens.
         if seed is None:

@@ -17,12 +17,18 @@ Disaggregation adds two small paths, no phase flag:
   * decode worker: `reserve_remote()` gives a request blocks for the KV that will arrive
     (status WAITING_FOR_KV), `admit_remote()` marks the prompt computed, appends the first
     token sampled on the prefill worker, and queues it for a seat in the running batch.
+
+Hot paths (the simulator runs millions of steps through this same code): a plan is a list of
+(request, start, num_tokens, sample) tuples (`StepPlan.chunks` builds objects only when read);
+running decodes whose current block has room take the decode lane in schedule(); update() skips
+the stop check below `Request.stop_check_len`; `advance()` is update() without event objects.
+tests/test_scheduler.py checks all of them against the general path, step by step.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from splitserve.config import SchedulerConfig
 from splitserve.engine.block_manager import BlockManager
@@ -45,18 +51,45 @@ class ScheduledChunk:
         return self.start + self.num_tokens
 
 
-@dataclass(slots=True)
 class StepPlan:
-    chunks: list[ScheduledChunk] = field(default_factory=list)
-    preempted: list[str] = field(default_factory=list)
+    """One step's work: `items` are (request, start, num_tokens, sample) tuples in plan order.
+
+    `chunks` gives the same as ScheduledChunk objects, built on first access (the model runner
+    and the KV sender read them; the simulator and update() read `items`, so a step allocates
+    one tuple per sequence and no object)."""
+
+    __slots__ = ("items", "preempted", "_chunks")
+
+    def __init__(self, chunks: list[ScheduledChunk] | None = None, preempted: list[str] | None = None) -> None:
+        self._chunks = None
+        self.items: list[tuple[Request, int, int, bool]] = (
+            [(c.request, c.start, c.num_tokens, c.sample) for c in chunks] if chunks else [])
+        self.preempted: list[str] = preempted if preempted is not None else []
+
+    @property
+    def chunks(self) -> list[ScheduledChunk]:
+        chunks = self._chunks
+        if chunks is None or len(chunks) != len(self.items):
+            chunks = self._chunks = [ScheduledChunk(r, s, n, smp) for r, s, n, smp in self.items]
+        return chunks
 
     @property
     def num_tokens(self) -> int:
-        return sum(c.num_tokens for c in self.chunks)
+        return sum(it[2] for it in self.items)
 
     @property
     def is_empty(self) -> bool:
-        return not self.chunks
+        return not self.items
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, StepPlan):
+            return NotImplemented
+        return self.items == other.items and self.preempted == other.preempted
+
+    __hash__ = None  # mutable
+
+    def __repr__(self) -> str:
+        return f"StepPlan(chunks={self.chunks!r}, preempted={self.preempted!r})"
 
 
 @dataclass(slots=True)
@@ -69,6 +102,10 @@ class TokenEvent:
 
 
 class Scheduler:
+    # schedule()'s decode lane (below). It plans exactly what the general path would; off only to
+    # test that (tests/test_scheduler.py runs the same workloads both ways).
+    decode_lane = True
+
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
         self.block_manager = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
@@ -90,6 +127,7 @@ class Scheduler:
         request.arrival_index = self._arrivals
         self._arrivals += 1
         request.status = RequestStatus.WAITING
+        request.stop_check_len = self._stop_check_len(request)
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
@@ -145,6 +183,7 @@ class Scheduler:
         request.num_computed_tokens = reuse_tokens
         request.num_cached_tokens = reuse_tokens
         request.status = RequestStatus.WAITING_FOR_KV
+        request.stop_check_len = self._stop_check_len(request)
         self.requests[rid] = request
         self.waiting_for_kv[rid] = request
         return True
@@ -164,22 +203,43 @@ class Scheduler:
     # ---- planning ------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
         plan = StepPlan()
+        items = plan.items
+        append = items.append
+        preempted = plan.preempted
         budget = self.config.max_num_batched_tokens
         bm = self.block_manager
-
-        i = 0
-        running = self.running
-        chunks = plan.chunks
         tables = bm.req_blocks
         bs = bm.block_size
-        while i < len(running) and budget > 0:
+        running = self.running
+
+        i = 0
+        n = len(running)
+        lane = self.decode_lane
+        while i < n and budget > 0:
+            if lane and n - i <= budget:
+                # Decode lane: while every remaining sequence fits the budget, a sequence that
+                # decodes one token into a block that already holds its previous token (start not
+                # on a block boundary) needs no allocation and no budget check. Exactly what the
+                # general path below decides for it (a running request's table covers its computed
+                # tokens, so start % bs != 0 means start < len(table) * bs).
+                before = len(items)
+                for req in (running if i == 0 else running[i:]):
+                    start = req.num_computed_tokens
+                    if not start % bs or len(req.token_ids) - start != 1:
+                        break
+                    append((req, start, 1, True))
+                k = len(items) - before
+                i += k
+                budget -= k
+                if i >= n:
+                    break
             req = running[i]
             start = req.num_computed_tokens
             num_new = len(req.token_ids) - start
-            if num_new == 1:  # decode, the common case: no allocation while the last block has room
+            if num_new == 1:  # decode: no allocation while the last block has room
                 table = tables.get(req.request_id)
                 if table is not None and start < len(table) * bs:
-                    chunks.append(ScheduledChunk(req, start, 1, True))
+                    append((req, start, 1, True))
                     budget -= 1
                     i += 1
                     continue
@@ -188,49 +248,58 @@ class Scheduler:
                 i += 1
                 continue
             scheduled = True
-            while not bm.allocate_slots(req, req.num_computed_tokens + num_new):
-                victim = self.running.pop()
+            while not bm.allocate_slots(req, start + num_new):
+                victim = running.pop()
                 self._preempt(victim)
-                plan.preempted.append(victim.request_id)
+                preempted.append(victim.request_id)
                 if victim is req:
                     scheduled = False
                     break
+            n = len(running)
             if not scheduled:
                 break
-            plan.chunks.append(self._chunk(req, num_new))
+            append((req, start, num_new, start + num_new == len(req.token_ids)))
             budget -= num_new
             i += 1
 
-        while not plan.preempted and self.kv_ready and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            req = self.kv_ready[0]
+        max_seqs = self.config.max_num_seqs
+        kv_ready = self.kv_ready
+        while not preempted and kv_ready and budget > 0 and len(running) < max_seqs:
+            req = kv_ready[0]
             if not bm.allocate_slots(req, req.num_tokens):
                 break
-            self.kv_ready.popleft()
+            kv_ready.popleft()
             req.status = RequestStatus.RUNNING
-            self.running.append(req)
-            plan.chunks.append(self._chunk(req, req.num_tokens - req.num_computed_tokens))
-            budget -= plan.chunks[-1].num_tokens
+            running.append(req)
+            start = req.num_computed_tokens
+            num_new = len(req.token_ids) - start
+            append((req, start, num_new, True))
+            budget -= num_new
 
-        if not plan.preempted:
-            while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-                req = self.waiting[0]
+        if not preempted:
+            waiting = self.waiting
+            while waiting and budget > 0 and len(running) < max_seqs:
+                req = waiting[0]
                 computed_blocks, num_cached = bm.get_computed_blocks(req)
                 num_new = min(req.num_tokens - num_cached, budget)
                 if not bm.allocate_slots(req, num_cached + num_new, computed_blocks):
                     break
-                self.waiting.popleft()
+                waiting.popleft()
                 req.num_computed_tokens = num_cached
                 if req.num_cached_tokens < 0:
                     req.num_cached_tokens = num_cached
                 req.status = RequestStatus.RUNNING
-                self.running.append(req)
-                plan.chunks.append(self._chunk(req, num_new))
+                running.append(req)
+                append((req, num_cached, num_new, num_cached + num_new == len(req.token_ids)))
                 budget -= num_new
         return plan
 
-    def _chunk(self, req: Request, num_new: int) -> ScheduledChunk:
-        start = req.num_computed_tokens
-        return ScheduledChunk(req, start, num_new, start + num_new == len(req.token_ids))
+    def _stop_check_len(self, req: Request) -> int:
+        """The token count below which update() need not check `req` for a stop (see Request)."""
+        params = req.sampling_params
+        if params.ignore_eos and not params.stop_token_ids and not req.prefill_only:
+            return min(req.num_prompt_tokens + params.max_tokens, self.config.max_model_len)
+        return 0
 
     def _preempt(self, req: Request) -> None:
         """Free everything and recompute later: the prefix cache usually makes that cheap."""
@@ -244,42 +313,49 @@ class Scheduler:
     # ---- results -------------------------------------------------------------------------
     def update(self, plan: StepPlan, sampled: dict[str, int]) -> list[TokenEvent]:
         """Apply a step's results. `sampled` maps request id to the token drawn for it."""
-        events: list[TokenEvent] = []
+        got, _ = self.advance(plan, sampled)
+        running = RequestStatus.RUNNING
+        # Right after advance() a request it finished is no longer RUNNING and its last token is
+        # the one drawn this step.
+        return [TokenEvent(r, r.token_ids[-1], r.status != running) for r in got]
+
+    def advance(self, plan: StepPlan, sampled: dict[str, int]) -> tuple[list[Request], list[Request]]:
+        """update() without event objects: apply a step's results; return the requests that
+        gained a token and those of them that finished (released, no longer RUNNING), both in
+        plan order. The token each gained is its `token_ids[-1]` until its next step. The
+        simulator calls this; update() is this plus one TokenEvent per request."""
+        got: list[Request] = []
         finished: list[Request] = []
         bs = self.block_manager.block_size
         cache_full_blocks = self.block_manager.cache_full_blocks
         check_stop = self._check_stop
-        max_len = self.config.max_model_len
         running_status = RequestStatus.RUNNING
-        for chunk in plan.chunks:
-            req = chunk.request
-            if req.status != running_status:
+        append = got.append
+        for req, start, num, sample in plan.items:
+            # (identity first: statuses are RequestStatus members, and `is` skips IntEnum's compare)
+            if req.status is not running_status and req.status != running_status:
                 continue  # aborted while the step ran
-            start = chunk.start
-            end = start + chunk.num_tokens
-            req.num_computed_tokens = end
-            if end // bs != start // bs:  # a block filled up: publish it to the prefix cache
+            req.num_computed_tokens = start + num
+            if start % bs + num >= bs:  # a block filled up: publish it to the prefix cache
                 cache_full_blocks(req)
-            if not chunk.sample:
+            if not sample:
                 continue
             token = sampled[req.request_id]
             ids = req.token_ids
             ids.append(token)
-            params = req.sampling_params
-            if (params.ignore_eos and not params.stop_token_ids and not req.prefill_only
-                    and len(ids) - req.num_prompt_tokens < params.max_tokens and len(ids) < max_len):
-                done = False  # nothing can stop it this step (the common case)
-            else:
-                done = check_stop(req, token)
-            if done:
+            # Below stop_check_len nothing can stop it (the common case): no check.
+            if len(ids) >= req.stop_check_len and check_stop(req, token):
                 finished.append(req)
-            events.append(TokenEvent(req, token, done))
+            append(req)
         if finished:
-            gone = set(id(r) for r in finished)
-            self.running = [r for r in self.running if id(r) not in gone]
+            if len(finished) == 1:
+                self.running.remove(finished[0])
+            else:
+                gone = set(map(id, finished))
+                self.running = [r for r in self.running if id(r) not in gone]
             for req in finished:
                 self._release(req)
-        return events
+        return got, finished
 
     def _check_stop(self, req: Request, token: int) -> bool:
         params = req.sampling_params
@@ -331,9 +407,13 @@ class Scheduler:
         assert len(ids) == len(set(ids)), "a request sits in two queues"
         assert set(ids) == set(self.requests), "scheduler queues disagree with the request table"
         assert len(self.running) <= self.config.max_num_seqs
+        bs = self.block_manager.block_size
         for r in self.running:
             assert r.status == RequestStatus.RUNNING
             assert r.num_computed_tokens <= r.num_tokens
+            # schedule()'s decode lane relies on this: computed tokens always have their slots.
+            assert len(self.block_manager.blocks_of(r.request_id)) * bs >= r.num_computed_tokens, \
+                f"{r.request_id}: computed tokens beyond its block table"
         for r in self.waiting:
             assert r.request_id not in self.block_manager.req_blocks, f"{r.request_id} waits holding blocks"
         for r in list(self.waiting_for_kv.values()) + list(self.kv_ready):
