@@ -330,3 +330,22 @@ def test_write_kv(impl, dtype, slot_dtype):
     if impl == "kernel":
         with pytest.raises(RuntimeError):
             fused.write_kv(k, v, kv[1, 0], kv[1, 1], torch.tensor([0, 1, 2, 3, 40]))
+
+
+@pytest.mark.parametrize("offset", [0, 1, 3, 62])
+def test_copy_stream_is_an_exact_copy_at_any_size_and_alignment(impl, offset):
+    """The streaming-store copy (KV written into a peer's cache): unaligned heads, 256-byte
+    body, tails; falls back to copy_ without the kernels."""
+    gen = torch.Generator().manual_seed(offset)
+    for n in [0, 1, 63, 64, 65, 255, 256, 257, 1000, 4096 + 17, (1 << 20) + 5]:
+        base = torch.randint(0, 256, (n + 128,), dtype=torch.uint8, generator=gen)
+        src = base[offset : offset + n]
+        out = torch.zeros(n + 128, dtype=torch.uint8)
+        dst = out[(offset * 7) % 64 : (offset * 7) % 64 + n]
+        fused.copy_stream(dst, src)
+        assert torch.equal(dst, src)
+        assert not out[: (offset * 7) % 64].any() and not out[(offset * 7) % 64 + n :].any()  # nothing else written
+    x = torch.randn(300, 3, 64).to(torch.bfloat16)
+    y = torch.empty_like(x)
+    fused.copy_stream(y, x)
+    assert torch.equal(x, y)

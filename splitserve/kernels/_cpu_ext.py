@@ -916,7 +916,37 @@ c10::optional<at::Tensor> paged_decode_attention(const at::Tensor& q_, const at:
 
 }  // namespace fz
 
+// Copy with non-temporal (streaming) stores: for bytes the writing process will not read back (a
+// request's KV written into another process's cache), so the destination lines are never read
+// for ownership. Memory traffic 2x the bytes instead of 3x.
+void copy_stream(at::Tensor dst, const at::Tensor& src) {
+  TORCH_CHECK(dst.device().is_cpu() && src.device().is_cpu(), "copy_stream: CPU tensors only");
+  TORCH_CHECK(dst.is_contiguous() && src.is_contiguous(), "copy_stream: contiguous tensors only");
+  TORCH_CHECK(dst.nbytes() == src.nbytes(), "copy_stream: sizes differ");
+  char* d = static_cast<char*>(dst.data_ptr());
+  const char* s = static_cast<const char*>(src.data_ptr());
+  size_t n = dst.nbytes();
+  size_t head = (64 - (reinterpret_cast<uintptr_t>(d) & 63)) & 63;
+  if (head > n) head = n;
+  std::memcpy(d, s, head);
+  d += head; s += head; n -= head;
+  size_t i = 0;
+  for (; i + 256 <= n; i += 256) {
+    __m512i a = _mm512_loadu_si512(s + i);
+    __m512i b = _mm512_loadu_si512(s + i + 64);
+    __m512i c = _mm512_loadu_si512(s + i + 128);
+    __m512i e = _mm512_loadu_si512(s + i + 192);
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(d + i), a);
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(d + i + 64), b);
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(d + i + 128), c);
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(d + i + 192), e);
+  }
+  std::memcpy(d + i, s + i, n - i);
+  _mm_sfence();  // streaming stores are weakly ordered: visible before the notice that follows
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("copy_stream", &copy_stream);
   m.def("gemm", &gemm, "bf16 packed small-M GEMM", pybind11::arg("x"), pybind11::arg("packed"),
         pybind11::arg("bias"), pybind11::arg("N"), pybind11::arg("nb"));
   m.def("alloc_buffer", &alloc_buffer);

@@ -214,3 +214,14 @@ __all__ = [
     "paged_decode_attention", "paged_decode_attention_ref", "rms_norm", "rms_norm_ref", "silu_mul",
     "silu_mul_ref", "write_kv", "write_kv_ref",
 ]
+
+
+def copy_stream(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst[...] = src for same-size contiguous CPU tensors, with streaming stores when the kernels
+    are built (bytes this process will not read again: KV written into a peer's cache)."""
+    mod = _load()
+    if (mod is not None and dst.device.type == "cpu" and src.device.type == "cpu" and dst.dtype == src.dtype
+            and dst.is_contiguous() and src.is_contiguous() and dst.shape == src.shape):
+        mod.copy_stream(dst, src)
+    else:
+        dst.copy_(src)

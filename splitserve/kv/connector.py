@@ -33,6 +33,7 @@ from typing import Callable
 import torch
 
 from splitserve.cluster import messages as m
+from splitserve.kernels.fused import copy_stream
 from splitserve.kv import shm, tcp
 
 log = logging.getLogger("splitserve.kv")
@@ -333,8 +334,8 @@ class KVSender:
                 dk, dv = dest[layer, 0], dest[layer, 1]
                 if s.runs is not None:
                     for src, dst, length in s.runs:
-                        dk[dst : dst + length].copy_(k_cache[src : src + length])
-                        dv[dst : dst + length].copy_(v_cache[src : src + length])
+                        copy_stream(dk[dst : dst + length], k_cache[src : src + length])
+                        copy_stream(dv[dst : dst + length], v_cache[src : src + length])
                 else:
                     dk.index_copy_(0, s.dst_slots, k_cache.index_select(0, s.slots).cpu())
                     dv.index_copy_(0, s.dst_slots, v_cache.index_select(0, s.slots).cpu())

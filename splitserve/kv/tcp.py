@@ -77,6 +77,8 @@ class DataSender:
         if self.broken:
             return
         views = [memoryview(b).cast("B") for b in buffers]
+        if self.queue:
+            self.flush()  # the socket may have drained since: then this chunk goes without a copy
         if not self.queue:
             sent = self._sendmsg(views)
             while views and sent >= len(views[0]):
