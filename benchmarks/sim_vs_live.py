@@ -112,18 +112,47 @@ def _tree_jiffies(root_pids: list[int]) -> int:
     return total
 
 
+def _own_jiffies(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            raw = f.read()
+    except OSError:
+        return 0
+    fields = raw[raw.rindex(")") + 2:].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
 class Quiet:
     """Measures how much CPU processes other than ours took during a live run (this machine is
     shared): busy jiffies of the whole machine minus those of the server tree and this script's
-    tree (the bench client)."""
+    tree (the bench client). Also where our own CPU went, in cores: the gateway process, each
+    worker process, the bench client (what the simulator's workers do not share their cores with)."""
 
     def __init__(self, server_pid: int):
+        self.server_pid = server_pid
         self.pids = [server_pid, os.getpid()]
+
+    def _ours(self) -> dict[str, int]:
+        # The server is this script's child: the client is this script's tree without it.
+        out = {"gateway": _own_jiffies(self.server_pid),
+               "client": _tree_jiffies([os.getpid()]) - _tree_jiffies([self.server_pid])}
+        for i, child in enumerate(_children(self.server_pid)):
+            out[f"worker{i}"] = _tree_jiffies([child])
+        return out
 
     def __enter__(self):
         self.t0 = time.time()
         self.busy0 = _cpu_busy_jiffies()
         self.ours0 = _tree_jiffies(self.pids)
+        self.split0 = self._ours()
         return self
 
     def __exit__(self, *exc):
@@ -131,6 +160,8 @@ class Quiet:
         wall = time.time() - self.t0
         foreign = (_cpu_busy_jiffies() - self.busy0) - (_tree_jiffies(self.pids) - self.ours0)
         self.foreign_share = max(0.0, foreign / hz / (wall * (os.cpu_count() or 1)))
+        split1 = self._ours()
+        self.cores = {k: (split1[k] - self.split0.get(k, 0)) / hz / wall for k in split1}
         return False
 
 
@@ -177,6 +208,7 @@ def run_live_quiet(args, proc, port: int, rate: float, out: str) -> tuple[dict, 
             doc = run_live(args, port, rate, out)
         if best is None or q.foreign_share < best[1]:
             best = (doc, q.foreign_share)
+            doc["_cores"] = q.cores
         if q.foreign_share <= args.max_foreign:
             break
         print(f"  rate {rate:g}: other processes took {q.foreign_share:.0%} of the CPUs; again", flush=True)
@@ -294,14 +326,16 @@ def main() -> int:
             doc, foreign = run_live_quiet(args, proc, port, rate, os.path.join(tmp, f"live_{rate:g}.json"))
             live = metrics(doc)
             sim = metrics(run_sim(args, rate, os.path.join(tmp, f"sim_{rate:g}.json"), args.calibration))
-            row = {"rate": rate, "live": live, "sim": sim, "foreign_cpu_share": foreign,
+            cores = doc.pop("_cores", {})
+            row = {"rate": rate, "live": live, "sim": sim, "foreign_cpu_share": foreign, "cores": cores,
                    "tpot_err": sim["tpot_mean"] / live["tpot_mean"] - 1,
                    "ttft_p90_err": sim["ttft_p90"] / live["ttft_p90"] - 1}
             rows.append(row)
             print(f"rate {rate:g}/s: TPOT mean live {live['tpot_mean']:.2f} sim {sim['tpot_mean']:.2f} ms "
                   f"({row['tpot_err'] * 100:+.1f}%), TTFT p90 live {live['ttft_p90']:.1f} sim {sim['ttft_p90']:.1f} ms "
                   f"({row['ttft_p90_err'] * 100:+.1f}%), throughput live {live['throughput']:.1f} sim "
-                  f"{sim['throughput']:.1f} tok/s; other processes {foreign:.0%} of the CPUs", flush=True)
+                  f"{sim['throughput']:.1f} tok/s; other processes {foreign:.0%} of the CPUs; our cores: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in cores.items()), flush=True)
         args.seed = base_seed
     finally:
         stop_server(proc)

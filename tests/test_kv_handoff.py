@@ -537,3 +537,47 @@ def test_shared_cache_that_does_not_fit_falls_back_to_a_private_one(tiny, monkey
     e = LLMEngine(EngineConfig(**_engine_kw(tiny)), kv_cache_segment=shm.segment_name(cluster, "D-kvcache-1"))
     assert e.kv_segment is None and shm.list_segments(cluster) == []
     assert e.generate([prompts_for(384)[0]], GREEDY)
+
+
+def test_decode_worker_restart_mid_step_does_not_break_the_prefill_side(tiny):
+    """A placement from a restarted decode worker (same owner, new segment) unmaps the old cache
+    while a transfer to it is mid-prefill: the prefill side keeps going, writes nothing there."""
+    pair = Pair(tiny, p_kw=dict(max_num_batched_tokens=16), direct=True)
+    _mid_transfer(pair)
+    tx = pair.P.kv_sender
+    reborn = shm.segment_name(pair.cluster, "D-kvcache-2")
+    k0 = pair.D.runner.kv_caches[0][0]
+    slots = 64
+    seg = shm.Segment(reborn, size=tx.num_layers * 2 * slots * k0.shape[1] * k0.shape[2] * 4)
+    try:
+        short = prompts_for(384)[0][:8]
+        pair.P.add_prefill_request("other", short, GREEDY, 1, "D2", 0, "shm")
+        tx.place(m.KVPlacement("other", reborn, tx.num_layers, slots, k0.shape[1], k0.shape[2], "float32", 4,
+                               [0, 1, 2], "D2"))
+        assert tx.transfers["other"].dest is not None
+        assert tx.transfers["x"].dest is None  # the old cache is gone
+        direct_before = tx.bytes_direct
+        while pair.P.has_unfinished():
+            pair.P.step()
+        # Only the new request's tokens went direct (into the new cache); x went by the arena.
+        assert tx.bytes_direct == direct_before + len(short) * tx.token_bytes * tx.num_layers
+    finally:
+        pair.P.abort_request("other")
+        pair.D.abort_request("x")
+        pair.flush()
+        seg.close()
+        seg.unlink()
+
+
+def test_fence_lifts_on_a_prefill_done_that_crossed_the_abort(tiny):
+    """The prefill finished (PrefillDone in flight) just as the decode side aborted: no KVStopped
+    will come, and the PrefillDone must free the fenced blocks."""
+    pair = Pair(tiny, p_kw=dict(max_num_batched_tokens=16), direct=True)
+    _mid_transfer(pair)
+    while pair.P.has_unfinished():
+        pair.P.step()
+    pair.D.abort_request("x")
+    assert "x" in pair.D.kv_receiver.fenced
+    pair.flush()
+    assert not pair.D.kv_receiver.fenced
+    pair.assert_clean()

@@ -330,6 +330,8 @@ class KVSender:
             hdr = m.KVChunk(t.request_id, layer, s.start, n, self.num_kv_heads, self.head_dim,
                             _dtype_name(self.dtype), self.reply_to)
             if s.direct:
+                if t.dest is None:  # its decode worker restarted meanwhile: nobody to write for
+                    continue
                 dest = t.dest[0].view
                 dk, dv = dest[layer, 0], dest[layer, 1]
                 if s.runs is not None:
@@ -597,6 +599,9 @@ class KVReceiver:
         t = self.transfers.get(hdr.request_id)
         if t is not None:
             self._accept(t, hdr, frames)
+            return
+        if isinstance(hdr, m.PrefillDone) and self.fenced.pop(hdr.request_id, None) is not None:
+            self.scheduler.finish(hdr.request_id)  # dropped here first; the writer has now finished
             return
         if hdr.request_id in self.recently_dropped:
             self._discard([(hdr, frames)])
