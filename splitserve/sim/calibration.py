@@ -48,6 +48,9 @@ class Calibration:
     machine: dict = field(default_factory=dict)
     engine: dict = field(default_factory=dict)
     fit: dict = field(default_factory=dict)
+    # Step slowdown while another engine on this host computes ({"decode": f, "prefill": f}),
+    # measured by `splitserve simulate calibrate --neighbor` (splitserve/sim/neighbor.py).
+    neighbor: dict = field(default_factory=dict)
     scale_tok: float = 1.0
     scale_kv: float = 1.0
 
@@ -100,7 +103,7 @@ def load_calibration(path: str | None = None) -> Calibration | None:
         data = json.load(f)
     if data.get("kind") != "splitserve.sim.calibration":
         raise ValueError(f"{path} is not a splitserve calibration file")
-    names = {"model", "coef", "server", "samples", "date", "machine", "engine", "fit"}
+    names = {"model", "coef", "server", "samples", "date", "machine", "engine", "fit", "neighbor"}
     return Calibration(**{k: v for k, v in data.items() if k in names})
 
 
@@ -357,12 +360,16 @@ def refit(path: str = DEFAULT_PATH) -> Calibration:
         raise ValueError(f"no calibration file at {path}")
     coef, quality = fit(cal.samples)
     cal = Calibration(model=cal.model, coef=coef, server=cal.server, samples=cal.samples, date=cal.date,
-                      machine=cal.machine, engine=cal.engine, fit={**cal.fit, **quality})
+                      machine=cal.machine, engine=cal.engine, fit={**cal.fit, **quality}, neighbor=cal.neighbor)
+    save(cal, path)
+    return cal
+
+
+def save(cal: Calibration, path: str) -> None:
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(cal.to_json(), f, indent=1)
         f.write("\n")
     os.replace(path + ".tmp", path)
-    return cal
 
 
 def _cpu_name() -> str:

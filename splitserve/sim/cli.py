@@ -298,6 +298,9 @@ def calibrate_main(argv: list[str]) -> int:
     p.add_argument("--quick", action="store_true", help="fewer shapes (about a third of the time)")
     p.add_argument("--output", default=DEFAULT_PATH)
     p.add_argument("--refit", action="store_true", help="fit again from the samples already in --output")
+    p.add_argument("--neighbor", action="store_true",
+                   help="also measure how much a busy second engine on this host slows a step (1P1D on one "
+                        "machine); with --refit, measure only that")
     args = p.parse_args(argv)
     if args.refit:
         from splitserve.sim.calibration import refit
@@ -306,6 +309,14 @@ def calibrate_main(argv: list[str]) -> int:
     else:
         cal = calibrate(model=args.model, threads=args.threads, dtype=args.dtype, quick=args.quick,
                         repeats=args.repeats, output=args.output, log=lambda s: print(s, file=sys.stderr))
+    if args.neighbor:
+        from splitserve.sim.calibration import save
+        from splitserve.sim.neighbor import measure
+
+        threads = cal.engine.get("threads") or 1
+        cal.neighbor = measure(model=cal.engine.get("model", args.model), threads=threads,
+                               dtype=cal.engine.get("dtype", args.dtype), log=lambda s: print(s, file=sys.stderr))
+        save(cal, args.output)
     c = cal.coef
     print(f"local-cpu calibration ({cal.model}, {cal.machine.get('cpu')}, {cal.date}):")
     print(f"  step_s = {c['c0'] * 1e3:.3f} ms + {c['c_tok'] * 1e6:.2f} us/token + {c['c_seq'] * 1e6:.2f} us/seq "
@@ -314,6 +325,9 @@ def calibrate_main(argv: list[str]) -> int:
           f"+ {c['c_kv_big'] * 1e9:.1f} ns/KV token beyond {c['kv_knee']:.0f}")
     print(f"  fit over {cal.fit['shapes']} shapes: mean |error| {cal.fit['mean_abs_rel_error'] * 100:.1f}%, "
           f"max {cal.fit['max_abs_rel_error'] * 100:.1f}%")
+    if cal.neighbor:
+        print(f"  beside a busy engine on this host: decode steps +{cal.neighbor['decode']:.1%}, "
+              f"prefill steps +{cal.neighbor['prefill']:.1%}")
     print(f"written: {args.output}")
     return 0
 

@@ -112,7 +112,7 @@ class PoolSpec:
 
 class SimWorker:
     __slots__ = ("wid", "role", "sched", "bm", "cost", "busy", "plan", "t_step_start", "steps",
-                 "busy_s", "view", "link_free_at", "pending", "tokens", "step_tokens_hist")
+                 "busy_s", "view", "link_free_at", "pending", "tokens", "step_tokens_hist", "neighbors", "neighbor")
 
     def __init__(self, wid: str, role: str, sched: Scheduler, cost: StepCost):
         self.wid = wid
@@ -129,6 +129,9 @@ class SimWorker:
         self.link_free_at = 0.0  # decode workers: ingress link busy until
         self.pending: deque = deque()  # decode workers: requests waiting to reserve KV blocks
         self.tokens = 0
+        # local-cpu workers share this host: a step runs (1 + factor) longer while another computes
+        self.neighbors: list[SimWorker] = []
+        self.neighbor: tuple[float, float] | None = None  # (decode, prefill) factors
 
 
 # Heap event kinds (ties in time break by sequence number: FIFO).
@@ -283,6 +286,14 @@ class Simulation:
             if pool.role == "decode" or pool.role == "both":
                 self.kv_bytes_per_token = pool.kv_bytes_per_token
                 self.num_layers = pool.num_layers
+        # local-cpu workers are processes on this one machine: with measured neighbour factors, each
+        # slows while another computes (shared cache and memory bandwidth).
+        local = [w for w in self.workers if getattr(w.cost, "cal", None) is not None and w.cost.cal.neighbor]
+        if len(local) > 1:
+            for w in local:
+                f = w.cost.cal.neighbor
+                w.neighbor = (float(f.get("decode", 0.0)), float(f.get("prefill", 0.0)))
+                w.neighbors = [o for o in local if o is not w]
         if not self.decoders:
             raise ValueError("a deployment needs decode (or aggregated) workers")
         if self.disaggregated and link is None:
@@ -502,6 +513,11 @@ class Simulation:
                 A += ctx + nd
                 K += ctx + nd
         dur = w.cost.time(T, S, A, K, B, multi)
+        if w.neighbor is not None:
+            for o in w.neighbors:
+                if o.busy:
+                    dur *= 1.0 + w.neighbor[1 if multi else 0]
+                    break
         w.busy = True
         w.plan = plan
         w.t_step_start = self.now

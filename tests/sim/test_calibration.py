@@ -64,3 +64,30 @@ def test_shipped_calibration_is_complete():
     decode = cal.step_time(1, 1, 256, 256, 1)
     prefill = cal.step_time(512, 1, 512 * 513 // 2, 512, 1)
     assert 0 < decode < prefill
+
+
+def _local_1p1d(tmp_path, neighbor):
+    """A local-cpu 1P1D run with the shipped coefficients and the given neighbour factors."""
+    from splitserve.bench.schema import load_results
+    from splitserve.cli import main
+
+    base = load_calibration()
+    cal = Calibration(model=base.model, coef=base.coef, neighbor=neighbor)
+    path = tmp_path / f"cal-{len(neighbor)}.json"
+    path.write_text(json.dumps(cal.to_json()))
+    out = tmp_path / f"r-{len(neighbor)}.json"
+    assert main(["simulate", "--model", "smollm2-135m", "--prefill", "local-cpu:1", "--decode", "local-cpu:1",
+                 "--link", "tcp-loopback", "--calibration", str(path), "--rate", "2", "--num-requests", "60",
+                 "--input-len", "256", "--output-len", "32", "--seed", "3", "--output", str(out), "--quiet"]) == 0
+    return load_results(str(out))[0].summary
+
+
+def test_neighbor_factors_slow_steps_only_while_the_other_worker_computes(tmp_path):
+    """Two local-cpu workers share the host: a decode step beside a busy prefill worker runs
+    (1 + f) longer, and the reverse; without factors nothing changes."""
+    plain = _local_1p1d(tmp_path, {})
+    slowed = _local_1p1d(tmp_path, {"decode": 0.5, "prefill": 0.25})
+    assert slowed.completed == plain.completed == 60
+    assert slowed.tpot_ms.mean > plain.tpot_ms.mean * 1.05  # decode steps overlap prefills often here
+    assert slowed.tpot_ms.mean < plain.tpot_ms.mean * 1.5  # but never more than the factor
+    assert slowed.ttft_ms.p50 > plain.ttft_ms.p50
