@@ -446,7 +446,7 @@ def _pump_for(rx, seconds=0.3):
             rx.pump(fd)
 
 
-@pytest.mark.parametrize("secret,magic", [(b"wrong", None), (b"s3cret", b"HTTP/1.1")])
+@pytest.mark.parametrize("secret,magic", [(b"wrong", None), (b"s3cret", b"HTTP/1.1"), (b"", None)])
 def test_data_channel_rejects_a_wrong_secret_or_protocol(tiny, secret, magic):
     pair = Pair(tiny, transport="tcp-data")
     rx = pair.D.kv_receiver.data
@@ -580,4 +580,27 @@ def test_fence_lifts_on_a_prefill_done_that_crossed_the_abort(tiny):
     assert "x" in pair.D.kv_receiver.fenced
     pair.flush()
     assert not pair.D.kv_receiver.fenced
+    pair.assert_clean()
+
+
+def test_data_channel_chunk_after_a_hole_fails_the_transfer(tiny):
+    """A chunk that starts past what arrived for its layer means KV was lost on a broken
+    connection: the transfer fails (and is placed again), it is never admitted with stale KV."""
+    import torch
+
+    from splitserve.kv import tcp
+
+    pair = Pair(tiny, transport="tcp-data")
+    rx = pair.D.kv_receiver
+    prompt = prompts_for(384)[-1]
+    pair.reserve("gap", prompt, GREEDY)
+    k0 = pair.D.runner.kv_caches[0][0]
+    heads, dim = k0.shape[1:]
+    hdr = m.KVChunk("gap", 0, 16, 16, heads, dim, "float32")  # tokens [0, 16) never came
+    payload = torch.zeros(2 * 16 * heads * dim, dtype=torch.float32).view(torch.uint8).numpy().tobytes()
+    client = _raw_client(pair.data_addr)
+    client.sendall(tcp.frame_buffers(hdr, [], [])[0] + payload)
+    _pump_for(rx.data)
+    assert pair.D.poll_transfers() == ["gap"]
+    client.close()
     pair.assert_clean()

@@ -131,6 +131,7 @@ class KVPlacement(Msg):
     block_size: int
     block_ids: list[int]
     reply_to: str  # the decode worker's inbox
+    pid: int = 0  # the decode worker's process: its cache is unmapped here once it is gone
 
 
 # ---- worker -> gateway ------------------------------------------------------------------------

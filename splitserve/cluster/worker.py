@@ -120,7 +120,8 @@ class Worker:
             data_in = engine.kv_receiver.data
             for fd in data_in.fds() if data_in else ():
                 poller.register(fd, zmq.POLLIN)
-            for fd in engine.kv_sender.data_waiting():
+            sending = engine.kv_sender.data_waiting()
+            for fd in sending:
                 poller.register(fd, zmq.POLLOUT)
             events = poller.poll(timeout)
             for sock, ev in events:
@@ -132,9 +133,9 @@ class Worker:
                         except zmq.Again:
                             break
                         self.handle(frames)
-                elif ev & zmq.POLLOUT:
+                elif sock in sending:  # writable, or an error the flush will find
                     engine.kv_sender.flush_data()
-                else:
+                elif data_in is not None:
                     data_in.pump(sock)
             if not self.running:
                 break

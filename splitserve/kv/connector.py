@@ -25,6 +25,7 @@ its process is gone: a late write must never land in a block that another reques
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -127,6 +128,7 @@ class RemoteCache:
 
     segment: shm.Segment
     view: torch.Tensor
+    pid: int = 0  # the decode worker that owns it (same host)
 @dataclass
 class OutgoingTransfer:
     request_id: str
@@ -144,6 +146,8 @@ class OutgoingTransfer:
     placed: bool = False  # the decode side sent a placement: end with PrefillDone or KVStopped
     dest: tuple[RemoteCache, list[int], int] | None = None  # (its cache, reserved blocks, block size)
     data_addr: str = ""  # tcp: the decode worker's raw data port
+    conn: object = None  # tcp: the data connection its chunks went over
+    lost: bool = False  # tcp: that connection broke: chunks may be lost, never claim PrefillDone
     announced: bool = False  # a chunk in shared memory was announced: the decode side releases it
 
 
@@ -188,6 +192,7 @@ class KVSender:
         # Set by the worker: take placements that arrived since the step began (between layers),
         # so a one-step prefill still writes most layers directly.
         self.fetch_placements: Callable[[], None] | None = None
+        self._checked_caches = 0.0
         k0 = kv_caches[0][0]
         self.num_layers = len(kv_caches)
         self.num_kv_heads, self.head_dim = k0.shape[1], k0.shape[2]
@@ -252,7 +257,7 @@ class KVSender:
             log.warning("%s is smaller than its placement says: sending through the arena", msg.cache_name)
             return None
         view = torch.frombuffer(seg.buf, dtype=self.dtype, count=count).view(shape)
-        cache = self.remote_caches[msg.cache_name] = RemoteCache(seg, view)
+        cache = self.remote_caches[msg.cache_name] = RemoteCache(seg, view, msg.pid)
         return cache
 
     def _unmap(self, name: str) -> None:
@@ -346,13 +351,18 @@ class KVSender:
                     self.send(t.dest_addr, [m.encode(hdr)])
                 self.bytes_direct += n * self.token_bytes
             elif t.data_addr and self._data(t) is not None:
+                if t.lost:
+                    continue
                 if s.src_runs is not None:  # straight from our cache slots into the socket
                     kp = [k_cache[a : a + length].view(torch.uint8).numpy() for a, _, length in s.src_runs]
                     vp = [v_cache[a : a + length].view(torch.uint8).numpy() for a, _, length in s.src_runs]
                 else:
                     kp = [k_cache.index_select(0, s.slots).cpu().view(torch.uint8).numpy()]
                     vp = [v_cache.index_select(0, s.slots).cpu().view(torch.uint8).numpy()]
-                self.data[t.data_addr].send(tcp.frame_buffers(hdr, kp, vp))
+                conn = self.data[t.data_addr]
+                conn.send(tcp.frame_buffers(hdr, kp, vp))
+                if conn.broken:
+                    t.lost = True
             elif t.transport == "shm":
                 if t.view is None:  # opened on first use: a placement may make it unnecessary
                     self._open_shm(t)
@@ -393,7 +403,12 @@ class KVSender:
             except OSError as exc:
                 log.warning("no KV data connection to %s (%s): sending ZeroMQ frames", t.data_addr, exc)
                 t.data_addr = ""
+                t.lost = t.conn is not None
                 return None
+        if t.conn is None:
+            t.conn = conn
+        elif t.conn is not conn:  # its earlier chunks went over a connection that broke
+            t.lost = True
         return conn
 
     def flush_data(self) -> None:
@@ -411,7 +426,9 @@ class KVSender:
         t = self.transfers.pop(request_id, None)
         if t is None:
             return
-        if first_token is not None and t.sent_upto >= t.total_tokens:
+        if t.conn is not None and (t.conn.broken or self.data.get(t.data_addr) is not t.conn):
+            t.lost = True
+        if first_token is not None and t.sent_upto >= t.total_tokens and not t.lost:
             self.send(t.dest_addr, [m.encode(m.PrefillDone(request_id, first_token, self.num_layers, t.total_tokens))])
             self.ended[request_id] = (time.monotonic(), False)
             t.view = t.dest = None
@@ -439,6 +456,11 @@ class KVSender:
 
     def poll(self) -> None:
         now = time.monotonic()
+        if self.remote_caches and now - self._checked_caches > 1.0:
+            self._checked_caches = now
+            for name, cache in list(self.remote_caches.items()):
+                if cache.pid and not _writer_alive(cache.pid):  # its decode worker is gone
+                    self._unmap(name)
         if self.arena is not None and self.arena.allocs:
             for rid in self.arena.reclaim(now - self.release_timeout_s):
                 log.warning("reclaimed the arena region of %s: no release from the decode side", rid)
@@ -502,6 +524,7 @@ class IncomingTransfer:
     writer_pid: int = 0
     placed: bool = False  # it may write into our blocks until PrefillDone or KVStopped
     stopped: bool = False  # KVStopped came: no more writes
+    gap: bool = False  # a chunk started past what had arrived for its layer: some KV was lost
     placements: dict = field(default_factory=dict)  # (token_start, n) -> slot runs or slot tensor
 
 
@@ -570,7 +593,7 @@ class KVReceiver:
                 t.reserved = self.scheduler.reserve_remote(t.request, t.reuse_tokens)
             except ValueError as exc:
                 log.warning("cannot reserve %s: %s", t.request.request_id, exc)
-            if t.reserved and t.writer and not t.stopped:
+            if t.reserved and t.writer and not t.stopped and t.done is None:
                 self._offer_placement(t)
 
     def _offer_placement(self, t: IncomingTransfer) -> None:
@@ -578,7 +601,7 @@ class KVReceiver:
         rid = t.request.request_id
         self.send(t.writer, [m.encode(m.KVPlacement(
             rid, self.shared_cache, self.num_layers, k0.shape[0], k0.shape[1], k0.shape[2], _dtype_name(self.dtype),
-            self.block_size, list(self.scheduler.block_manager.blocks_of(rid)), self.reply_to))])
+            self.block_size, list(self.scheduler.block_manager.blocks_of(rid)), self.reply_to, os.getpid()))])
         t.placed = True
 
     def on_chunk(self, hdr: m.KVChunk, frames: tuple = ()) -> None:
@@ -660,7 +683,7 @@ class KVReceiver:
             self._on_message(hdr, scratch)
             return
         t = self.transfers[hdr.request_id]
-        t.received[hdr.layer] = max(t.received[hdr.layer], hdr.token_start + hdr.num_tokens)
+        self._cover(t, hdr.layer, hdr.token_start, hdr.num_tokens)
         nbytes = 2 * tcp.chunk_bytes(hdr)
         t.bytes_received += nbytes
         self.bytes_received += nbytes
@@ -677,6 +700,14 @@ class KVReceiver:
             t.placements[key] = where
         return where
 
+    @staticmethod
+    def _cover(t: IncomingTransfer, layer: int, start: int, n: int) -> None:
+        """Chunks of a layer arrive in token order; one that starts past the covered end means
+        an earlier one was lost (a broken data connection): fail the transfer, never admit it."""
+        if start > t.received[layer]:
+            t.gap = True
+        t.received[layer] = max(t.received[layer], start + n)
+
     def _land(self, t: IncomingTransfer, hdr: m.KVChunk, frames: tuple) -> None:
         n, heads, dim = hdr.num_tokens, hdr.num_kv_heads, hdr.head_dim
         if not 0 <= hdr.layer < self.num_layers or n <= 0 or hdr.token_start < 0:
@@ -686,7 +717,7 @@ class KVReceiver:
                 raise ValueError("a direct KV chunk for a transfer without a placement")
             layers = range(hdr.layer, min(hdr.layer + hdr.num_layers_covered, self.num_layers))
             for layer in layers:
-                t.received[layer] = max(t.received[layer], hdr.token_start + n)
+                self._cover(t, layer, hdr.token_start, n)
             nbytes = 2 * n * heads * dim * _dtype(hdr.dtype).itemsize * len(layers)
             t.bytes_received += nbytes
             self.bytes_received += nbytes
@@ -716,7 +747,7 @@ class KVReceiver:
         else:
             k_cache.index_copy_(0, where, k)
             v_cache.index_copy_(0, where, v)
-        t.received[hdr.layer] = max(t.received[hdr.layer], hdr.token_start + n)
+        self._cover(t, hdr.layer, hdr.token_start, n)
         nbytes = 2 * count * src_dtype.itemsize
         t.bytes_received += nbytes
         self.bytes_received += nbytes
@@ -732,6 +763,11 @@ class KVReceiver:
                 pending, t.pending = t.pending, []
                 for hdr, frames in pending:
                     self._land(t, hdr, frames)
+            if t.gap:
+                log.warning("KV for %s arrived with a hole (a data connection broke): failing it", rid)
+                failed.append(rid)
+                self.drop(rid, failed=True)
+                continue
             if t.reserved and t.done is not None and all(r >= t.done.token_end for r in t.received):
                 del self.transfers[rid]
                 self._release_source(t)

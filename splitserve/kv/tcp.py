@@ -32,6 +32,7 @@ log = logging.getLogger("splitserve.kv.tcp")
 MAGIC = b"SSKV0001"
 MAX_HEADER = 4096
 MAX_CHUNK_BYTES = 1 << 30
+MAX_QUEUED_BYTES = 512 << 20  # a receiver this far behind is treated as gone
 IOV_MAX = 512
 CONNECT_TIMEOUT_S = 5.0
 _U32 = struct.Struct("<I")
@@ -67,6 +68,7 @@ class DataSender:
         self.queue: collections.deque = collections.deque()  # views of owned bytes not yet sent
         self.broken = False
         self.bytes_copied = 0  # what had to be queued because the socket was full
+        self.queued_bytes = 0
 
     @property
     def wants_write(self) -> bool:
@@ -88,13 +90,20 @@ class DataSender:
         for v in views:  # the rest must outlive this step's cache contents
             self.queue.append(memoryview(bytes(v)))  # views: sending part of it later copies nothing
             self.bytes_copied += len(v)
+            self.queued_bytes += len(v)
+        if self.queued_bytes > MAX_QUEUED_BYTES:
+            log.warning("KV data connection to %s: %d MB queued, receiver not reading; dropping it",
+                        self.addr, self.queued_bytes >> 20)
+            self.broken = True
+            self.queue.clear()
 
     def flush(self) -> None:
         while self.queue and not self.broken:
-            batch = list(self.queue)[:IOV_MAX]
+            batch = [self.queue[i] for i in range(min(IOV_MAX, len(self.queue)))]
             sent = self._sendmsg(batch)
             if not sent:
                 return
+            self.queued_bytes -= sent
             while self.queue and sent >= len(self.queue[0]):
                 sent -= len(self.queue.popleft())
             if sent:
@@ -232,7 +241,11 @@ class DataReceiver:
                     if bytes(conn.buf[: len(MAGIC)]) != MAGIC:
                         self.rejected += 1
                         raise ValueError("not a splitserve KV connection")
-                    conn.need += _U16.unpack_from(conn.buf, len(MAGIC))[0]
+                    size = _U16.unpack_from(conn.buf, len(MAGIC))[0]
+                    if not size or size != len(self.secret):
+                        self.rejected += 1
+                        raise ValueError("wrong cluster secret")
+                    conn.need += size
                     continue
                 if not hmac.compare_digest(bytes(conn.buf[len(MAGIC) + _U16.size:]), self.secret):
                     self.rejected += 1
