@@ -604,3 +604,21 @@ def test_data_channel_chunk_after_a_hole_fails_the_transfer(tiny):
     assert pair.D.poll_transfers() == ["gap"]
     client.close()
     pair.assert_clean()
+
+
+def test_data_channel_closes_a_connection_that_never_authenticates(tiny, monkeypatch):
+    import socket as socketlib
+
+    from splitserve.kv import tcp
+
+    monkeypatch.setattr(tcp, "AUTH_TIMEOUT_S", 0.2)
+    pair = Pair(tiny, transport="tcp-data")
+    rx = pair.D.kv_receiver
+    idle = socketlib.create_connection(tcp.parse_addr(pair.data_addr))  # connects, says nothing
+    _pump_for(rx.data, 0.1)
+    assert len(rx.data.conns) == 1
+    _pump_for(rx.data, 0.3)
+    pair.D.poll_transfers()
+    assert not rx.data.conns and rx.data.rejected == 1
+    idle.close()
+    pair.assert_clean()

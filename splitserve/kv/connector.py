@@ -790,6 +790,8 @@ class KVReceiver:
         for rid, when in list(self.recently_dropped.items()):
             if now - when > ORPHAN_TTL_S:
                 del self.recently_dropped[rid]
+        if self.data is not None and self.data.conns:
+            self.data.expire()
         for rid, (since, pid) in list(self.fenced.items()):
             alive = _writer_alive(pid) if pid else True
             if not alive or now - since > FENCE_MAX_S:

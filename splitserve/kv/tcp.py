@@ -22,6 +22,7 @@ import collections
 import hmac
 import logging
 import socket
+import time
 import struct
 from typing import Callable
 
@@ -33,6 +34,8 @@ MAGIC = b"SSKV0001"
 MAX_HEADER = 4096
 MAX_CHUNK_BYTES = 1 << 30
 MAX_QUEUED_BYTES = 512 << 20  # a receiver this far behind is treated as gone
+MAX_CONNECTIONS = 256
+AUTH_TIMEOUT_S = 5.0
 IOV_MAX = 512
 CONNECT_TIMEOUT_S = 5.0
 _U32 = struct.Struct("<I")
@@ -151,6 +154,7 @@ class _Conn:
     def __init__(self, sock: socket.socket, peer) -> None:
         self.sock = sock
         self.peer = peer
+        self.born = time.monotonic()
         self.authed = False
         self.buf = bytearray()  # auth / header bytes gathered so far
         self.need = len(MAGIC) + _U16.size  # bytes wanted into buf
@@ -198,6 +202,15 @@ class DataReceiver:
                 log.warning("closing KV data connection from %s: %s", conn.peer, exc)
             self._close(fd)
 
+    def expire(self) -> None:
+        """Close connections that did not authenticate in time (bounded: no idle squatters)."""
+        now = time.monotonic()
+        for fd, conn in list(self.conns.items()):
+            if conn.state == "auth" and now - conn.born > AUTH_TIMEOUT_S:
+                self.rejected += 1
+                log.warning("closing KV data connection from %s: no handshake in %.0fs", conn.peer, AUTH_TIMEOUT_S)
+                self._close(fd)
+
     def pump_all(self) -> None:
         for fd in self.fds():
             self.pump(fd)
@@ -208,6 +221,10 @@ class DataReceiver:
                 sock, peer = self.listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
+            if len(self.conns) >= MAX_CONNECTIONS:
+                log.warning("KV data port: %d connections open, refusing %s", len(self.conns), peer)
+                sock.close()
+                continue
             sock.setblocking(False)
             self.conns[sock.fileno()] = _Conn(sock, peer)
 
