@@ -214,6 +214,8 @@ class KVSender:
         early = self.early_placements.pop(request_id, None)
         if early is not None:
             self._apply_placement(t, early[1])
+        if t.data_addr:
+            self._data(t)  # connect now, between steps, not in the middle of a forward pass
 
     # ---- direct writes into the decode worker's cache ----------------------------------------
     def place(self, msg: m.KVPlacement) -> None:
