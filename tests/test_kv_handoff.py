@@ -537,6 +537,8 @@ def test_shared_cache_that_does_not_fit_falls_back_to_a_private_one(tiny, monkey
     e = LLMEngine(EngineConfig(**_engine_kw(tiny)), kv_cache_segment=shm.segment_name(cluster, "D-kvcache-1"))
     assert e.kv_segment is None and shm.list_segments(cluster) == []
     assert e.generate([prompts_for(384)[0]], GREEDY)
+    e.check_integrity()
+    assert e.is_idle()
 
 
 def test_decode_worker_restart_mid_step_does_not_break_the_prefill_side(tiny):
@@ -565,8 +567,11 @@ def test_decode_worker_restart_mid_step_does_not_break_the_prefill_side(tiny):
         pair.P.abort_request("other")
         pair.D.abort_request("x")
         pair.flush()
+        pair.D.kv_receiver.drop("other")  # its chunks were meant for the reborn worker, not D
+        pair.D.poll_transfers()
         seg.close()
         seg.unlink()
+    pair.assert_clean()
 
 
 def test_fence_lifts_on_a_prefill_done_that_crossed_the_abort(tiny):

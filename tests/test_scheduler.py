@@ -397,6 +397,12 @@ def test_decode_lane_and_stop_shortcut_change_nothing(seed):
         ref.check_integrity()
     assert lane_items > 100 or bs == 1  # the lane was exercised (block size 1: every decode allocates)
     assert fast.num_preemptions == ref.num_preemptions
+    for rid in list(fast.requests):  # end: nothing may stay behind in either
+        fast.finish(rid)
+        ref.finish(rid)
+    for s in (fast, ref):
+        s.check_integrity()
+        assert s.is_idle()
 
 
 def test_bulk_block_take_hands_out_what_single_takes_would():

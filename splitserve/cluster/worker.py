@@ -70,6 +70,9 @@ class Worker:
                                         secret=secret)
         engine.kv_sender.fetch_placements = self.fetch_placements
         self.deferred: list = []  # messages read between layers, handled after the step
+        self.poller = zmq.Poller()  # the inbox, plus the raw KV data sockets while they exist
+        self.poller.register(self.inbox, zmq.POLLIN)
+        self._polled: dict[int, int] = {}  # raw fd -> registered flags
         if role == "prefill":
             engine.kv_sender.ensure_arena()  # fault its pages in now, not during the first request
         engine.scheduler.block_manager.events = []
@@ -114,17 +117,9 @@ class Worker:
             busy = engine.has_work()
             transfers = engine.kv_receiver.busy
             timeout = 0 if busy else (TRANSFER_POLL_MS if transfers else IDLE_POLL_MS)
-            # One poll for the inbox and the raw KV data sockets (incoming chunks, queued sends).
-            poller = zmq.Poller()
-            poller.register(self.inbox, zmq.POLLIN)
             data_in = engine.kv_receiver.data
-            for fd in data_in.fds() if data_in else ():
-                poller.register(fd, zmq.POLLIN)
             sending = engine.kv_sender.data_waiting()
-            for fd in sending:
-                poller.register(fd, zmq.POLLOUT)
-            events = poller.poll(timeout)
-            for sock, ev in events:
+            for sock, ev in self._poll(data_in, sending, timeout):
                 if sock is self.inbox:
                     while True:
                         try:
@@ -150,6 +145,22 @@ class Worker:
             if not busy and self.parent_pid is not None and os.getppid() != self.parent_pid:
                 log.warning("parent gone; exiting")
                 break
+
+    def _poll(self, data_in, sending: list[int], timeout: int) -> list:
+        """One poll for the inbox and the raw KV data sockets (incoming chunks, queued sends).
+        The poller persists; raw fds are (un)registered only when the set changes."""
+        import zmq
+
+        want = dict.fromkeys(data_in.fds() if data_in else (), zmq.POLLIN)
+        want.update(dict.fromkeys(sending, zmq.POLLOUT))
+        if want != self._polled:
+            for fd in self._polled.keys() - want.keys():
+                self.poller.unregister(fd)
+            for fd, flags in want.items():
+                if self._polled.get(fd) != flags:
+                    self.poller.register(fd, flags)  # registering again updates the flags
+            self._polled = want
+        return self.poller.poll(timeout)
 
     def fetch_placements(self) -> None:
         """Between layers of a step: apply KVPlacements now, keep every other message for later."""

@@ -6,6 +6,7 @@ Token order within a step: every single-token chunk (decode) first, then multi-t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -41,10 +42,7 @@ class ModelRunner:
         # reads slot 0, so block 0 starts as zeros (finite values times a zero weight stay zero).
         # Skipping the fill saves touching gigabytes at start-up.
         if kv_storage is not None:
-            numel = 1
-            for n in shape:
-                numel *= n
-            self.kv_cache = torch.frombuffer(kv_storage, dtype=model.dtype, count=numel).view(shape)
+            self.kv_cache = torch.frombuffer(kv_storage, dtype=model.dtype, count=math.prod(shape)).view(shape)
         else:
             self.kv_cache = torch.empty(shape, dtype=model.dtype, device=model.device)
         self.kv_cache[:, :, :block_size].zero_()

@@ -111,8 +111,8 @@ def paired_runs(src_blocks: list[int], src_bs: int, dst_blocks: list[int], dst_b
     return [tuple(r) for r in runs]
 
 
-def _writer_alive(pid: int) -> bool:
-    """Same host only: is the process that may write into our cache still able to?"""
+def _process_alive(pid: int) -> bool:
+    """Same host only: is this process still running (a writer into our cache, or its owner)?"""
     try:
         with open(f"/proc/{pid}/stat") as f:
             state = f.read().rsplit(")", 1)[1].split()[0]
@@ -129,6 +129,8 @@ class RemoteCache:
     segment: shm.Segment
     view: torch.Tensor
     pid: int = 0  # the decode worker that owns it (same host)
+
+
 @dataclass
 class OutgoingTransfer:
     request_id: str
@@ -461,7 +463,7 @@ class KVSender:
         if self.remote_caches and now - self._checked_caches > 1.0:
             self._checked_caches = now
             for name, cache in list(self.remote_caches.items()):
-                if cache.pid and not _writer_alive(cache.pid):  # its decode worker is gone
+                if cache.pid and not _process_alive(cache.pid):  # its decode worker is gone
                     self._unmap(name)
         if self.arena is not None and self.arena.allocs:
             for rid in self.arena.reclaim(now - self.release_timeout_s):
@@ -617,17 +619,16 @@ class KVReceiver:
         t = self.transfers.get(request_id)
         if t is not None:
             t.stopped = True
-        elif self.fenced.pop(request_id, None) is not None:
-            self.scheduler.finish(request_id)
+        else:
+            self._unfence(request_id)
 
     def _on_message(self, hdr, frames: tuple) -> None:
         t = self.transfers.get(hdr.request_id)
         if t is not None:
             self._accept(t, hdr, frames)
             return
-        if isinstance(hdr, m.PrefillDone) and self.fenced.pop(hdr.request_id, None) is not None:
-            self.scheduler.finish(hdr.request_id)  # dropped here first; the writer has now finished
-            return
+        if isinstance(hdr, m.PrefillDone) and self._unfence(hdr.request_id):
+            return  # dropped here first; the writer has now finished
         if hdr.request_id in self.recently_dropped:
             self._discard([(hdr, frames)])
             return
@@ -795,13 +796,19 @@ class KVReceiver:
         if self.data is not None and self.data.conns:
             self.data.expire()
         for rid, (since, pid) in list(self.fenced.items()):
-            alive = _writer_alive(pid) if pid else True
+            alive = _process_alive(pid) if pid else True
             if not alive or now - since > FENCE_MAX_S:
                 if alive:
                     log.warning("freeing the blocks of %s: its writer never said it stopped", rid)
-                del self.fenced[rid]
-                self.scheduler.finish(rid)
+                self._unfence(rid)
         return failed
+
+    def _unfence(self, request_id: str) -> bool:
+        """The writer can no longer write: free the blocks kept for it. False if none were kept."""
+        if self.fenced.pop(request_id, None) is None:
+            return False
+        self.scheduler.finish(request_id)
+        return True
 
     def drop(self, request_id: str, failed: bool = False) -> bool:
         """Abort: free the reservation and the sender's memory. True if there was a transfer."""
@@ -850,8 +857,7 @@ class KVReceiver:
         for rid in list(self.transfers) + list(self.orphans):
             self.drop(rid)
         for rid in list(self.fenced):  # shutting down: nobody will reuse these blocks
-            del self.fenced[rid]
-            self.scheduler.finish(rid)
+            self._unfence(rid)
         for seg in self.mapped.values():
             seg.close()
         self.mapped.clear()

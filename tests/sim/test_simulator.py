@@ -206,6 +206,7 @@ def test_scheduler_fast_paths_leave_simulated_results_unchanged(monkeypatch):
                                  arrival=wl.Arrival(80.0), seed=2)
         sim, sink = run([pool(n=2, blocks=160)], specs, max_model_len=1024, block_size=8,
                         max_num_batched_tokens=256)
+        sim.check_idle()
         return sum(w.sched.num_preemptions for w in sim.workers), [
             (r.request_id, r.ttft_ms, r.e2e_ms, r.itl_ms, r.output_tokens, r.ok) for r in sink.records]
 
