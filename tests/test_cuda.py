@@ -99,3 +99,27 @@ def test_cuda_disaggregated_output_identical_to_aggregated(smollm2_shaped):
             info = s.wait_idle()
             decode = [w for w in info["workers"] if w["role"] == "decode"]
             assert sum(w["transfers"]["done"] for w in decode) > 0
+
+
+@pytest.mark.slow
+def test_cuda_prefill_cpu_decode_and_back(smollm2_shaped):
+    """The split the project is about: prefill on one device, decode on another. A CUDA prefill
+    worker writes each layer straight into a CPU decode worker's shared-memory cache (device-to-host
+    copy into the placed slots); a CPU prefill worker's KV lands in a CUDA decode worker's cache.
+    Greedy output equals the aggregated CUDA server's, and the direct path carried the KV."""
+    from tests.e2e.test_disaggregated import run_workload
+    from tests.server_utils import ServerProcess
+
+    common = ("--model", smollm2_shaped, "--dtype", "float32", "--max-model-len", "1024", "--num-kv-blocks", "512")
+    with ServerProcess(*common, "--device", "cuda") as s:
+        reference = run_workload(s.base_url)
+        s.wait_idle()
+    for prefill, decode in (("cuda", "cpu"), ("cpu", "cuda")):
+        with ServerProcess(*common, "--disaggregated", "--prefill-device", prefill, "--decode-device", decode,
+                           "--kv-transport", "shm") as s:
+            assert run_workload(s.base_url) == reference, (prefill, decode)
+            info = s.wait_idle()
+            by_role = {w["role"]: w for w in info["workers"]}
+            assert by_role["decode"]["transfers"]["done"] > 0
+            if decode == "cpu":  # the decode cache is shared memory: the prefill side wrote into it
+                assert by_role["prefill"]["transfers"]["bytes_direct"] > 0

@@ -57,6 +57,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     d.add_argument("--decode-workers", type=int, default=1)
     d.add_argument("--prefill-threads", type=int, default=None, help="threads per prefill worker")
     d.add_argument("--decode-threads", type=int, default=None, help="threads per decode worker")
+    d.add_argument("--prefill-device", default=None, help="device of the prefill workers (default: --device)")
+    d.add_argument("--decode-device", default=None, help="device of the decode workers (default: --device)")
     d.add_argument("--prefill-block-size", type=int, default=None)
     d.add_argument("--decode-block-size", type=int, default=None)
     d.add_argument("--local-prefill-threshold", type=int, default=0,
@@ -76,9 +78,11 @@ def pools_from_args(args, base: EngineConfig):
     cores = os.cpu_count() or 2
     split = max(1, cores // max(1, args.prefill_workers + args.decode_workers))
     p_cfg = replace(base, threads=args.prefill_threads or args.threads or split,
-                    block_size=args.prefill_block_size or base.block_size)
+                    block_size=args.prefill_block_size or base.block_size,
+                    device=args.prefill_device or base.device)
     d_cfg = replace(base, threads=args.decode_threads or args.threads or split,
-                    block_size=args.decode_block_size or base.block_size)
+                    block_size=args.decode_block_size or base.block_size,
+                    device=args.decode_device or base.device)
     pools = []
     if args.prefill_workers:
         pools.append(PoolSpec("prefill", args.prefill_workers, p_cfg))
