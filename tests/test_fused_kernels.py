@@ -349,3 +349,19 @@ def test_copy_stream_is_an_exact_copy_at_any_size_and_alignment(impl, offset):
     y = torch.empty_like(x)
     fused.copy_stream(y, x)
     assert torch.equal(x, y)
+
+
+def test_copy_rows_copies_each_run_and_nothing_else(impl):
+    """Many runs of cache rows in one call (a request's KV over scattered blocks): exactly the
+    runs land, every other row of the destination is untouched; a run out of range is refused."""
+    src = torch.randn(200, 3, 64).to(torch.bfloat16)
+    dst = torch.zeros(300, 3, 64, dtype=torch.bfloat16)
+    runs = [(0, 290, 10), (16, 0, 1), (33, 100, 47), (199, 150, 1), (80, 200, 0)]
+    fused.copy_rows(dst, src, runs)
+    want = torch.zeros_like(dst)
+    for a, b, n in runs:
+        want[b : b + n] = src[a : a + n]
+    assert torch.equal(dst, want)
+    if impl == "kernel":
+        with pytest.raises(RuntimeError, match="out of range"):
+            fused.copy_rows(dst, src, [(190, 0, 11)])

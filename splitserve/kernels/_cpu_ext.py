@@ -919,13 +919,7 @@ c10::optional<at::Tensor> paged_decode_attention(const at::Tensor& q_, const at:
 // Copy with non-temporal (streaming) stores: for bytes the writing process will not read back (a
 // request's KV written into another process's cache), so the destination lines are never read
 // for ownership. Memory traffic 2x the bytes instead of 3x.
-void copy_stream(at::Tensor dst, const at::Tensor& src) {
-  TORCH_CHECK(dst.device().is_cpu() && src.device().is_cpu(), "copy_stream: CPU tensors only");
-  TORCH_CHECK(dst.is_contiguous() && src.is_contiguous(), "copy_stream: contiguous tensors only");
-  TORCH_CHECK(dst.nbytes() == src.nbytes(), "copy_stream: sizes differ");
-  char* d = static_cast<char*>(dst.data_ptr());
-  const char* s = static_cast<const char*>(src.data_ptr());
-  size_t n = dst.nbytes();
+static void stream_bytes(char* d, const char* s, size_t n) {
   size_t head = (64 - (reinterpret_cast<uintptr_t>(d) & 63)) & 63;
   if (head > n) head = n;
   std::memcpy(d, s, head);
@@ -942,11 +936,42 @@ void copy_stream(at::Tensor dst, const at::Tensor& src) {
     _mm512_stream_si512(reinterpret_cast<__m512i*>(d + i + 192), e);
   }
   std::memcpy(d + i, s + i, n - i);
+}
+
+void copy_stream(at::Tensor dst, const at::Tensor& src) {
+  TORCH_CHECK(dst.device().is_cpu() && src.device().is_cpu(), "copy_stream: CPU tensors only");
+  TORCH_CHECK(dst.is_contiguous() && src.is_contiguous(), "copy_stream: contiguous tensors only");
+  TORCH_CHECK(dst.nbytes() == src.nbytes(), "copy_stream: sizes differ");
+  stream_bytes(static_cast<char*>(dst.data_ptr()), static_cast<const char*>(src.data_ptr()), dst.nbytes());
   _mm_sfence();  // streaming stores are weakly ordered: visible before the notice that follows
+}
+
+// Many runs of rows in one call (a request's KV scattered over blocks): dst[d:d+n] = src[s:s+n]
+// for each (s, d, n) row of `runs`. Rows are dim 0; both tensors contiguous, same row size.
+void copy_rows(at::Tensor dst, const at::Tensor& src, const at::Tensor& runs) {
+  TORCH_CHECK(dst.device().is_cpu() && src.device().is_cpu(), "copy_rows: CPU tensors only");
+  TORCH_CHECK(dst.is_contiguous() && src.is_contiguous(), "copy_rows: contiguous tensors only");
+  TORCH_CHECK(dst.dim() >= 1 && src.dim() >= 1 && dst.element_size() == src.element_size(), "copy_rows: dtypes differ");
+  TORCH_CHECK(runs.scalar_type() == at::kLong && runs.dim() == 2 && runs.size(1) == 3 && runs.is_contiguous(),
+              "copy_rows: runs must be an int64 [n, 3] tensor");
+  const int64_t dn = dst.size(0), sn = src.size(0);
+  const size_t row = dn ? dst.nbytes() / dn : 0;
+  TORCH_CHECK(sn == 0 || src.nbytes() / sn == row, "copy_rows: row sizes differ");
+  const int64_t* r = runs.data_ptr<int64_t>();
+  char* d = static_cast<char*>(dst.data_ptr());
+  const char* s = static_cast<const char*>(src.data_ptr());
+  for (int64_t i = 0; i < runs.size(0); ++i) {
+    const int64_t a = r[3 * i], b = r[3 * i + 1], n = r[3 * i + 2];
+    TORCH_CHECK(n >= 0 && a >= 0 && b >= 0 && a + n <= sn && b + n <= dn, "copy_rows: run ", i, " out of range");
+  }
+  for (int64_t i = 0; i < runs.size(0); ++i)
+    stream_bytes(d + r[3 * i + 1] * row, s + r[3 * i] * row, r[3 * i + 2] * row);
+  _mm_sfence();
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("copy_stream", &copy_stream);
+  m.def("copy_rows", &copy_rows);
   m.def("gemm", &gemm, "bf16 packed small-M GEMM", pybind11::arg("x"), pybind11::arg("packed"),
         pybind11::arg("bias"), pybind11::arg("N"), pybind11::arg("nb"));
   m.def("alloc_buffer", &alloc_buffer);

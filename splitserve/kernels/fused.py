@@ -225,3 +225,17 @@ def copy_stream(dst: torch.Tensor, src: torch.Tensor) -> None:
         mod.copy_stream(dst, src)
     else:
         dst.copy_(src)
+
+
+def copy_rows(dst: torch.Tensor, src: torch.Tensor, runs: list[tuple[int, int, int]],
+              runs_tensor: torch.Tensor | None = None) -> None:
+    """dst[d:d+n] = src[s:s+n] for each (s, d, n) in `runs`, streaming stores, one call for all runs
+    when the kernels are built (a per-run Python call costs more than copying a 16-token block).
+    `runs_tensor`: the same runs as an int64 [n, 3] tensor, when the caller keeps one."""
+    mod = _load()
+    if (mod is not None and dst.device.type == "cpu" and src.device.type == "cpu" and dst.dtype == src.dtype
+            and dst.is_contiguous() and src.is_contiguous() and dst.shape[1:] == src.shape[1:]):
+        mod.copy_rows(dst, src, runs_tensor if runs_tensor is not None else torch.tensor(runs, dtype=torch.long))
+        return
+    for a, b, n in runs:
+        dst[b : b + n].copy_(src[a : a + n])

@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 
 from splitserve.cluster import messages as m
-from splitserve.kernels.fused import copy_stream
+from splitserve.kernels.fused import copy_rows
 from splitserve.kv import shm, tcp
 
 log = logging.getLogger("splitserve.kv")
@@ -160,6 +160,7 @@ class _StepSend:
     end: int
     slots: torch.Tensor | None  # source slots (arena/TCP, or a fragmented direct copy)
     runs: list[tuple[int, int, int]] | None = None  # direct: (source slot, destination slot, length)
+    runs_t: torch.Tensor | None = None  # the same runs as an int64 [n, 3] tensor (one kernel call per layer)
     dst_slots: torch.Tensor | None = None  # direct, fragmented: scatter here
     src_runs: list[tuple[int, int, int]] | None = None  # tcp data channel: runs of our own slots
     table: list[int] | None = None  # our blocks for the request
@@ -320,7 +321,9 @@ class KVSender:
         _, dst_blocks, dst_bs = t.dest
         s.direct_from = layer
         s.runs = paired_runs(s.table, self.block_size, dst_blocks, dst_bs, s.start, s.end)
-        if s.runs is None:
+        if s.runs is not None:
+            s.runs_t = torch.tensor(s.runs, dtype=torch.long).view(-1, 3)
+        else:
             if s.slots is None:
                 s.slots = token_slots(s.table, self.block_size, s.start, s.end).to(self.kv_caches[0][0].device)
             s.dst_slots = token_slots(dst_blocks, dst_bs, s.start, s.end)
@@ -344,9 +347,8 @@ class KVSender:
                 dest = t.dest[0].view
                 dk, dv = dest[layer, 0], dest[layer, 1]
                 if s.runs is not None:
-                    for src, dst, length in s.runs:
-                        copy_stream(dk[dst : dst + length], k_cache[src : src + length])
-                        copy_stream(dv[dst : dst + length], v_cache[src : src + length])
+                    copy_rows(dk, k_cache, s.runs, s.runs_t)
+                    copy_rows(dv, v_cache, s.runs, s.runs_t)
                 else:
                     dk.index_copy_(0, s.dst_slots, k_cache.index_select(0, s.slots).cpu())
                     dv.index_copy_(0, s.dst_slots, v_cache.index_select(0, s.slots).cpu())
