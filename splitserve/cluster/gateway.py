@@ -491,6 +491,8 @@ class Cluster:
                     "num_waiting": s.num_waiting, "num_running": s.num_running,
                     "num_waiting_for_kv": s.num_waiting_for_kv, "queued_prefill_tokens": s.queued_prefill_tokens,
                     "kv_blocks_used": s.kv_blocks_used, "kv_blocks_free": s.kv_blocks_free, "num_steps": s.num_steps,
+                    "step_seconds": round(s.step_seconds, 6),  # busy time inside engine steps
+                    "decode_steps": s.decode_steps, "decode_step_seconds": round(s.decode_step_seconds, 6),
                 },
                 "transfers": None if s is None else {
                     "active": s.active_transfers, "bytes_sent": s.kv_bytes_sent, "bytes_received": s.kv_bytes_received,

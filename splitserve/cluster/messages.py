@@ -193,6 +193,9 @@ class Stats(Msg):
     active_transfers: int = 0
     kv_events: list[tuple[str, bytes]] = []
     kv_bytes_direct: int = 0  # moved with no staging copy: shm writes into a peer's cache, TCP into ours
+    step_seconds: float = 0.0  # wall time inside engine steps, summed (busy time)
+    decode_steps: int = 0  # steps without a prefill chunk
+    decode_step_seconds: float = 0.0
 
 
 ToWorker = (AddRequest | PrefillRequest | ReserveKV | AbortRequests | Shutdown | KVChunk | PrefillDone | KVRelease

@@ -266,7 +266,8 @@ class Worker:
             bm.num_used_blocks, bm.num_free_blocks, s.num_waiting_tokens, bm.num_queried_tokens, bm.num_hit_tokens,
             s.num_preemptions, e.num_steps, tx.bytes_sent, rx.bytes_received, rx.transfer_seconds, rx.num_done,
             rx.num_failed, rx.num_active + tx.num_pending, events,
-            tx.bytes_direct + (rx.data.bytes_direct if rx.data else 0),
+            tx.bytes_direct + (rx.data.bytes_direct if rx.data else 0), e.step_seconds,
+            e.decode_steps, e.decode_step_seconds,
         )
 
     def close(self) -> None:

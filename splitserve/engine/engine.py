@@ -106,6 +106,9 @@ class LLMEngine:
         self.kv_receiver = None  # set by a decode worker (splitserve.kv.connector.KVReceiver)
         self._rng = random.Random(config.seed)
         self.num_steps = 0
+        self.step_seconds = 0.0  # wall time inside step(), summed
+        self.decode_steps = 0  # steps with no prefill chunk, and their share of step_seconds
+        self.decode_step_seconds = 0.0
         self.load_seconds = time.perf_counter() - t0
         log.info("engine ready in %.2fs: %s, %s on %s, %d KV blocks of %d tokens, max_model_len=%d",
                  self.load_seconds, self.arch.family, self.dtype, self.device, num_blocks, config.block_size, max_len)
@@ -187,6 +190,7 @@ class LLMEngine:
 
     # ---- stepping --------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
+        t0 = time.perf_counter()
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return []
@@ -214,6 +218,11 @@ class LLMEngine:
                 req.finish_reason if e.finished else None, req.stop_reason,
                 req.num_prompt_tokens, max(req.num_cached_tokens, 0), remote,
             ))
+        dt = time.perf_counter() - t0
+        self.step_seconds += dt  # busy time: what a simulated step models
+        if all(item[2] == 1 for item in plan.items):
+            self.decode_steps += 1
+            self.decode_step_seconds += dt
         return outputs
 
     def poll_transfers(self) -> list[str]:

@@ -104,7 +104,7 @@ def build_deployment(args, model, cfg, *, log=lambda s: None) -> tuple[list, Any
             if cal is None:
                 log("local-cpu: no calibration file; run `splitserve simulate calibrate` (using fallback values)")
             else:
-                cal = cal.scaled_for(model)
+                cal = cal.scaled_for(model).for_role(role)
         plan = plan_pool(hw, model, units=n, weight_dtype=weight_dtype, kv_dtype=kv_dtype, cfg=cfg, tp=tp, pp=pp,
                          calibration=cal, max_blocks_per_worker=getattr(args, "max_kv_blocks", None))
         log(f"{role}: {plan.describe()}")
@@ -205,11 +205,18 @@ def run_once(args, model, rate, *, log=lambda s: None):
     units = sum(p["units"] for p in info["pools"])
     power_w = sum(p["units"] * p["power_w_per_unit"] for p in info["pools"])
     usd_h = sum(p["units"] * p["usd_per_unit_hour"] for p in info["pools"])
-    busy = {w.role: 0.0 for w in sim.workers}
+    busy = {w.role: [0.0, 0, 0.0, 0] for w in sim.workers}  # busy s, steps, and of them decode-only
     for w in sim.workers:
-        busy[w.role] += w.busy_s
+        b = busy[w.role]
+        b[0] += w.busy_s
+        b[1] += w.steps
+        b[2] += w.decode_busy_s
+        b[3] += w.decode_steps
     for p in info["pools"]:
-        p["utilization"] = busy.get(p["role"], 0.0) / max(span * p["workers"], 1e-12)
+        b = busy.get(p["role"], [0.0, 0, 0.0, 0])
+        p["utilization"] = b[0] / max(span * p["workers"], 1e-12)
+        # as /cluster's step_seconds / num_steps / decode_step_seconds / decode_steps
+        p["busy_s"], p["steps"], p["decode_busy_s"], p["decode_steps"] = b
     out_tok = summary.total_output_tokens
     stats = {
         "wall_s": wall, "events": sim.num_events, "steps": sim.num_steps,
@@ -319,7 +326,8 @@ def calibrate_main(argv: list[str]) -> int:
         save(cal, args.output)
     c = cal.coef
     print(f"local-cpu calibration ({cal.model}, {cal.machine.get('cpu')}, {cal.date}):")
-    print(f"  step_s = {c['c0'] * 1e3:.3f} ms + {c['c_tok'] * 1e6:.2f} us/token + {c['c_seq'] * 1e6:.2f} us/seq "
+    print(f"  step_s = {c['c0'] * 1e3:.3f} ms + {c['c_tok'] * 1e6:.2f} us/token "
+          f"+ {c.get('c_tok_mid', 0.0) * 1e6:.2f} us/token beyond {c.get('tok_knee', 0):.0f} + {c['c_seq'] * 1e6:.2f} us/seq "
           f"+ {c['c_pair'] * 1e9:.3f} ns/attention pair + {c['c_kv'] * 1e9:.2f} ns/KV token "
           f"+ {c['c_samp'] * 1e6:.1f} us/sample + {c['c_tok_big'] * 1e6:.2f} us/token beyond 64 "
           f"+ {c['c_kv_big'] * 1e9:.1f} ns/KV token beyond {c['kv_knee']:.0f}")

@@ -112,7 +112,7 @@ class PoolSpec:
 
 class SimWorker:
     __slots__ = ("wid", "role", "sched", "bm", "cost", "busy", "plan", "t_step_start", "steps",
-                 "busy_s", "view", "link_free_at", "pending", "tokens", "step_tokens_hist", "neighbors", "neighbor")
+                 "busy_s", "decode_steps", "decode_busy_s", "view", "link_free_at", "pending", "tokens", "step_tokens_hist", "neighbors", "neighbor")
 
     def __init__(self, wid: str, role: str, sched: Scheduler, cost: StepCost):
         self.wid = wid
@@ -125,6 +125,8 @@ class SimWorker:
         self.t_step_start = 0.0
         self.steps = 0
         self.busy_s = 0.0
+        self.decode_steps = 0  # steps without a prefill chunk, and their busy time
+        self.decode_busy_s = 0.0
         self.view: WorkerView | None = None
         self.link_free_at = 0.0  # decode workers: ingress link busy until
         self.pending: deque = deque()  # decode workers: requests waiting to reserve KV blocks
@@ -522,6 +524,9 @@ class Simulation:
         w.plan = plan
         w.t_step_start = self.now
         w.busy_s += dur
+        if not multi:
+            w.decode_steps += 1
+            w.decode_busy_s += dur
         self.seq += 1
         heapq.heappush(self.heap, (self.now + dur, self.seq, _STEP, w))
 
