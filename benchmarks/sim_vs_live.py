@@ -8,10 +8,12 @@ server and through the simulator (`local-cpu`, the calibration file), at several
                                                               # them in the calibration file
 
 Target: mean TPOT within 5% and p90 TTFT within 10% at every rate, including one near saturation.
-The overhead fit (--fit-overhead) uses its own low rate, never the validation rates: the gap in
-TTFT between live and simulated at that rate is the gateway's per-request cost (HTTP, tokenizer,
-ZeroMQ hand-off), the gap in TPOT the per-step cost of the worker loop and the gateway sharing
-the two cores with the engine.
+The overhead fit (--fit-overhead) uses its own rates and prompts, never the validation ones: a
+worker's busy time per engine step live over simulated is its role's step scale (the engine in
+the server, beside the gateway, the client and the other worker, against the engine measured
+alone); then the gap in TTFT is the gateway's per-request cost (HTTP, tokenizer, ZeroMQ
+hand-off) and the gap in TPOT the per-step cost of the worker loop. Each row also prints the
+live/simulated busy time per step of each role.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import tempfile
 import time
 import urllib.request
 
+STATS_SETTLE_S = 0.6
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
@@ -198,17 +201,61 @@ def metrics(doc: dict) -> dict:
             "throughput": s["output_token_throughput"], "completed": s["completed"]}
 
 
+KINDS = ("decode", "prefill")  # decode-only steps; steps with a prefill chunk
+
+
+def worker_steps(port: int) -> dict[str, dict[str, list[float]]]:
+    """{role: {kind: [engine steps, seconds inside them]}} over the live server's workers (/cluster)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/cluster", timeout=10) as r:
+        info = json.load(r)
+    out: dict[str, dict[str, list[float]]] = {}
+    for w in info["workers"]:
+        ld = w.get("load") or {}
+        acc = out.setdefault(w["role"], {k: [0.0, 0.0] for k in KINDS})
+        acc["decode"][0] += ld.get("decode_steps", 0)
+        acc["decode"][1] += ld.get("decode_step_seconds", 0.0)
+        acc["prefill"][0] += ld.get("num_steps", 0) - ld.get("decode_steps", 0)
+        acc["prefill"][1] += ld.get("step_seconds", 0.0) - ld.get("decode_step_seconds", 0.0)
+    return out
+
+
+def sim_steps(doc: dict) -> dict[str, dict[str, list[float]]]:
+    """The same from a simulated run, per pool."""
+    return {p["role"]: {"decode": [p["decode_steps"], p["decode_busy_s"]],
+                        "prefill": [p["steps"] - p["decode_steps"], p["busy_s"] - p["decode_busy_s"]]}
+            for p in doc["config"]["extra"]["deployment"]["pools"]}
+
+
+def time_per_step(live: dict, sim: dict, min_steps: int = 5) -> dict[str, dict[str, tuple[float, float]]]:
+    """{role: {kind: (live seconds per step, simulated seconds per step)}} where both ran at least
+    `min_steps` steps of that kind."""
+    out: dict[str, dict[str, tuple[float, float]]] = {}
+    for role, kinds in live.items():
+        for kind, (n, secs) in kinds.items():
+            sn, ss = sim.get(role, {}).get(kind, (0, 0.0))
+            if n >= min_steps and sn >= min_steps and ss > 0:
+                out.setdefault(role, {})[kind] = (secs / n, ss / sn)
+    return out
+
+
 def run_live_quiet(args, proc, port: int, rate: float, out: str) -> tuple[dict, float]:
     """A live run during which other processes took at most --max-foreign of the CPUs; retried
     (up to --tries) otherwise; the quietest run is returned with its foreign share."""
     best = None
     for attempt in range(args.tries):
         q = Quiet(proc.pid)
+        before = worker_steps(port)
         with q:
             doc = run_live(args, port, rate, out)
+        time.sleep(STATS_SETTLE_S)  # the workers report their counters every 0.25 s
+        after = worker_steps(port)
         if best is None or q.foreign_share < best[1]:
             best = (doc, q.foreign_share)
             doc["_cores"] = q.cores
+            zero = {k: [0, 0.0] for k in KINDS}
+            doc["_steps"] = {role: {k: [after[role][k][0] - before.get(role, zero)[k][0],
+                                        after[role][k][1] - before.get(role, zero)[k][1]] for k in KINDS}
+                             for role in after}
         if q.foreign_share <= args.max_foreign:
             break
         print(f"  rate {rate:g}: other processes took {q.foreign_share:.0%} of the CPUs; again", flush=True)
@@ -217,13 +264,20 @@ def run_live_quiet(args, proc, port: int, rate: float, out: str) -> tuple[dict, 
 
 
 def fit_overhead(args, proc, port: int, tmp: str) -> None:
-    """The live server's own costs around the engine, as the simulator models them:
-    `step_s` per step, `token_s` per token streamed in that step (the gateway, the client and
-    ZeroMQ share the two cores with the engine's two threads; the more a step emits, the more
-    they wake up and stall it), `request_s` per request (HTTP, tokenizer, hand-off).
-    Fitted from live runs at --fit-rates (never validated), each repeated --fit-repeats times on
-    fresh prompts and averaged, by solving mean TPOT(live) = TPOT(sim) at each rate; refined
-    three times, damped and bounded."""
+    """The live server's own costs around the calibrated engine, as the simulator models them.
+    From live runs at --fit-rates (never validated), each repeated --fit-repeats times on fresh
+    prompts:
+
+    * `live_steps` per worker role, measured, not fitted: the worker's busy time per engine step
+      in the live server (/cluster `step_seconds`, `decode_step_seconds`, ...) against the
+      simulator's for the same workload: for decode-only steps the difference (seconds added to
+      each), for steps with a prefill chunk the ratio. It holds what the engine-alone calibration
+      cannot see: the gateway, the client and the other worker sharing the cores and caches, a
+      prefill worker shipping KV.
+    * then, with the scale in place, `step_s` per step and `token_s` per token streamed in a step
+      (the worker loop around the step), and `request_s` per request (HTTP, tokenizer,
+      hand-off), solved from mean TPOT(live) = TPOT(sim) and the p50 TTFT gap, refined three
+      times, damped and bounded; only the terms named in --fit-terms are kept."""
     import numpy as np
 
     from splitserve.sim.calibration import DEFAULT_PATH
@@ -233,7 +287,9 @@ def fit_overhead(args, proc, port: int, tmp: str) -> None:
     n, seed = args.num_requests, args.seed
     args.num_requests = args.fit_requests
     rates = [float(x) for x in args.fit_rates.split(",")]
-    lives = []
+    terms = set(args.fit_terms.split(","))
+    lives, live_steps = [], []
+    trial = os.path.join(tmp, "cal_trial.json")
     try:
         for i, rate in enumerate(rates):
             runs = []
@@ -241,13 +297,32 @@ def fit_overhead(args, proc, port: int, tmp: str) -> None:
                 args.seed = seed + 100 + 10 * i + k  # prompts no validation run sends
                 doc, foreign = run_live_quiet(args, proc, port, rate, os.path.join(tmp, f"fit_live_{i}_{k}.json"))
                 runs.append(metrics(doc))
+                live_steps.append((i, k, doc["_steps"]))
                 print(f"  fit run at {rate:g} req/s: live TPOT {runs[-1]['tpot_mean']:.2f} ms, p50 TTFT "
                       f"{runs[-1]['ttft_p50']:.1f} ms; other processes {foreign:.0%} of the CPUs", flush=True)
             lives.append({k: sum(r[k] for r in runs) / len(runs) for k in runs[0]})
-        server = {"step_s": 0.0, "token_s": 0.0, "request_s": 0.0}
+        server: dict = {"step_s": 0.0, "token_s": 0.0, "request_s": 0.0}
+        if "scale" in terms:
+            cal_doc["server"] = dict(server)
+            json.dump(cal_doc, open(trial, "w"))
+            pairs: dict[tuple[str, str], list[tuple[float, float]]] = {}
+            for i, k, live in live_steps:
+                args.seed = seed + 100 + 10 * i + k
+                sim = sim_steps(run_sim(args, rates[i], os.path.join(tmp, f"fit_sim_{i}_{k}.json"), trial))
+                for role, kinds in time_per_step(live, sim).items():
+                    for kind, pair in kinds.items():
+                        pairs.setdefault((role, kind), []).append(pair)
+            server["live_steps"] = {}
+            for (role, kind), got in pairs.items():
+                entry = server["live_steps"].setdefault(role, {})
+                if kind == "decode":  # seconds added per decode-only step
+                    entry["decode_extra_s"] = round(float(np.mean([lv - sm for lv, sm in got])), 6)
+                else:  # factor on a step with a prefill chunk
+                    entry["prefill_scale"] = round(float(np.mean([lv / sm for lv, sm in got])), 4)
+                print(f"  {role} worker, {kind} steps: live / simulated ms per step "
+                      + ", ".join(f"{lv * 1e3:.2f}/{sm * 1e3:.2f}" for lv, sm in got), flush=True)
         for _ in range(3):
             cal_doc["server"] = server
-            trial = os.path.join(tmp, "cal_trial.json")
             json.dump(cal_doc, open(trial, "w"))
             rows, ys, ttft = [], [], []
             for i, rate in enumerate(rates):
@@ -258,24 +333,41 @@ def fit_overhead(args, proc, port: int, tmp: str) -> None:
                 rows.append([1.0, per_step])
                 ys.append((lives[i]["tpot_mean"] - sim["tpot_mean"]) / 1000.0)
                 ttft.append((lives[i]["ttft_p50"] - sim["ttft_p50"]) / 1000.0)
-            if len(rates) >= 2:
-                delta, *_ = np.linalg.lstsq(np.array(rows), np.array(ys), rcond=None)
-            else:
-                delta = [ys[0], 0.0]
-            server = {"step_s": min(0.03, max(0.0, server["step_s"] + 0.7 * float(delta[0]))),
-                      "token_s": min(0.005, max(0.0, server["token_s"] + 0.7 * float(delta[1]))),
-                      "request_s": min(0.5, max(0.0, server["request_s"] + 0.7 * ttft[0]))}
-            terms = set(args.fit_terms.split(","))
-            server = {k: (v if k.removesuffix("_s") in terms else 0.0) for k, v in server.items()}
+            # Least squares over the per-step terms asked for; a term the solve would push below 0
+            # is dropped and the rest solved again (clamping it after a joint solve left the other
+            # term carrying an ill-conditioned 2x2 solution: +1.7 ms per step, TPOT +14-19%).
+            cols = [j for j, key in enumerate(("step", "token")) if key in terms][: len(rates)]
+            delta = [0.0, 0.0]
+            while cols:
+                X = np.array(rows)[:, cols]
+                sol, *_ = np.linalg.lstsq(X, np.array(ys), rcond=None)
+                new = {j: server[("step_s", "token_s")[j]] + 0.7 * float(x) for j, x in zip(cols, sol)}
+                neg = [j for j, v in new.items() if v < 0]
+                if not neg:
+                    for j, x in zip(cols, sol):
+                        delta[j] = float(x)
+                    break
+                for j in neg:  # this term cannot explain the gap: drop it, solve the others
+                    cols.remove(j)
+                    delta[j] = -server[("step_s", "token_s")[j]] / 0.7
+            server.update({"step_s": min(0.03, max(0.0, server["step_s"] + 0.7 * delta[0])),
+                           "token_s": min(0.005, max(0.0, server["token_s"] + 0.7 * delta[1])),
+                           "request_s": min(0.5, max(0.0, server["request_s"] + 0.7 * ttft[0]))})
+            for key in ("step_s", "token_s", "request_s"):
+                if key.removesuffix("_s") not in terms:
+                    server[key] = 0.0
     finally:
         args.num_requests, args.seed = n, seed
-    server.update({"fitted_at_rates": rates, "date": time.strftime("%Y-%m-%d")})
+    server.update({"fitted_at_rates": rates, "fit_terms": sorted(terms), "date": time.strftime("%Y-%m-%d %H:%M")})
     cal_doc["server"] = server
     with open(path, "w") as f:
         json.dump(cal_doc, f, indent=1)
         f.write("\n")
-    print(f"server overheads: +{server['step_s'] * 1e3:.2f} ms per step, +{server['token_s'] * 1e3:.2f} ms per "
-          f"token streamed in a step, +{server['request_s'] * 1e3:.2f} ms per request -> {path}", flush=True)
+    scale = "; ".join(f"{r} worker: " + ", ".join(f"{k} {v:g}" for k, v in kv.items())
+                      for r, kv in server.get("live_steps", {}).items())
+    print(f"server overheads: {scale or 'no live step terms'}; +{server['step_s'] * 1e3:.2f} ms per step, "
+          f"+{server['token_s'] * 1e3:.2f} ms per token streamed in a step, +{server['request_s'] * 1e3:.2f} ms "
+          f"per request -> {path}", flush=True)
 
 
 def main() -> int:
@@ -292,8 +384,9 @@ def main() -> int:
     ap.add_argument("--disaggregated", action="store_true")
     ap.add_argument("--fit-overhead", action="store_true")
     ap.add_argument("--fit-rates", default="0.5,1.4", help="rates of the overhead fit (not validated)")
-    ap.add_argument("--fit-terms", default="step,token,request",
-                    help="which server overheads to fit: step, token, request (comma-separated)")
+    ap.add_argument("--fit-terms", default="scale,request",
+                    help="which server overheads to fit: scale (per-role live step terms, measured), step, "
+                         "token, request (comma-separated)")
     ap.add_argument("--fit-requests", type=int, default=40)
     ap.add_argument("--fit-repeats", type=int, default=2)
     ap.add_argument("--calibration", default=None)
@@ -325,9 +418,14 @@ def main() -> int:
             args.seed = base_seed + i
             doc, foreign = run_live_quiet(args, proc, port, rate, os.path.join(tmp, f"live_{rate:g}.json"))
             live = metrics(doc)
-            sim = metrics(run_sim(args, rate, os.path.join(tmp, f"sim_{rate:g}.json"), args.calibration))
+            sim_doc = run_sim(args, rate, os.path.join(tmp, f"sim_{rate:g}.json"), args.calibration)
+            sim = metrics(sim_doc)
             cores = doc.pop("_cores", {})
+            live_steps = doc.pop("_steps", {})
+            step_ratio = {f"{role} {kind}": lv / sm for role, kinds in time_per_step(live_steps, sim_steps(sim_doc)).items()
+                          for kind, (lv, sm) in kinds.items()}
             row = {"rate": rate, "live": live, "sim": sim, "foreign_cpu_share": foreign, "cores": cores,
+                   "step_time_live_over_sim": step_ratio,
                    "tpot_err": sim["tpot_mean"] / live["tpot_mean"] - 1,
                    "ttft_p90_err": sim["ttft_p90"] / live["ttft_p90"] - 1}
             rows.append(row)
@@ -335,7 +433,8 @@ def main() -> int:
                   f"({row['tpot_err'] * 100:+.1f}%), TTFT p90 live {live['ttft_p90']:.1f} sim {sim['ttft_p90']:.1f} ms "
                   f"({row['ttft_p90_err'] * 100:+.1f}%), throughput live {live['throughput']:.1f} sim "
                   f"{sim['throughput']:.1f} tok/s; other processes {foreign:.0%} of the CPUs; our cores: "
-                  + ", ".join(f"{k} {v:.2f}" for k, v in cores.items()), flush=True)
+                  + ", ".join(f"{k} {v:.2f}" for k, v in cores.items()) + "; live/sim time per step: "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in step_ratio.items()), flush=True)
         args.seed = base_seed
     finally:
         stop_server(proc)

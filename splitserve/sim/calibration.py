@@ -5,10 +5,14 @@ steps of known shape (prefill chunks of several sizes, decode batches at several
 lengths, mixed steps) through the same schedule -> execute -> update path the worker runs,
 times each, and fits
 
-    step_s = c0 + c_tok * T + c_tok_big * max(T - 64, 0) + c_seq * B + c_pair * A + c_kv * K
-             + c_kv_big * max(K - kv_knee, 0) + c_samp * S + c_chunk * P + c_mixed * [P and B > P]
+    step_s = c0 + c_tok * T + c_tok_mid * max(T - tok_knee, 0) + c_tok_big * max(T - 64, 0) + c_seq * B
+             + c_pair * A + c_kv * K + c_kv_big * max(K - kv_knee, 0) + c_samp * S + c_chunk * P
+             + c_mixed * [P and B > P]
 
-(P prefill chunks, i.e. chunks of more than one token. c_mixed is a step that mixes decodes and
+(tok_knee: a step of a few tokens is bound by reading the weights once, whatever the batch; past
+the knee each token adds matrix work. A straight line through both regimes predicted batch-1 and
+batch-2 decode steps 10-25% too fast, and those are the steps of a lightly loaded decode worker.
+P prefill chunks, i.e. chunks of more than one token. c_mixed is a step that mixes decodes and
 prefill chunks: on the reference path it runs both attention paths; on the fused path it is
 one call, and the fit gives the term 0-6 ms depending on the day, so it stays and the data decide.)
 
@@ -26,13 +30,15 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 
-FEATURES = ("c0", "c_tok", "c_seq", "c_pair", "c_kv", "c_samp", "c_tok_big", "c_kv_big", "c_chunk", "c_mixed")
+FEATURES = ("c0", "c_tok", "c_seq", "c_pair", "c_kv", "c_samp", "c_tok_big", "c_kv_big", "c_chunk", "c_mixed",
+            "c_tok_mid")
 BIG_STEP = 64  # tokens per step beyond which each token costs c_tok + c_tok_big (CPU caches)
 KV_KNEES = (4096, 8192, 12288, 16384, 24576)  # candidate KV tokens per step beyond which the
 # decode attention's gather no longer fits in the CPU's last-level cache (fitted: `kv_knee`)
+TOK_KNEES = (2, 4, 8, 16)  # candidate tokens per step up to which a step is weight-bound (fitted: `tok_knee`)
 DEFAULT_PATH = os.path.join(os.path.dirname(__file__), "data", "local_cpu.json")
 
 
@@ -52,24 +58,30 @@ class Calibration:
     # measured by `splitserve simulate calibrate --neighbor` (splitserve/sim/neighbor.py).
     neighbor: dict = field(default_factory=dict)
     scale_tok: float = 1.0
+    # This role's live-server terms (for_role), not stored: seconds added to a decode-only step,
+    # factor on a step with a prefill chunk.
+    live_step: tuple[float, float] = (0.0, 1.0)
     scale_kv: float = 1.0
 
     def __post_init__(self) -> None:
         c = self.coef
         self._c = tuple(float(c.get(k, 0.0)) for k in FEATURES)
         self._knee = float(c.get("kv_knee", 1e18))
+        self._tok_knee = float(c.get("tok_knee", 1e18))
         self._step_extra = float(self.server.get("step_s", 0.0))
         self._token_extra = float(self.server.get("token_s", 0.0))
 
     def step_time(self, T: int, S: int, A: int, K: int, B: int, P: int = 0) -> float:
-        c0, ct, cs, cp, ck, cm, cb, ckb, cc, cx = self._c
+        c0, ct, cs, cp, ck, cm, cb, ckb, cc, cx, cmid = self._c
         big = T - BIG_STEP if T > BIG_STEP else 0
+        mid = T - self._tok_knee if T > self._tok_knee else 0
         kbig = K - self._knee if K > self._knee else 0
-        t = (c0 + self._step_extra + self._token_extra * S + self.scale_tok * (ct * T + cb * big + cm * S)
+        t = (c0 + self._step_extra + self._token_extra * S
+             + self.scale_tok * (ct * T + cmid * mid + cb * big + cm * S)
              + cs * B + self.scale_kv * (cp * A + ck * K + ckb * kbig))
         if P:
             t += cc * P + (cx if B > P else 0.0)
-        return t
+        return t * self.live_step[1] if P else t + self.live_step[0]
 
     @property
     def request_overhead_s(self) -> float:
@@ -83,15 +95,34 @@ class Calibration:
         base = get_model(self.model)
         if base.name == model.name:
             return self
-        c = Calibration(**{k: v for k, v in asdict(self).items() if k not in ("scale_tok", "scale_kv")})
+        c = Calibration(**{k: v for k, v in asdict(self).items() if k not in ("scale_tok", "scale_kv", "live_step")})
+        c.live_step = self.live_step
         c.scale_tok = model.active_params / base.active_params
         c.scale_kv = model.kv_elements_per_token() / base.kv_elements_per_token()
+        return c
+
+    def for_role(self, role: str) -> "Calibration":
+        """This calibration for a worker of `role` (prefill, decode, both) inside the live server,
+        as benchmarks/sim_vs_live.py --fit-overhead measured it (`server.live_steps[role]`, from
+        the worker's own busy time against the simulator's over the same workload):
+        `decode_extra_s` added to each decode-only step (short steps, stalled about the same time
+        each by the processes that wake for every streamed token: gateway, client, ZeroMQ),
+        `prefill_scale` on each step with a prefill chunk (long steps, slowed in proportion: the
+        other worker in the shared cache and memory bandwidth, the KV shipped layer by layer).
+        Nothing added where not measured."""
+        got = self.server.get("live_steps", {}).get(role, {})
+        f = (float(got.get("decode_extra_s", 0.0)), float(got.get("prefill_scale", 1.0)))
+        if f == self.live_step:
+            return self
+        c = replace(self)
+        c.live_step = f
         return c
 
     def to_json(self) -> dict:
         d = asdict(self)
         d.pop("scale_tok")
         d.pop("scale_kv")
+        d.pop("live_step")
         return {"kind": "splitserve.sim.calibration", "version": 1, **d}
 
 
@@ -108,10 +139,10 @@ def load_calibration(path: str | None = None) -> Calibration | None:
 
 
 # ---- fitting -------------------------------------------------------------------------------------
-def _row(s: dict, knee: float) -> list[float]:
+def _row(s: dict, knee: float, tok_knee: float) -> list[float]:
     P = s.get("P", 0)
     return [1.0, s["T"], s["B"], s["A"], s["K"], s["S"], max(s["T"] - BIG_STEP, 0), max(s["K"] - knee, 0),
-            P, 1.0 if P and s["B"] > P else 0.0]
+            P, 1.0 if P and s["B"] > P else 0.0, max(s["T"] - tok_knee, 0)]
 
 
 def _nnls(X, y):
@@ -131,7 +162,8 @@ def _nnls(X, y):
 
 def fit(samples: list[dict], reject: float = 0.35, max_rejected: float = 0.15) -> tuple[dict[str, float], dict]:
     """Non-negative least squares on relative error (each row divided by its measured time),
-    over one row per measured shape (`by_tag`), for each candidate KV knee; the best knee wins.
+    over one row per measured shape (`by_tag`), for each pair of candidate knees (KV, tokens); the
+    best pair wins.
     Shapes the fit misses by more than `reject` (a burst of other processes on a shared machine)
     are set aside and the fit repeated, at most `max_rejected` of them; they stay in the file."""
     import numpy as np
@@ -139,8 +171,8 @@ def fit(samples: list[dict], reject: float = 0.35, max_rejected: float = 0.15) -
     rows = by_tag(samples)
     y = np.array([s["seconds"] for s in rows], dtype=float)
     best = None
-    for knee in KV_KNEES:
-        X = np.array([_row(s, knee) for s in rows], dtype=float)
+    for knee, tok_knee in ((k, t) for k in KV_KNEES for t in TOK_KNEES):
+        X = np.array([_row(s, knee, tok_knee) for s in rows], dtype=float)
         keep = np.ones(len(y), dtype=bool)
         coef = _nnls(X, y)
         for _ in range(4):
@@ -157,25 +189,28 @@ def fit(samples: list[dict], reject: float = 0.35, max_rejected: float = 0.15) -
         rel = np.abs(X @ coef - y) / y
         score = rel[keep].mean()
         if best is None or score < best[0]:
-            best = (score, knee, coef, rel, keep)
-    _, knee, coef, rel, keep = best
+            best = (score, knee, tok_knee, coef, rel, keep)
+    _, knee, tok_knee, coef, rel, keep = best
     out = {k: float(v) for k, v in zip(FEATURES, coef)}
     out["kv_knee"] = float(knee)
+    out["tok_knee"] = float(tok_knee)
     return out, {"samples": len(samples), "shapes": len(rows), "shapes_used": int(keep.sum()),
                  "set_aside": [r["tag"] for r, k in zip(rows, keep) if not k],
                  "mean_abs_rel_error": float(rel[keep].mean()), "max_abs_rel_error": float(rel[keep].max())}
 
 
 def by_tag(samples: list[dict]) -> list[dict]:
-    """One row per measured shape (tag): the fastest repeat (other processes only ever slow a step
-    down), the mean plan statistics (repeats of a shape differ by a few KV tokens)."""
+    """One row per measured shape (tag): the median repeat, the mean plan statistics (repeats of a
+    shape differ by a few KV tokens). The median, not the fastest: a live step is a typical step,
+    and the fastest of five consecutive decode steps runs 1-14% under their median here; a burst
+    of other processes that slows most repeats is what `fit` sets aside."""
     groups: dict[str, list[dict]] = {}
     for s in samples:
         groups.setdefault(s.get("tag", repr((s["T"], s["B"], s["K"]))), []).append(s)
     out = []
     for tag, g in groups.items():
         row = {k: statistics.fmean(x.get(k, 0) for x in g) for k in ("T", "S", "A", "K", "B", "P")}
-        row["seconds"] = min(x["seconds"] for x in g)
+        row["seconds"] = statistics.median(x["seconds"] for x in g)
         row["tag"] = tag
         out.append(row)
     return out

@@ -53,7 +53,7 @@ def _neighbor(kind: str, model: str, threads: int, dtype: str, ready, stop) -> N
             engine.generate([[rng.randrange(100, 20000) for _ in range(256)]], params)
 
 
-def measure(model: str = "demo", threads: int = 1, dtype: str = "auto", rounds: int = 2,
+def measure(model: str = "demo", threads: int = 1, dtype: str = "auto", rounds: int = 4,
             log=lambda s: None) -> dict[str, float]:
     """{"decode": slowdown, "prefill": slowdown}, each the median over `rounds` of (together / alone - 1)."""
     from splitserve.engine.sampling_params import SamplingParams

@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from splitserve.sim import calibration
 from splitserve.sim.calibration import FEATURES, Calibration, fit, load_calibration
 from splitserve.sim.models import get_model
 
@@ -39,6 +40,31 @@ def test_fit_recovers_known_coefficients_and_shrugs_off_contended_steps():
     for k in ("c0", "c_tok", "c_kv"):
         assert coef[k] == pytest.approx(truth[k], rel=0.15)
     assert all(v >= 0 for v in coef.values())
+
+
+def test_fit_finds_the_weight_bound_floor_of_small_steps(monkeypatch):
+    """Steps of up to tok_knee tokens cost about the same (the weights are read once whatever the
+    batch); the fit finds the knee and predicts batch-1 decode within 3% (a straight line through
+    both regimes, the fit before the knee existed, is more than 5% off there)."""
+    truth = {"c0": 0.012, "c_tok": 1e-4, "c_tok_mid": 1.2e-3, "c_samp": 3e-4, "c_pair": 1e-9, "c_kv": 1e-7,
+             "tok_knee": 8}
+    samples = [{**s, "tag": f"shape {i}"} for i, s in enumerate(synthetic_samples(truth, n=80, seed=1))]
+    for i, b in enumerate((1, 2, 3, 4, 6, 8)):  # make sure the small batches are measured
+        cal = Calibration(model="smollm2-135m", coef=truth)
+        samples.append({"T": b, "S": b, "A": b * 300, "K": b * 300, "B": b, "tag": f"small {i}",
+                        "seconds": cal.step_time(b, b, b * 300, b * 300, b)})
+    coef, quality = fit(samples)
+    assert coef["tok_knee"] == 8
+    got = Calibration(model="smollm2-135m", coef=coef)
+    want = Calibration(model="smollm2-135m", coef=truth)
+    for b in (1, 2, 32):
+        assert got.step_time(b, b, b * 300, b * 300, b) == pytest.approx(want.step_time(b, b, b * 300, b * 300, b),
+                                                                         rel=0.03)
+    assert quality["mean_abs_rel_error"] < 0.02
+    monkeypatch.setattr(calibration, "TOK_KNEES", (10**9,))  # no knee: one straight line
+    line = Calibration(model="smollm2-135m", coef=fit(samples)[0])
+    one = want.step_time(1, 1, 300, 300, 1)
+    assert abs(line.step_time(1, 1, 300, 300, 1) / one - 1) > 0.05
 
 
 def test_file_round_trip_and_scaling(tmp_path):
@@ -91,3 +117,27 @@ def test_neighbor_factors_slow_steps_only_while_the_other_worker_computes(tmp_pa
     assert slowed.tpot_ms.mean > plain.tpot_ms.mean * 1.05  # decode steps overlap prefills often here
     assert slowed.tpot_ms.mean < plain.tpot_ms.mean * 1.5  # but never more than the factor
     assert slowed.ttft_ms.p50 > plain.ttft_ms.p50
+
+
+def test_live_step_terms_apply_to_their_role_and_step_kind_only(tmp_path):
+    """`server.live_steps` (measured by sim_vs_live.py --fit-overhead): in the live server a
+    prefill worker's prefill steps run x1.25 and an aggregated worker's decode-only steps 3 ms
+    longer; every other (role, step kind) keeps the engine-alone time; the terms survive a file
+    round trip and model scaling, and are not written as an attribute of their own."""
+    base = load_calibration()
+    cal = Calibration(model=base.model, coef=base.coef,
+                      server={"live_steps": {"prefill": {"prefill_scale": 1.25}, "both": {"decode_extra_s": 0.003}}})
+    prefill = (256, 1, 256 * 257 // 2, 256, 1, 1)
+    decode = (4, 4, 800, 800, 4, 0)
+    assert cal.for_role("prefill").step_time(*prefill) == pytest.approx(1.25 * cal.step_time(*prefill))
+    assert cal.for_role("prefill").step_time(*decode) == cal.step_time(*decode)
+    assert cal.for_role("both").step_time(*decode) == pytest.approx(cal.step_time(*decode) + 0.003)
+    assert cal.for_role("both").step_time(*prefill) == cal.step_time(*prefill)
+    assert cal.for_role("decode").step_time(*decode) == cal.step_time(*decode)
+    path = tmp_path / "cal.json"
+    path.write_text(json.dumps(cal.to_json()))
+    back = load_calibration(str(path))
+    assert "live_step" not in json.loads(path.read_text())
+    big = get_model("llama-3.1-8b")
+    assert back.scaled_for(big).for_role("prefill").step_time(*prefill) == pytest.approx(
+        1.25 * back.scaled_for(big).step_time(*prefill))
