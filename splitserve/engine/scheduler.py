@@ -58,10 +58,11 @@ class StepPlan:
     and the KV sender read them; the simulator and update() read `items`, so a step allocates
     one tuple per sequence and no object)."""
 
-    __slots__ = ("items", "preempted", "_chunks")
+    __slots__ = ("items", "preempted", "_chunks", "_num_tokens")
 
     def __init__(self, chunks: list[ScheduledChunk] | None = None, preempted: list[str] | None = None) -> None:
         self._chunks = None
+        self._num_tokens: int | None = None  # schedule() knows the total from its budget: no sum
         self.items: list[tuple[Request, int, int, bool]] = (
             [(c.request, c.start, c.num_tokens, c.sample) for c in chunks] if chunks else [])
         self.preempted: list[str] = preempted if preempted is not None else []
@@ -75,7 +76,8 @@ class StepPlan:
 
     @property
     def num_tokens(self) -> int:
-        return sum(it[2] for it in self.items)
+        n = self._num_tokens
+        return n if n is not None else sum(it[2] for it in self.items)
 
     @property
     def is_empty(self) -> bool:
@@ -292,6 +294,8 @@ class Scheduler:
                 running.append(req)
                 append((req, num_cached, num_new, num_cached + num_new == len(req.token_ids)))
                 budget -= num_new
+        # Every item above took its token count out of the budget.
+        plan._num_tokens = self.config.max_num_batched_tokens - budget
         return plan
 
     def _stop_check_len(self, req: Request) -> int:
@@ -319,11 +323,12 @@ class Scheduler:
         # the one drawn this step.
         return [TokenEvent(r, r.token_ids[-1], r.status != running) for r in got]
 
-    def advance(self, plan: StepPlan, sampled: dict[str, int]) -> tuple[list[Request], list[Request]]:
+    def advance(self, plan: StepPlan, sampled: dict[str, int] | int) -> tuple[list[Request], list[Request]]:
         """update() without event objects: apply a step's results; return the requests that
         gained a token and those of them that finished (released, no longer RUNNING), both in
         plan order. The token each gained is its `token_ids[-1]` until its next step. The
-        simulator calls this; update() is this plus one TokenEvent per request."""
+        simulator calls this, with `sampled` one int: the token every request drew (no lookup);
+        update() is this plus one TokenEvent per request."""
         got: list[Request] = []
         finished: list[Request] = []
         bs = self.block_manager.block_size
@@ -331,6 +336,7 @@ class Scheduler:
         check_stop = self._check_stop
         running_status = RequestStatus.RUNNING
         append = got.append
+        const = type(sampled) is int
         for req, start, num, sample in plan.items:
             # (identity first: statuses are RequestStatus members, and `is` skips IntEnum's compare)
             if req.status is not running_status and req.status != running_status:
@@ -340,7 +346,7 @@ class Scheduler:
                 cache_full_blocks(req)
             if not sample:
                 continue
-            token = sampled[req.request_id]
+            token = sampled if const else sampled[req.request_id]
             ids = req.token_ids
             ids.append(token)
             # Below stop_check_len nothing can stop it (the common case): no check.
