@@ -27,6 +27,7 @@ tests/test_scheduler.py checks all of them against the general path, step by ste
 
 from __future__ import annotations
 
+from array import array
 from collections import deque
 from dataclasses import dataclass
 
@@ -217,18 +218,22 @@ class Scheduler:
         i = 0
         n = len(running)
         lane = self.decode_lane
+        allocate = bm.allocate_slots
         while i < n and budget > 0:
             if lane and n - i <= budget:
                 # Decode lane: while every remaining sequence fits the budget, a sequence that
-                # decodes one token into a block that already holds its previous token (start not
-                # on a block boundary) needs no allocation and no budget check. Exactly what the
-                # general path below decides for it (a running request's table covers its computed
-                # tokens, so start % bs != 0 means start < len(table) * bs).
+                # decodes one token needs no budget check, and no allocation unless it starts a
+                # block. Exactly what the general path below decides for it: a running request's
+                # table covers its computed tokens (start % bs != 0 means start < len(table) * bs),
+                # and on a block boundary it makes the same allocate_slots call; when that fails
+                # (it then changes nothing) the general path retries it and preempts.
                 before = len(items)
                 for req in (running if i == 0 else running[i:]):
                     start = req.num_computed_tokens
-                    if not start % bs or len(req.token_ids) - start != 1:
-                        break
+                    if len(req.token_ids) - start != 1:
+                        break  # a prompt chunk
+                    if not start % bs and not allocate(req, start + 1):
+                        break  # no free block: the general path preempts
                     append((req, start, 1, True))
                 k = len(items) - before
                 i += k
@@ -337,6 +342,8 @@ class Scheduler:
         running_status = RequestStatus.RUNNING
         append = got.append
         const = type(sampled) is int
+        if const:  # `ids += one` copies 8 bytes into an array("q"); array.append parses its argument
+            one = array("q", (sampled,))
         for req, start, num, sample in plan.items:
             # (identity first: statuses are RequestStatus members, and `is` skips IntEnum's compare)
             if req.status is not running_status and req.status != running_status:
@@ -346,9 +353,13 @@ class Scheduler:
                 cache_full_blocks(req)
             if not sample:
                 continue
-            token = sampled if const else sampled[req.request_id]
             ids = req.token_ids
-            ids.append(token)
+            if const:
+                token = sampled
+                ids += one
+            else:
+                token = sampled[req.request_id]
+                ids.append(token)
             # Below stop_check_len nothing can stop it (the common case): no check.
             if len(ids) >= req.stop_check_len and check_stop(req, token):
                 finished.append(req)

@@ -535,8 +535,9 @@ class Simulation:
                 self._prefill_done(r)
         else:
             if self.cfg.record_itl:
+                now_d = array("d", (now,))  # += copies 8 bytes; array.append parses its argument
                 for r in got:
-                    r.times.append(now)
+                    r.times += now_d
             else:
                 for r in got:
                     if r.t_first < 0:
