@@ -335,7 +335,8 @@ def test_decode_lane_and_stop_shortcut_change_nothing(seed):
     """Same random workload (chunked prefill, shared prefixes, preemption, aborts, EOS and stop ids,
     ignore_eos, prefill-only, remote KV) through the scheduler with its fast paths and through
     ReferenceScheduler: identical plans, preemptions, events, block tables and prefix cache at
-    every step. Half the steps go through advance() (the simulator's entry) instead of update()."""
+    every step. Two steps in three go through advance() (the simulator's entry) instead of update(),
+    one of them with a single token for every request (as the simulator calls it)."""
     rng = random.Random(seed)
     bs = rng.choice([1, 2, 4, 8, 16])
     max_len = 96
@@ -376,11 +377,17 @@ def test_decode_lane_and_stop_shortcut_change_nothing(seed):
         as_ids = lambda p: [(r.request_id, s, n, smp) for r, s, n, smp in p.items]  # noqa: E731
         assert as_ids(p_fast) == as_ids(p_ref) and p_fast.preempted == p_ref.preempted, f"step {step}"
         assert [(c.request_id, c.start, c.num_tokens, c.sample) for c in p_fast.chunks] == as_ids(p_ref)
+        assert p_fast.num_tokens == sum(n for _, _, n, _ in p_fast.items)  # schedule()'s budget total
         lane_items += sum(1 for _, s, n, _ in p_fast.items if n == 1 and s % bs)
-        tokens = {r.request_id: _lane_token(r) for r, _, _, smp in p_ref.items if smp}
+        mode = step % 3  # 0: update(), 1: advance() with a dict, 2: advance() with one token for all
+        if mode == 2:  # the simulator's way: every request draws the same token (EOS now and then)
+            token = EOS if step % 11 == 2 else 77 if step % 11 == 5 else 1000 + step % 50
+            tokens = {r.request_id: token for r, _, _, smp in p_ref.items if smp}
+        else:
+            tokens = {r.request_id: _lane_token(r) for r, _, _, smp in p_ref.items if smp}
         ev_ref = [(e.request.request_id, e.new_token, e.finished, e.request.status) for e in ref.update(p_ref, tokens)]
-        if step % 2:
-            got, finished = fast.advance(p_fast, tokens)
+        if mode:
+            got, finished = fast.advance(p_fast, token if mode == 2 else tokens)
             ev_fast = [(r.request_id, r.token_ids[-1], r in finished, r.status) for r in got]
             assert all(r.status != RequestStatus.RUNNING for r in finished)
         else:
@@ -403,6 +410,32 @@ def test_decode_lane_and_stop_shortcut_change_nothing(seed):
     for s in (fast, ref):
         s.check_integrity()
         assert s.is_idle()
+
+
+def test_decode_lane_at_a_block_boundary_without_a_free_block_preempts_like_the_general_path():
+    """The decode lane allocates for a decode that starts a block; when no block is free it must hand
+    the request to the general path, which preempts the newest request, exactly as with the lane off."""
+    cfg = SchedulerConfig(num_blocks=4, block_size=2, max_model_len=8, max_num_batched_tokens=64, max_num_seqs=8)
+    fast, ref = Scheduler(cfg), ReferenceScheduler(cfg)
+    for s in (fast, ref):
+        for i in range(2):  # two 4-token prompts fill all 4 blocks; their first decodes start block 3
+            s.add_request(make_request(f"r{i}", 4, max_tokens=3, base=100 + 10 * i, ignore_eos=True))
+    preempted = []
+    for step in range(30):
+        p_fast, p_ref = fast.schedule(), ref.schedule()
+        assert [(r.request_id, s, n, smp) for r, s, n, smp in p_fast.items] == \
+            [(r.request_id, s, n, smp) for r, s, n, smp in p_ref.items], f"step {step}"
+        assert p_fast.preempted == p_ref.preempted
+        preempted += p_fast.preempted
+        tokens = {r.request_id: 1000 + step for r, _, _, smp in p_ref.items if smp}
+        ref.update(p_ref, tokens)
+        fast.advance(p_fast, 1000 + step)
+        assert fast.block_manager.req_blocks == ref.block_manager.req_blocks
+        fast.check_integrity()
+        if not fast.has_unfinished():
+            break
+    assert preempted and preempted[0] == "r1"  # the lane's failed allocation led to a preemption
+    assert not fast.has_unfinished() and not ref.has_unfinished()
 
 
 def test_bulk_block_take_hands_out_what_single_takes_would():

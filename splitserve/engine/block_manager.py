@@ -141,11 +141,9 @@ class BlockManager:
         if len(hashes) < num_full:
             hashes = block_hashes_for(request.token_ids, self.block_size, hashes)
         block_hash, cached, events = self.block_hash, self.cached, self.events
-        for i in range(start, num_full):
-            block = blocks[i]
+        for block, h in zip(blocks[start:num_full], hashes[start:num_full]):
             if block_hash[block] is not None:
                 continue  # shared from the cache already
-            h = hashes[i]
             if cached.setdefault(h, block) == block:  # a twin computed concurrently keeps the first copy
                 block_hash[block] = h
                 if events is not None:
@@ -189,15 +187,13 @@ class BlockManager:
         """One free block, as _take_free_blocks(1) takes it."""
         if self.free_uncached:
             block = self.free_uncached.pop()
-        else:
-            block, _ = self.free_cached.popitem(last=False)
+        else:  # evict (as in _take_free_blocks)
+            block = self.free_cached.popitem(False)[0]
             h = self.block_hash[block]
-            if h is not None:  # evict: its content leaves the prefix cache
-                self.block_hash[block] = None
-                if self.cached.get(h) == block:
-                    del self.cached[h]
-                    if self.events is not None:
-                        self.events.append(("removed", h))
+            self.block_hash[block] = None
+            del self.cached[h]
+            if self.events is not None:
+                self.events.append(("removed", h))
         self.ref_counts[block] = 1
         return block
 
@@ -213,18 +209,18 @@ class BlockManager:
         else:
             taken = []
         if k < n:
+            # Evict: their content leaves the prefix cache. A cached free block always has a hash,
+            # and `cached` maps that hash back to it (check_integrity asserts both).
             popitem = self.free_cached.popitem
+            evicted = [popitem(False)[0] for _ in range(n - k)]
             block_hash, cached, events = self.block_hash, self.cached, self.events
-            for _ in range(n - k):
-                block, _ = popitem(last=False)
+            for block in evicted:
                 h = block_hash[block]
-                if h is not None:  # evict: its content leaves the prefix cache
-                    block_hash[block] = None
-                    if cached.get(h) == block:
-                        del cached[h]
-                        if events is not None:
-                            events.append(("removed", h))
-                taken.append(block)
+                block_hash[block] = None
+                del cached[h]
+                if events is not None:
+                    events.append(("removed", h))
+            taken += evicted
         ref_counts = self.ref_counts
         for block in taken:
             ref_counts[block] = 1

@@ -27,6 +27,7 @@ tests/test_scheduler.py checks all of them against the general path, step by ste
 
 from __future__ import annotations
 
+from array import array
 from collections import deque
 from dataclasses import dataclass
 
@@ -58,10 +59,11 @@ class StepPlan:
     and the KV sender read them; the simulator and update() read `items`, so a step allocates
     one tuple per sequence and no object)."""
 
-    __slots__ = ("items", "preempted", "_chunks")
+    __slots__ = ("items", "preempted", "_chunks", "_num_tokens")
 
     def __init__(self, chunks: list[ScheduledChunk] | None = None, preempted: list[str] | None = None) -> None:
         self._chunks = None
+        self._num_tokens: int | None = None  # schedule() knows the total from its budget: no sum
         self.items: list[tuple[Request, int, int, bool]] = (
             [(c.request, c.start, c.num_tokens, c.sample) for c in chunks] if chunks else [])
         self.preempted: list[str] = preempted if preempted is not None else []
@@ -75,7 +77,8 @@ class StepPlan:
 
     @property
     def num_tokens(self) -> int:
-        return sum(it[2] for it in self.items)
+        n = self._num_tokens
+        return n if n is not None else sum(it[2] for it in self.items)
 
     @property
     def is_empty(self) -> bool:
@@ -215,18 +218,22 @@ class Scheduler:
         i = 0
         n = len(running)
         lane = self.decode_lane
+        allocate = bm.allocate_slots
         while i < n and budget > 0:
             if lane and n - i <= budget:
                 # Decode lane: while every remaining sequence fits the budget, a sequence that
-                # decodes one token into a block that already holds its previous token (start not
-                # on a block boundary) needs no allocation and no budget check. Exactly what the
-                # general path below decides for it (a running request's table covers its computed
-                # tokens, so start % bs != 0 means start < len(table) * bs).
+                # decodes one token needs no budget check, and no allocation unless it starts a
+                # block. Exactly what the general path below decides for it: a running request's
+                # table covers its computed tokens (start % bs != 0 means start < len(table) * bs),
+                # and on a block boundary it makes the same allocate_slots call; when that fails
+                # (it then changes nothing) the general path retries it and preempts.
                 before = len(items)
                 for req in (running if i == 0 else running[i:]):
                     start = req.num_computed_tokens
-                    if not start % bs or len(req.token_ids) - start != 1:
-                        break
+                    if len(req.token_ids) - start != 1:
+                        break  # a prompt chunk
+                    if not start % bs and not allocate(req, start + 1):
+                        break  # no free block: the general path preempts
                     append((req, start, 1, True))
                 k = len(items) - before
                 i += k
@@ -292,6 +299,8 @@ class Scheduler:
                 running.append(req)
                 append((req, num_cached, num_new, num_cached + num_new == len(req.token_ids)))
                 budget -= num_new
+        # Every item above took its token count out of the budget.
+        plan._num_tokens = self.config.max_num_batched_tokens - budget
         return plan
 
     def _stop_check_len(self, req: Request) -> int:
@@ -319,11 +328,12 @@ class Scheduler:
         # the one drawn this step.
         return [TokenEvent(r, r.token_ids[-1], r.status != running) for r in got]
 
-    def advance(self, plan: StepPlan, sampled: dict[str, int]) -> tuple[list[Request], list[Request]]:
+    def advance(self, plan: StepPlan, sampled: dict[str, int] | int) -> tuple[list[Request], list[Request]]:
         """update() without event objects: apply a step's results; return the requests that
         gained a token and those of them that finished (released, no longer RUNNING), both in
         plan order. The token each gained is its `token_ids[-1]` until its next step. The
-        simulator calls this; update() is this plus one TokenEvent per request."""
+        simulator calls this, with `sampled` one int: the token every request drew (no lookup);
+        update() is this plus one TokenEvent per request."""
         got: list[Request] = []
         finished: list[Request] = []
         bs = self.block_manager.block_size
@@ -331,6 +341,9 @@ class Scheduler:
         check_stop = self._check_stop
         running_status = RequestStatus.RUNNING
         append = got.append
+        const = type(sampled) is int
+        if const:  # `ids += one` copies 8 bytes into an array("q"); array.append parses its argument
+            one = array("q", (sampled,))
         for req, start, num, sample in plan.items:
             # (identity first: statuses are RequestStatus members, and `is` skips IntEnum's compare)
             if req.status is not running_status and req.status != running_status:
@@ -340,9 +353,13 @@ class Scheduler:
                 cache_full_blocks(req)
             if not sample:
                 continue
-            token = sampled[req.request_id]
             ids = req.token_ids
-            ids.append(token)
+            if const:
+                token = sampled
+                ids += one
+            else:
+                token = sampled[req.request_id]
+                ids.append(token)
             # Below stop_check_len nothing can stop it (the common case): no check.
             if len(ids) >= req.stop_check_len and check_stop(req, token):
                 finished.append(req)

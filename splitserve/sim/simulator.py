@@ -138,7 +138,7 @@ class SimWorker:
 
 # Heap event kinds (ties in time break by sequence number: FIFO).
 _STEP, _ARRIVE, _KV, _ADD = 0, 1, 2, 3
-_START, _NUM = itemgetter(1), itemgetter(2)  # of StepPlan.items tuples
+_START = itemgetter(1)  # of StepPlan.items tuples
 
 
 class RecordSink:
@@ -265,8 +265,8 @@ class Simulation:
         self.next_token = 1 << 20
         self.prefix_cache: dict[int, array] = {}
         self.params: dict[int, SamplingParams] = {}
-        # The `sampled` mapping handed to Scheduler.update(): every request in flight maps to
-        # FAKE_TOKEN. Kept across steps (added on submit, removed on finish), so no step builds one.
+        # Every request in flight maps to FAKE_TOKEN (added on submit, removed on finish). The step
+        # loop no longer reads it: advance() takes FAKE_TOKEN itself. TODO(lead): drop with _submit's line.
         self.sampled: dict[str, int] = {}
         self.active_units = 0
         self.errors = 0
@@ -486,7 +486,7 @@ class Simulation:
         # Tokens, samples, attention pairs, KV tokens read. A decode-only step (the common case:
         # every chunk is one token, so the token count equals the chunk count) is summed in C.
         B = len(items)
-        if B == sum(map(_NUM, items)):
+        if B == plan.num_tokens:
             ctx = sum(map(_START, items))
             T = S = B
             A = K = ctx + B
@@ -532,7 +532,7 @@ class Simulation:
 
     def _step_done(self, w: SimWorker) -> None:
         now = self.now
-        got, finished = w.sched.advance(w.plan, self.sampled)
+        got, finished = w.sched.advance(w.plan, FAKE_TOKEN)
         w.steps += 1
         self.num_steps += 1
         if w.role == "prefill":
@@ -540,8 +540,9 @@ class Simulation:
                 self._prefill_done(r)
         else:
             if self.cfg.record_itl:
+                now_d = array("d", (now,))  # += copies 8 bytes; array.append parses its argument
                 for r in got:
-                    r.times.append(now)
+                    r.times += now_d
             else:
                 for r in got:
                     if r.t_first < 0:
