@@ -220,7 +220,7 @@ class LLMEngine:
             ))
         dt = time.perf_counter() - t0
         self.step_seconds += dt  # busy time: what a simulated step models
-        if all(item[2] == 1 for item in plan.items):
+        if plan.num_tokens == len(plan.items):  # every chunk one token: decode only
             self.decode_steps += 1
             self.decode_step_seconds += dt
         return outputs

@@ -265,9 +265,6 @@ class Simulation:
         self.next_token = 1 << 20
         self.prefix_cache: dict[int, array] = {}
         self.params: dict[int, SamplingParams] = {}
-        # Every request in flight maps to FAKE_TOKEN (added on submit, removed on finish). The step
-        # loop no longer reads it: advance() takes FAKE_TOKEN itself. TODO(lead): drop with _submit's line.
-        self.sampled: dict[str, int] = {}
         self.active_units = 0
         self.errors = 0
         self.workers: list[SimWorker] = []
@@ -359,7 +356,6 @@ class Simulation:
         self._submit(req)
 
     def _submit(self, req: SimRequest) -> None:
-        self.sampled[req.request_id] = FAKE_TOKEN
         if self.router is None:
             w = self.decoders[0]
             if len(w.sched.requests) >= self.max_inflight_per_worker:
@@ -570,7 +566,6 @@ class Simulation:
 
     # ---- completion ----------------------------------------------------------------------------
     def _finish(self, req: SimRequest) -> None:
-        self.sampled.pop(req.request_id, None)
         spec: RequestSpec = req.spec
         n_out = req.num_output_tokens
         times = req.times
@@ -594,7 +589,6 @@ class Simulation:
         self._after(req, ok=True)
 
     def _fail(self, req: SimRequest, error: str, detail: str) -> None:
-        self.sampled.pop(req.request_id, None)
         spec = req.spec
         self.errors += 1
         rec = RequestRecord(
