@@ -75,14 +75,15 @@ def test_disaggregated_output_identical_to_aggregated(reference, topology):
         # The one-copy paths carry the KV: shm writes into the decode cache, or the TCP data port.
         direct = sum(w["transfers"]["bytes_direct"] for w in (decode if "tcp" in topology else prefill))
         assert direct > moved // 2
-        # Busy time per role (what sim_vs_live.py compares with the simulator's): every worker
-        # stepped; a pure prefill worker ran no decode-only step, a decode worker mostly those.
+        # Busy time per role (what sim_vs_live.py compares with the simulator's). A step counts as
+        # decode-only when every chunk is one token: a decode worker's steps mostly are, a prefill
+        # worker's only when the prefix cache left one prompt token to compute.
         for w in prefill + decode:
             ld = w["load"]
             assert (ld["step_seconds"] > 0) == (ld["num_steps"] > 0)
             assert 0 <= ld["decode_steps"] <= ld["num_steps"] and ld["decode_step_seconds"] <= ld["step_seconds"]
-        assert sum(w["load"]["num_steps"] for w in prefill) > 0
-        assert all(w["load"]["decode_steps"] == 0 for w in prefill)
+        p_steps = sum(w["load"]["num_steps"] for w in prefill)
+        assert p_steps > 0 and sum(w["load"]["decode_steps"] for w in prefill) < p_steps
         d_steps = sum(w["load"]["num_steps"] for w in decode)
         assert sum(w["load"]["decode_steps"] for w in decode) > d_steps // 2
         if "local-prefill" in topology:
