@@ -253,9 +253,12 @@ def run_live_quiet(args, proc, port: int, rate: float, out: str) -> tuple[dict, 
             best = (doc, q.foreign_share)
             doc["_cores"] = q.cores
             zero = {k: [0, 0.0] for k in KINDS}
-            doc["_steps"] = {role: {k: [after[role][k][0] - before.get(role, zero)[k][0],
-                                        after[role][k][1] - before.get(role, zero)[k][1]] for k in KINDS}
-                             for role in after}
+            steps = {role: {k: [after[role][k][0] - before.get(role, zero)[k][0],
+                                after[role][k][1] - before.get(role, zero)[k][1]] for k in KINDS}
+                     for role in after}
+            # A worker restarted during the run starts its counters again: no step data then.
+            ok = all(n >= 0 and secs >= 0 for kinds in steps.values() for n, secs in kinds.values())
+            doc["_steps"] = steps if ok else {}
         if q.foreign_share <= args.max_foreign:
             break
         print(f"  rate {rate:g}: other processes took {q.foreign_share:.0%} of the CPUs; again", flush=True)
@@ -315,8 +318,9 @@ def fit_overhead(args, proc, port: int, tmp: str) -> None:
             server["live_steps"] = {}
             for (role, kind), got in pairs.items():
                 entry = server["live_steps"].setdefault(role, {})
-                if kind == "decode":  # seconds added per decode-only step
-                    entry["decode_extra_s"] = round(float(np.mean([lv - sm for lv, sm in got])), 6)
+                if kind == "decode":  # seconds added per decode-only step (at most halving the shortest)
+                    extra = float(np.mean([lv - sm for lv, sm in got]))
+                    entry["decode_extra_s"] = round(max(extra, -0.5 * min(sm for _, sm in got)), 6)
                 else:  # factor on a step with a prefill chunk
                     entry["prefill_scale"] = round(float(np.mean([lv / sm for lv, sm in got])), 4)
                 print(f"  {role} worker, {kind} steps: live / simulated ms per step "
@@ -338,9 +342,10 @@ def fit_overhead(args, proc, port: int, tmp: str) -> None:
             # term carrying an ill-conditioned 2x2 solution: +1.7 ms per step, TPOT +14-19%).
             cols = [j for j, key in enumerate(("step", "token")) if key in terms][: len(rates)]
             delta = [0.0, 0.0]
+            gaps = np.array(ys)
             while cols:
                 X = np.array(rows)[:, cols]
-                sol, *_ = np.linalg.lstsq(X, np.array(ys), rcond=None)
+                sol, *_ = np.linalg.lstsq(X, gaps, rcond=None)
                 new = {j: server[("step_s", "token_s")[j]] + 0.7 * float(x) for j, x in zip(cols, sol)}
                 neg = [j for j, v in new.items() if v < 0]
                 if not neg:
@@ -349,7 +354,9 @@ def fit_overhead(args, proc, port: int, tmp: str) -> None:
                     break
                 for j in neg:  # this term cannot explain the gap: drop it, solve the others
                     cols.remove(j)
-                    delta[j] = -server[("step_s", "token_s")[j]] / 0.7
+                    old = server[("step_s", "token_s")[j]]
+                    delta[j] = -old / 0.7
+                    gaps = gaps + old * np.array(rows)[:, j]  # the simulator ran with it
             server.update({"step_s": min(0.03, max(0.0, server["step_s"] + 0.7 * delta[0])),
                            "token_s": min(0.005, max(0.0, server["token_s"] + 0.7 * delta[1])),
                            "request_s": min(0.5, max(0.0, server["request_s"] + 0.7 * ttft[0]))})

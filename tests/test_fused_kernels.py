@@ -362,6 +362,12 @@ def test_copy_rows_copies_each_run_and_nothing_else(impl):
     for a, b, n in runs:
         want[b : b + n] = src[a : a + n]
     assert torch.equal(dst, want)
-    if impl == "kernel":
+    again = torch.zeros_like(dst)  # the connector's call: the runs also as a kept int64 tensor
+    fused.copy_rows(again, src, runs, torch.tensor(runs, dtype=torch.long))
+    assert torch.equal(again, want)
+    fused.copy_rows(again, src, [])  # nothing to copy: nothing changes
+    assert torch.equal(again, want)
+    for bad in ([(190, 0, 11)], [(0, 295, 6)], [(-1, 0, 2)]):  # refused on both paths, nothing written
         with pytest.raises(RuntimeError, match="out of range"):
-            fused.copy_rows(dst, src, [(190, 0, 11)])
+            fused.copy_rows(again, src, bad)
+    assert torch.equal(again, want)

@@ -33,3 +33,8 @@ def test_pool_devices_default_to_device():
 def test_bad_pool_device_is_refused():
     with pytest.raises(ValueError, match="device must be cpu or cuda"):
         pools("--disaggregated", "--decode-device", "tpu")
+
+
+def test_pool_devices_without_disaggregation_are_refused():
+    with pytest.raises(ValueError, match="need --disaggregated"):
+        pools("--decode-device", "cuda")

@@ -74,6 +74,8 @@ def pools_from_args(args, base: EngineConfig):
     from splitserve.cluster.gateway import PoolSpec
 
     if not args.disaggregated:
+        if args.prefill_device or args.decode_device:
+            raise ValueError("--prefill-device / --decode-device need --disaggregated (one pool otherwise: --device)")
         return [PoolSpec("both", 1, base)]
     cores = os.cpu_count() or 2
     split = max(1, cores // max(1, args.prefill_workers + args.decode_workers))

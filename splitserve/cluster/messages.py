@@ -194,7 +194,7 @@ class Stats(Msg):
     kv_events: list[tuple[str, bytes]] = []
     kv_bytes_direct: int = 0  # moved with no staging copy: shm writes into a peer's cache, TCP into ours
     step_seconds: float = 0.0  # wall time inside engine steps, summed (busy time)
-    decode_steps: int = 0  # steps without a prefill chunk
+    decode_steps: int = 0  # steps whose every chunk is one token
     decode_step_seconds: float = 0.0
 
 

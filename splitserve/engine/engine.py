@@ -107,7 +107,7 @@ class LLMEngine:
         self._rng = random.Random(config.seed)
         self.num_steps = 0
         self.step_seconds = 0.0  # wall time inside step(), summed
-        self.decode_steps = 0  # steps with no prefill chunk, and their share of step_seconds
+        self.decode_steps = 0  # steps whose every chunk is one token, and their share of step_seconds
         self.decode_step_seconds = 0.0
         self.load_seconds = time.perf_counter() - t0
         log.info("engine ready in %.2fs: %s, %s on %s, %d KV blocks of %d tokens, max_model_len=%d",

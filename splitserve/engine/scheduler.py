@@ -20,7 +20,8 @@ Disaggregation adds two small paths, no phase flag:
 
 Hot paths (the simulator runs millions of steps through this same code): a plan is a list of
 (request, start, num_tokens, sample) tuples (`StepPlan.chunks` builds objects only when read);
-running decodes whose current block has room take the decode lane in schedule(); update() skips
+running decodes take the decode lane in schedule() (no budget check each; an allocation only on a
+block boundary, with the general path behind it when that fails); update() skips
 the stop check below `Request.stop_check_len`; `advance()` is update() without event objects.
 tests/test_scheduler.py checks all of them against the general path, step by step.
 """
@@ -341,7 +342,7 @@ class Scheduler:
         check_stop = self._check_stop
         running_status = RequestStatus.RUNNING
         append = got.append
-        const = type(sampled) is int
+        const = not isinstance(sampled, dict)
         if const:  # `ids += one` copies 8 bytes into an array("q"); array.append parses its argument
             one = array("q", (sampled,))
         for req, start, num, sample in plan.items:

@@ -951,8 +951,10 @@ void copy_stream(at::Tensor dst, const at::Tensor& src) {
 void copy_rows(at::Tensor dst, const at::Tensor& src, const at::Tensor& runs) {
   TORCH_CHECK(dst.device().is_cpu() && src.device().is_cpu(), "copy_rows: CPU tensors only");
   TORCH_CHECK(dst.is_contiguous() && src.is_contiguous(), "copy_rows: contiguous tensors only");
-  TORCH_CHECK(dst.dim() >= 1 && src.dim() >= 1 && dst.element_size() == src.element_size(), "copy_rows: dtypes differ");
-  TORCH_CHECK(runs.scalar_type() == at::kLong && runs.dim() == 2 && runs.size(1) == 3 && runs.is_contiguous(),
+  TORCH_CHECK(dst.dim() >= 1 && src.dim() >= 1, "copy_rows: tensors need a row dimension");
+  TORCH_CHECK(dst.scalar_type() == src.scalar_type(), "copy_rows: dtypes differ");
+  TORCH_CHECK(runs.device().is_cpu() && runs.scalar_type() == at::kLong && runs.dim() == 2 && runs.size(1) == 3 &&
+              runs.is_contiguous(),
               "copy_rows: runs must be an int64 [n, 3] tensor");
   const int64_t dn = dst.size(0), sn = src.size(0);
   const size_t row = dn ? dst.nbytes() / dn : 0;

@@ -235,7 +235,12 @@ def copy_rows(dst: torch.Tensor, src: torch.Tensor, runs: list[tuple[int, int, i
     mod = _load()
     if (mod is not None and dst.device.type == "cpu" and src.device.type == "cpu" and dst.dtype == src.dtype
             and dst.is_contiguous() and src.is_contiguous() and dst.shape[1:] == src.shape[1:]):
-        mod.copy_rows(dst, src, runs_tensor if runs_tensor is not None else torch.tensor(runs, dtype=torch.long))
+        if runs_tensor is None:
+            runs_tensor = torch.tensor(runs, dtype=torch.long).view(-1, 3)
+        mod.copy_rows(dst, src, runs_tensor)
         return
+    for i, (a, b, n) in enumerate(runs):  # the kernel's checks, so both paths refuse the same runs
+        if n < 0 or a < 0 or b < 0 or a + n > src.shape[0] or b + n > dst.shape[0]:
+            raise RuntimeError(f"copy_rows: run {i} out of range")
     for a, b, n in runs:
         dst[b : b + n].copy_(src[a : a + n])

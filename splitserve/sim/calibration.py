@@ -46,9 +46,10 @@ DEFAULT_PATH = os.path.join(os.path.dirname(__file__), "data", "local_cpu.json")
 class Calibration:
     model: str
     coef: dict[str, float]
-    # Overheads of the live server around the engine (gateway, ZeroMQ, HTTP, client), measured by
-    # benchmarks/sim_vs_live.py --fit-overhead; zero when not measured.
-    server: dict[str, float] = field(default_factory=dict)
+    # The live server's own costs (gateway, ZeroMQ, HTTP, client, the other worker), measured by
+    # benchmarks/sim_vs_live.py --fit-overhead: step_s, token_s, request_s (seconds) and
+    # live_steps {role: {decode_extra_s, prefill_scale}}; nothing added when not measured.
+    server: dict = field(default_factory=dict)
     samples: list[dict] = field(default_factory=list)
     date: str = ""
     machine: dict = field(default_factory=dict)
@@ -62,6 +63,8 @@ class Calibration:
     # factor on a step with a prefill chunk.
     live_step: tuple[float, float] = (0.0, 1.0)
     scale_kv: float = 1.0
+    # Another model's weight-bound floor beyond the calibrated model's (scaled_for), not stored.
+    floor_extra: float = 0.0
 
     def __post_init__(self) -> None:
         c = self.coef
@@ -76,12 +79,14 @@ class Calibration:
         big = T - BIG_STEP if T > BIG_STEP else 0
         mid = T - self._tok_knee if T > self._tok_knee else 0
         kbig = K - self._knee if K > self._knee else 0
-        t = (c0 + self._step_extra + self._token_extra * S
-             + self.scale_tok * (ct * T + cmid * mid + cb * big + cm * S)
+        t = (c0 + self.floor_extra + self.scale_tok * (ct * T + cmid * mid + cb * big + cm * S)
              + cs * B + self.scale_kv * (cp * A + ck * K + ckb * kbig))
         if P:
             t += cc * P + (cx if B > P else 0.0)
-        return t * self.live_step[1] if P else t + self.live_step[0]
+        # The live-server terms scale or extend the engine's step; the worker loop's own terms
+        # (outside the step) come after.
+        t = t * self.live_step[1] if P else t + self.live_step[0]
+        return t + self._step_extra + self._token_extra * S
 
     @property
     def request_overhead_s(self) -> float:
@@ -95,9 +100,17 @@ class Calibration:
         base = get_model(self.model)
         if base.name == model.name:
             return self
-        c = Calibration(**{k: v for k, v in asdict(self).items() if k not in ("scale_tok", "scale_kv", "live_step")})
+        skip = ("scale_tok", "scale_kv", "live_step", "floor_extra")
+        c = Calibration(**{k: v for k, v in asdict(self).items() if k not in skip})
         c.live_step = self.live_step
         c.scale_tok = model.active_params / base.active_params
+        # Below tok_knee a step is bound by reading the weights, which the fit keeps in c0 (not a
+        # per-token term): a bigger model reads more. Take the floor as the knee's worth of token
+        # work at the marginal rate (the ridge point, where weight reading equals compute) and
+        # scale it with the parameters.
+        knee = float(self.coef.get("tok_knee", 0.0))
+        if knee < 1e9:
+            c.floor_extra = (c.scale_tok - 1.0) * float(self.coef.get("c_tok_mid", 0.0)) * knee
         c.scale_kv = model.kv_elements_per_token() / base.kv_elements_per_token()
         return c
 
@@ -123,6 +136,7 @@ class Calibration:
         d.pop("scale_tok")
         d.pop("scale_kv")
         d.pop("live_step")
+        d.pop("floor_extra")
         return {"kind": "splitserve.sim.calibration", "version": 1, **d}
 
 
@@ -394,7 +408,9 @@ def refit(path: str = DEFAULT_PATH) -> Calibration:
     if cal is None:
         raise ValueError(f"no calibration file at {path}")
     coef, quality = fit(cal.samples)
-    cal = Calibration(model=cal.model, coef=coef, server=cal.server, samples=cal.samples, date=cal.date,
+    # live_steps were measured against the old coefficients: stale now (sim_vs_live.py --fit-overhead)
+    server = {k: v for k, v in cal.server.items() if k != "live_steps"}
+    cal = Calibration(model=cal.model, coef=coef, server=server, samples=cal.samples, date=cal.date,
                       machine=cal.machine, engine=cal.engine, fit={**cal.fit, **quality}, neighbor=cal.neighbor)
     save(cal, path)
     return cal

@@ -125,7 +125,7 @@ class SimWorker:
         self.t_step_start = 0.0
         self.steps = 0
         self.busy_s = 0.0
-        self.decode_steps = 0  # steps without a prefill chunk, and their busy time
+        self.decode_steps = 0  # steps whose every chunk is one token, and their busy time
         self.decode_busy_s = 0.0
         self.view: WorkerView | None = None
         self.link_free_at = 0.0  # decode workers: ingress link busy until

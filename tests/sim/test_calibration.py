@@ -141,3 +141,16 @@ def test_live_step_terms_apply_to_their_role_and_step_kind_only(tmp_path):
     big = get_model("llama-3.1-8b")
     assert back.scaled_for(big).for_role("prefill").step_time(*prefill) == pytest.approx(
         1.25 * back.scaled_for(big).step_time(*prefill))
+
+
+def test_another_model_pays_its_weight_bound_floor():
+    """Below tok_knee a step reads the weights once (kept in c0 by the fit): a model with 60x the
+    parameters pays the floor ~60x over, so its batch-1 decode costs far more than the demo's,
+    and batch 1 to the knee still costs about the same."""
+    cal = load_calibration("splitserve/sim/data/local_cpu_1t.json")
+    knee = int(cal.coef["tok_knee"])
+    small = cal.step_time(1, 1, 300, 300, 1)
+    big = cal.scaled_for(get_model("llama-3.1-8b"))
+    one = big.step_time(1, 1, 300, 300, 1)
+    assert one > 10 * small
+    assert big.step_time(knee, knee, knee * 300, knee * 300, knee) < 1.25 * one
