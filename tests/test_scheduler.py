@@ -417,6 +417,12 @@ def test_decode_lane_at_a_block_boundary_without_a_free_block_preempts_like_the_
     the request to the general path, which preempts the newest request, exactly as with the lane off."""
     cfg = SchedulerConfig(num_blocks=4, block_size=2, max_model_len=8, max_num_batched_tokens=64, max_num_seqs=8)
     fast, ref = Scheduler(cfg), ReferenceScheduler(cfg)
+    calls = {"fast": 0, "ref": 0}
+    for name, s in (("fast", fast), ("ref", ref)):  # count allocation attempts on each side
+        def counted(*a, _inner=s.block_manager.allocate_slots, _name=name, **k):
+            calls[_name] += 1
+            return _inner(*a, **k)
+        s.block_manager.allocate_slots = counted
     for s in (fast, ref):
         for i in range(2):  # two 4-token prompts fill all 4 blocks; their first decodes start block 3
             s.add_request(make_request(f"r{i}", 4, max_tokens=3, base=100 + 10 * i, ignore_eos=True))
@@ -434,7 +440,9 @@ def test_decode_lane_at_a_block_boundary_without_a_free_block_preempts_like_the_
         fast.check_integrity()
         if not fast.has_unfinished():
             break
-    assert preempted and preempted[0] == "r1"  # the lane's failed allocation led to a preemption
+    assert preempted and preempted[0] == "r1"  # r0's failed allocation led to a preemption
+    # ... first tried by the lane (an extra attempt the reference never makes), then by the general path
+    assert calls["fast"] > calls["ref"]
     assert not fast.has_unfinished() and not ref.has_unfinished()
 
 
