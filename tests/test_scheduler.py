@@ -444,6 +444,9 @@ def test_decode_lane_at_a_block_boundary_without_a_free_block_preempts_like_the_
     # ... first tried by the lane (an extra attempt the reference never makes), then by the general path
     assert calls["fast"] > calls["ref"]
     assert not fast.has_unfinished() and not ref.has_unfinished()
+    for s in (fast, ref):  # leak check: no request or block left behind
+        s.check_integrity()
+        assert s.is_idle() and s.block_manager.is_idle()
 
 
 def test_bulk_block_take_hands_out_what_single_takes_would():

@@ -100,19 +100,15 @@ class Calibration:
         base = get_model(self.model)
         if base.name == model.name:
             return self
-        skip = ("scale_tok", "scale_kv", "live_step", "floor_extra")
-        c = Calibration(**{k: v for k, v in asdict(self).items() if k not in skip})
-        c.live_step = self.live_step
-        c.scale_tok = model.active_params / base.active_params
+        scale_tok = model.active_params / base.active_params
         # Below tok_knee a step is bound by reading the weights, which the fit keeps in c0 (not a
         # per-token term): a bigger model reads more. Take the floor as the knee's worth of token
         # work at the marginal rate (the ridge point, where weight reading equals compute) and
         # scale it with the parameters.
         knee = float(self.coef.get("tok_knee", 0.0))
-        if knee < 1e9:
-            c.floor_extra = (c.scale_tok - 1.0) * float(self.coef.get("c_tok_mid", 0.0)) * knee
-        c.scale_kv = model.kv_elements_per_token() / base.kv_elements_per_token()
-        return c
+        floor = (scale_tok - 1.0) * float(self.coef.get("c_tok_mid", 0.0)) * knee if knee < 1e9 else 0.0
+        return replace(self, scale_tok=scale_tok, floor_extra=floor,
+                       scale_kv=model.kv_elements_per_token() / base.kv_elements_per_token())
 
     def for_role(self, role: str) -> "Calibration":
         """This calibration for a worker of `role` (prefill, decode, both) inside the live server,
