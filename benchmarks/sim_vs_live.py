@@ -47,6 +47,8 @@ def start_server(args, port: int, log_path: str) -> subprocess.Popen:
            "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--log-level", "WARNING"]
     if args.disaggregated:
         cmd += ["--disaggregated", "--prefill-workers", "1", "--decode-workers", "1"]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 300
@@ -287,6 +289,9 @@ def fit_overhead(args, proc, port: int, tmp: str) -> None:
 
     path = args.calibration or DEFAULT_PATH
     cal_doc = json.load(open(path))
+    # One file serves the aggregated (role "both") and the 1P1D (prefill, decode) deployments of its
+    # thread count: this fit replaces the terms of the roles it measures and keeps the others.
+    kept_steps = dict(cal_doc.get("server", {}).get("live_steps", {}))
     n, seed = args.num_requests, args.seed
     args.num_requests = args.fit_requests
     rates = [float(x) for x in args.fit_rates.split(",")]
@@ -365,6 +370,7 @@ def fit_overhead(args, proc, port: int, tmp: str) -> None:
                     server[key] = 0.0
     finally:
         args.num_requests, args.seed = n, seed
+    server["live_steps"] = {**kept_steps, **server.get("live_steps", {})}
     server.update({"fitted_at_rates": rates, "fit_terms": sorted(terms), "date": time.strftime("%Y-%m-%d %H:%M")})
     cal_doc["server"] = server
     with open(path, "w") as f:
@@ -389,6 +395,9 @@ def main() -> int:
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--disaggregated", action="store_true")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads per live worker (default: the server's); 1 selects the 1-thread "
+                         "calibration (local_cpu_1t.json) unless --calibration is given")
     ap.add_argument("--fit-overhead", action="store_true")
     ap.add_argument("--fit-rates", default="0.5,1.4", help="rates of the overhead fit (not validated)")
     ap.add_argument("--fit-terms", default="scale,request",
@@ -403,8 +412,9 @@ def main() -> int:
     ap.add_argument("--backoff", type=float, default=20.0, help="seconds to wait before a retry")
     ap.add_argument("--output", default=None, help="write the comparison as JSON")
     args = ap.parse_args()
-    if args.disaggregated and args.calibration is None:
-        # The live 1P1D server gives each worker one of the two cores: use the 1-thread calibration.
+    if (args.disaggregated or args.threads == 1) and args.calibration is None:
+        # The live 1P1D server gives each worker one of the two cores (and --threads 1 one core to
+        # the aggregated worker): use the 1-thread calibration.
         from splitserve.sim.calibration import DEFAULT_PATH
 
         one_thread = os.path.join(os.path.dirname(DEFAULT_PATH), "local_cpu_1t.json")
