@@ -6,6 +6,10 @@ Scheduler / BlockManager (and Router when there are several workers).
     python benchmarks/sim_speed.py                      # the reference 10,000-request run
     python benchmarks/sim_speed.py --requests 1000000 --units 1000 --stream /tmp/recs.jsonl
     python benchmarks/sim_speed.py --profile            # cProfile the reference run
+    SPLITSERVE_PURE_PYTHON=1 python benchmarks/sim_speed.py   # ignore a `splitserve accel build`
+
+"code" in the output says which ran: the pure-Python source or the mypyc build of the same
+source (`splitserve accel build`, splitserve/accel.py).
 
 Reference workload: 10,000 requests, Poisson arrivals, prompts uniform 256-1024 tokens
 (chunked prefill: the step budget is 512 tokens, so long prompts take two steps), outputs uniform
@@ -62,6 +66,8 @@ def main() -> int:
     ap.add_argument("--json", default=None, help="append the result as a JSON line here")
     args = ap.parse_args()
 
+    from splitserve import accel
+
     sim, specs, plan, rate = build(args)
     t0 = time.perf_counter()
     if args.profile:
@@ -87,7 +93,7 @@ def main() -> int:
         "output_tokens": tokens, "simulated_s": round(sim_s, 2), "max_rss_mb": round(rss_mb, 1),
         "mean_batch": round(tokens / max(sim.num_steps, 1), 1),
         "workload": f"{args.requests} x Poisson {rate:g}/s, in {args.input_len}, out {args.output_len}",
-        "deployment": plan.describe(), "python": sys.version.split()[0],
+        "deployment": plan.describe(), "python": sys.version.split()[0], "code": accel.describe(),
         "date": time.strftime("%Y-%m-%d"),
     }
     print(json.dumps(res, indent=1))

@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "plan": ("splitserve.sim.cli", "plan_main", "size a disaggregated deployment for a workload and SLOs"),
     "hardware": ("splitserve.sim.cli", "hardware_main", "list the simulator's hardware catalog"),
     "models": ("splitserve.sim.cli", "models_main", "list the simulator's model catalog"),
+    "accel": ("splitserve.accel", "main", "compile the scheduler with mypyc (build, status, clean)"),
 }
 
 

@@ -5,6 +5,9 @@ import os
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The suite tests the source: a `splitserve accel build` in the user's cache is ignored (set
+# SPLITSERVE_PURE_PYTHON= to run everything against it). tests/test_accel.py tests the build.
+os.environ.setdefault("SPLITSERVE_PURE_PYTHON", "1")
 
 
 def pytest_configure(config):

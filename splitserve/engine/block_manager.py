@@ -12,6 +12,8 @@ A block is in exactly one of three places:
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
 
 from splitserve.engine.block_hash import block_hashes_for
 from splitserve.engine.request import Request
@@ -29,7 +31,7 @@ class BlockManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
-        self.block_hash: list[bytes | None] = [None] * num_blocks
+        self.block_hash: list[Any] = [None] * num_blocks  # bytes, or None
         self.cached: dict[bytes, int] = {}
         self.free_uncached: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() from the end
         self.free_cached: OrderedDict[int, None] = OrderedDict()
@@ -39,7 +41,7 @@ class BlockManager:
         self.num_queried_tokens = 0
         self.num_hit_tokens = 0
         # Optional sink for ("stored" | "removed", hash) events; the router listens to these.
-        self.events: list[tuple[str, bytes]] | None = None
+        self.events: list[Any] | None = None
 
     # ---- queries -------------------------------------------------------------------------
     @property
@@ -80,11 +82,11 @@ class BlockManager:
         self.num_hit_tokens += len(blocks) * self.block_size
         return blocks, len(blocks) * self.block_size
 
-    def can_allocate(self, request: Request, num_total_tokens: int, computed_blocks: list[int] = ()) -> bool:
+    def can_allocate(self, request: Request, num_total_tokens: int, computed_blocks: Sequence[int] = ()) -> bool:
         return self._num_new_blocks(request, num_total_tokens, computed_blocks) is not None
 
     # ---- mutations -----------------------------------------------------------------------
-    def allocate_slots(self, request: Request, num_total_tokens: int, computed_blocks: list[int] = ()) -> bool:
+    def allocate_slots(self, request: Request, num_total_tokens: int, computed_blocks: Sequence[int] = ()) -> bool:
         """Make the request's block table cover `num_total_tokens` tokens.
 
         `computed_blocks` (from get_computed_blocks, only on first admission) are shared, not
@@ -105,9 +107,10 @@ class BlockManager:
                 # with slice copies instead of scatters (eviction hands cached blocks out tail-first).
                 blocks.extend(sorted(self._take_free_blocks(num_new)))
             return True
-        num_new = self._num_new_blocks(request, num_total_tokens, computed_blocks)
-        if num_new is None:
+        fits = self._num_new_blocks(request, num_total_tokens, computed_blocks)
+        if fits is None:
             return False
+        num_new = fits
         blocks = self.req_blocks.setdefault(request.request_id, [])
         assert not blocks, "computed blocks are only taken on first admission"
         ref_counts, free_cached = self.ref_counts, self.free_cached

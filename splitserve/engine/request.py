@@ -9,8 +9,15 @@ from __future__ import annotations
 
 import enum
 from array import array
+from typing import Any
 
 from splitserve.engine.sampling_params import SamplingParams
+
+try:  # `splitserve accel build` compiles this module with mypyc (splitserve/accel.py)
+    from mypy_extensions import mypyc_attr
+except ImportError:  # pure Python: the decorator does nothing
+    def mypyc_attr(*_attrs: str, **_kw: object) -> Any:  # type: ignore[misc]
+        return lambda cls: cls
 
 
 class RequestStatus(enum.IntEnum):
@@ -35,6 +42,7 @@ FINISH_REASONS = {
 }  # FINISHED_REMOTE has no client-visible finish reason: the request goes on elsewhere
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # the simulator's SimRequest extends it
 class Request:
     __slots__ = (
         "request_id", "token_ids", "num_prompt_tokens", "sampling_params", "num_computed_tokens",
@@ -45,12 +53,12 @@ class Request:
     def __init__(
         self,
         request_id: str,
-        prompt_token_ids: list[int],
+        prompt_token_ids: Any,  # a list of ints, or an array("q")
         sampling_params: SamplingParams,
-        eos_token_ids: frozenset[int] = frozenset(),
+        eos_token_ids: Any = frozenset(),  # any container of ints
         arrival_index: int = 0,
         seed: int | None = None,
-        output_token_ids: list[int] | None = None,
+        output_token_ids: Any = None,
         prefill_only: bool = False,
     ) -> None:
         """`output_token_ids`: tokens already generated (and sent to the client) by a worker that
@@ -61,7 +69,7 @@ class Request:
         self.request_id = request_id
         # A list, or an array("q") when the prompt comes as one (the simulator: compact, and hashed
         # into prefix-cache keys without a conversion). Both hold the same ids and hash alike.
-        self.token_ids: list[int] = (prompt_token_ids[:] if type(prompt_token_ids) is array
+        self.token_ids: Any = (prompt_token_ids[:] if type(prompt_token_ids) is array
                                      else list(prompt_token_ids))
         if output_token_ids:
             self.token_ids.extend(output_token_ids)
@@ -95,11 +103,11 @@ class Request:
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property
-    def prompt_token_ids(self) -> list[int]:
+    def prompt_token_ids(self) -> Any:  # list or array, as token_ids
         return self.token_ids[: self.num_prompt_tokens]
 
     @property
-    def output_token_ids(self) -> list[int]:
+    def output_token_ids(self) -> Any:
         return self.token_ids[self.num_prompt_tokens :]
 
     @property

@@ -31,6 +31,7 @@ from __future__ import annotations
 from array import array
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 from splitserve.config import SchedulerConfig
 from splitserve.engine.block_manager import BlockManager
@@ -63,7 +64,7 @@ class StepPlan:
     __slots__ = ("items", "preempted", "_chunks", "_num_tokens")
 
     def __init__(self, chunks: list[ScheduledChunk] | None = None, preempted: list[str] | None = None) -> None:
-        self._chunks = None
+        self._chunks: list[ScheduledChunk] | None = None
         self._num_tokens: int | None = None  # schedule() knows the total from its budget: no sum
         self.items: list[tuple[Request, int, int, bool]] = (
             [(c.request, c.start, c.num_tokens, c.sample) for c in chunks] if chunks else [])
@@ -90,7 +91,7 @@ class StepPlan:
             return NotImplemented
         return self.items == other.items and self.preempted == other.preempted
 
-    __hash__ = None  # mutable
+    __hash__ = None  # type: ignore[assignment]  # mutable
 
     def __repr__(self) -> str:
         return f"StepPlan(chunks={self.chunks!r}, preempted={self.preempted!r})"
@@ -329,7 +330,7 @@ class Scheduler:
         # the one drawn this step.
         return [TokenEvent(r, r.token_ids[-1], r.status != running) for r in got]
 
-    def advance(self, plan: StepPlan, sampled: dict[str, int] | int) -> tuple[list[Request], list[Request]]:
+    def advance(self, plan: StepPlan, sampled: Any) -> tuple[list[Request], list[Request]]:
         """update() without event objects: apply a step's results; return the requests that
         gained a token and those of them that finished (released, no longer RUNNING), both in
         plan order. The token each gained is its `token_ids[-1]` until its next step. The

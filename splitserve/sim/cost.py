@@ -28,6 +28,8 @@ batch 1 either.
 
 from __future__ import annotations
 
+from typing import Any
+
 import math
 from dataclasses import dataclass, field
 
@@ -88,7 +90,7 @@ class Deployment:
     family: FamilyParams | None = None
     tp_link: Link | None = None  # scale-up link (tensor parallel)
     pp_link: Link | None = None  # between pipeline stages
-    calibration: object | None = None  # local-cpu: a Calibration
+    calibration: Any = None  # local-cpu: a Calibration
 
     def __post_init__(self) -> None:
         if self.family is None:

@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from operator import itemgetter
+from typing import Any, cast
 
 import numpy as np
 
@@ -55,7 +56,8 @@ class SimRequest(Request):
     __slots__ = ("spec", "t_arrival", "t_first", "t_last", "times", "worker", "peer", "t_prefill_start",
                  "client", "kv_cached", "reserved", "kv_landed")
 
-    def __init__(self, request_id, prompt_token_ids, params, spec, t_arrival, prefill_only=False):
+    def __init__(self, request_id: str, prompt_token_ids: array, params: SamplingParams, spec: RequestSpec,
+                 t_arrival: float, prefill_only: bool = False) -> None:
         super().__init__(request_id, prompt_token_ids, params, prefill_only=prefill_only)
         self.spec = spec
         self.t_arrival = t_arrival
@@ -63,11 +65,11 @@ class SimRequest(Request):
         self.t_last = -1.0
         # With ITLs recorded: the time of every token the client saw (the first is t_first);
         # gaps are taken at the end. Without: only t_first and t_last are kept.
-        self.times: array | None = None
-        self.worker = None
-        self.peer = None  # disaggregated: the request's twin on the other pool
+        self.times: Any = None  # array("d") or None
+        self.worker: Any = None  # its SimWorker
+        self.peer: Any = None  # disaggregated: the request's twin on the other pool
         self.t_prefill_start = -1.0
-        self.client = None  # the client-facing request (prefill twin -> decode twin share one)
+        self.client: Any = None  # the client-facing request (prefill twin -> decode twin share one)
         self.kv_cached = 0  # decode side: prompt tokens reused from its prefix cache (not shipped)
         self.reserved = False
         self.kv_landed = False
@@ -114,20 +116,20 @@ class SimWorker:
     __slots__ = ("wid", "role", "sched", "bm", "cost", "busy", "plan", "t_step_start", "steps",
                  "busy_s", "decode_steps", "decode_busy_s", "view", "link_free_at", "pending", "tokens", "step_tokens_hist", "neighbors", "neighbor")
 
-    def __init__(self, wid: str, role: str, sched: Scheduler, cost: StepCost):
+    def __init__(self, wid: str, role: str, sched: Scheduler, cost: StepCost) -> None:
         self.wid = wid
         self.role = role
         self.sched = sched
         self.bm = sched.block_manager
         self.cost = cost
         self.busy = False
-        self.plan: StepPlan | None = None
+        self.plan: Any = None  # the StepPlan in flight
         self.t_step_start = 0.0
         self.steps = 0
         self.busy_s = 0.0
         self.decode_steps = 0  # steps whose every chunk is one token, and their busy time
         self.decode_busy_s = 0.0
-        self.view: WorkerView | None = None
+        self.view: Any = None  # its WorkerView, when there is a router
         self.link_free_at = 0.0  # decode workers: ingress link busy until
         self.pending: deque = deque()  # decode workers: requests waiting to reserve KV blocks
         self.tokens = 0
@@ -171,12 +173,13 @@ class RecordSink:
             self.ok += 1
             self.in_tokens += rec.input_tokens or 0
             self.out_tokens += rec.output_tokens or 0
-            self.ttft.append(rec.ttft_ms)
-            self.e2e.append(rec.e2e_ms)
+            ttft = cast(float, rec.ttft_ms)  # set on every ok record
+            self.ttft.append(ttft)
+            self.e2e.append(cast(float, rec.e2e_ms))
             if rec.tpot_ms is not None:
                 self.tpot.append(rec.tpot_ms)
             slo_ttft, slo_tpot = self.slo
-            if (slo_ttft is None or rec.ttft_ms <= slo_ttft) and \
+            if (slo_ttft is None or ttft <= slo_ttft) and \
                     (slo_tpot is None or rec.tpot_ms is None or rec.tpot_ms <= slo_tpot):
                 self.good += 1
             if not self.keep:
@@ -210,7 +213,7 @@ class _LogHistogram:
 
     BINS_PER_DECADE = 460
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.counts: dict[int, int] = {}
         self.n = 0
         self.total = 0.0
@@ -370,6 +373,7 @@ class Simulation:
 
     def _place(self, req: SimRequest) -> None:
         router = self.router
+        assert router is not None
         cand = None
         if len(self.workers) > self.cfg.router_sample:  # power-of-k choices over the real policy
             k = self.cfg.router_sample
@@ -450,6 +454,7 @@ class Simulation:
             return
         nbytes = (req.num_tokens - req.kv_cached) * self.kv_bytes_per_token
         link = self.link
+        assert link is not None
         xfer = nbytes / link.bandwidth
         start = twin.t_prefill_start if twin.t_prefill_start >= 0 else now
         # Layers leave as the prefill computes them; the last layer of the last chunk leaves at
@@ -502,8 +507,10 @@ class Simulation:
                     K += s + n
                     if sample:
                         S += 1
-                    if prefill_role and req.t_prefill_start < 0:
-                        req.t_prefill_start = self.now
+                    if prefill_role:
+                        twin = cast(SimRequest, req)
+                        if twin.t_prefill_start < 0:
+                            twin.t_prefill_start = self.now
             nd = B - multi
             if nd:
                 T += nd
@@ -528,7 +535,7 @@ class Simulation:
 
     def _step_done(self, w: SimWorker) -> None:
         now = self.now
-        got, finished = w.sched.advance(w.plan, FAKE_TOKEN)
+        got, finished = cast("tuple[list[SimRequest], list[SimRequest]]", w.sched.advance(w.plan, FAKE_TOKEN))
         w.steps += 1
         self.num_steps += 1
         if w.role == "prefill":
@@ -556,12 +563,14 @@ class Simulation:
 
     def _report(self, w: SimWorker) -> None:
         s, bm = w.sched, w.bm
+        router = self.router
+        assert router is not None
         queued = s.num_waiting_tokens if w.role == "prefill" else 0
-        self.router.update_load(w.wid, kv_blocks_free=bm.num_free_blocks, num_running=s.num_running,
+        router.update_load(w.wid, kv_blocks_free=bm.num_free_blocks, num_running=s.num_running,
                                 num_waiting=len(s.requests) - s.num_running + len(w.pending),
                                 queued_prefill_tokens=queued)
         if bm.events:
-            self.router.apply_kv_events(w.wid, bm.events)
+            router.apply_kv_events(w.wid, bm.events)
             bm.events.clear()
 
     # ---- completion ----------------------------------------------------------------------------
@@ -668,7 +677,7 @@ class Simulation:
     def _arrive(self, unit: list[RequestSpec]) -> None:
         nxt = self._pull()  # open loop: exactly one future arrival sits in the heap
         if nxt is not None:
-            self._push(max(nxt[0].arrival_s, self.now), _ARRIVE, nxt)
+            self._push(max(cast(float, nxt[0].arrival_s), self.now), _ARRIVE, nxt)
         if self.concurrency is None or self.active_units < self.concurrency:
             self._start_unit(unit)
         else:
