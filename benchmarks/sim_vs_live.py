@@ -49,6 +49,8 @@ def start_server(args, port: int, log_path: str) -> subprocess.Popen:
         cmd += ["--disaggregated", "--prefill-workers", "1", "--decode-workers", "1"]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.repeats > 1:  # a repeat sends the same prompts: the prefix cache must not answer them
+        cmd += ["--no-prefix-caching"]
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 300
@@ -192,6 +194,8 @@ def run_sim(args, rate: float, out: str, calibration: str | None) -> dict:
         cmd += ["--hardware", "local-cpu:1"]
     if calibration:
         cmd += ["--calibration", calibration]
+    if args.repeats > 1:
+        cmd += ["--no-prefix-caching"]
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     with open(out) as f:
         return json.load(f)
@@ -403,6 +407,10 @@ def main() -> int:
     ap.add_argument("--fit-terms", default="scale,request",
                     help="which server overheads to fit: scale (per-role live step terms, measured), step, "
                          "token, request (comma-separated)")
+    ap.add_argument("--fit-each-rate", action="store_true",
+                    help="measure the live-step terms again right before each validation rate, at that rate "
+                         "on other prompts (into a copy of the calibration file): separates this machine's "
+                         "drift over minutes from the model's error")
     ap.add_argument("--fit-requests", type=int, default=40)
     ap.add_argument("--fit-repeats", type=int, default=2)
     ap.add_argument("--calibration", default=None)
@@ -410,6 +418,11 @@ def main() -> int:
                     help="retry a live run when other processes took more than this share of the CPUs")
     ap.add_argument("--tries", type=int, default=3)
     ap.add_argument("--backoff", type=float, default=20.0, help="seconds to wait before a retry")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="live runs per validation rate, each of the same workload (prefix caching off on "
+                         "both sides); the simulator is compared with their mean, and the spread between "
+                         "them is how far this machine's own runs disagree")
+    ap.add_argument("--warmup", type=int, default=8, help="requests sent first and not measured (cold start)")
     ap.add_argument("--output", default=None, help="write the comparison as JSON")
     args = ap.parse_args()
     if (args.disaggregated or args.threads == 1) and args.calibration is None:
@@ -422,26 +435,48 @@ def main() -> int:
             args.calibration = one_thread
 
     tmp = tempfile.mkdtemp(prefix="sim-vs-live-")
+    if args.fit_each_rate:
+        from splitserve.sim.calibration import DEFAULT_PATH
+
+        copy = os.path.join(tmp, "calibration.json")
+        shutil.copyfile(args.calibration or DEFAULT_PATH, copy)
+        args.calibration = copy
     port = free_port()
     proc = start_server(args, port, os.path.join(tmp, "server.log"))
     rows = []
     try:
+        if args.warmup:
+            n, seed = args.num_requests, args.seed
+            args.num_requests, args.seed = args.warmup, seed + 1000
+            run_live(args, port, float(args.rates.split(",")[0]), os.path.join(tmp, "warmup.json"))
+            args.num_requests, args.seed = n, seed
         if args.fit_overhead:
             fit_overhead(args, proc, port, tmp)
         base_seed = args.seed
         for i, rate in enumerate(float(x) for x in args.rates.split(",")):
             # Each run its own prompts: the live server keeps its prefix cache between runs, and a
             # second run of the same prompts would hit it everywhere (the simulator's would not).
+            if args.fit_each_rate:
+                args.fit_rates = f"{rate:g}"
+                args.seed = base_seed + 10 * (i + 1)  # the fit's prompts: seed + 100 + ..., none validated
+                fit_overhead(args, proc, port, tmp)
             args.seed = base_seed + i
-            doc, foreign = run_live_quiet(args, proc, port, rate, os.path.join(tmp, f"live_{rate:g}.json"))
-            live = metrics(doc)
+            repeats = []
+            for k in range(args.repeats):
+                doc, foreign = run_live_quiet(args, proc, port, rate, os.path.join(tmp, f"live_{rate:g}_{k}.json"))
+                repeats.append((doc, foreign, metrics(doc)))
+            live = {key: sum(m[key] for _, _, m in repeats) / len(repeats) for key in repeats[0][2]}
+            doc, foreign = repeats[-1][0], max(f for _, f, _ in repeats)
             sim_doc = run_sim(args, rate, os.path.join(tmp, f"sim_{rate:g}.json"), args.calibration)
             sim = metrics(sim_doc)
             cores = doc.pop("_cores", {})
             live_steps = doc.pop("_steps", {})
             step_ratio = {f"{role} {kind}": lv / sm for role, kinds in time_per_step(live_steps, sim_steps(sim_doc)).items()
                           for kind, (lv, sm) in kinds.items()}
+            spread = {key: max(m[key] for _, _, m in repeats) / min(m[key] for _, _, m in repeats) - 1
+                      for key in ("tpot_mean", "ttft_p90")}
             row = {"rate": rate, "live": live, "sim": sim, "foreign_cpu_share": foreign, "cores": cores,
+                   "live_repeats": [m for _, _, m in repeats], "live_spread": spread,
                    "step_time_live_over_sim": step_ratio,
                    "tpot_err": sim["tpot_mean"] / live["tpot_mean"] - 1,
                    "ttft_p90_err": sim["ttft_p90"] / live["ttft_p90"] - 1}
@@ -452,6 +487,11 @@ def main() -> int:
                   f"{sim['throughput']:.1f} tok/s; other processes {foreign:.0%} of the CPUs; our cores: "
                   + ", ".join(f"{k} {v:.2f}" for k, v in cores.items()) + "; live/sim time per step: "
                   + ", ".join(f"{k} {v:.3f}" for k, v in step_ratio.items()), flush=True)
+            if args.repeats > 1:
+                print(f"  {args.repeats} live runs of this workload: TPOT "
+                      + " / ".join(f"{m['tpot_mean']:.2f}" for _, _, m in repeats) + " ms, p90 TTFT "
+                      + " / ".join(f"{m['ttft_p90']:.1f}" for _, _, m in repeats)
+                      + f" ms (spread {spread['tpot_mean'] * 100:.1f}% / {spread['ttft_p90'] * 100:.1f}%)", flush=True)
         args.seed = base_seed
     finally:
         stop_server(proc)

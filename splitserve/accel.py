@@ -50,8 +50,11 @@ def cache_root() -> str:
 
 
 def source_tag() -> str:
-    """Hash of the compiled sources and the interpreter's ABI: a build is used only on a match."""
-    h = hashlib.sha256(sys.implementation.cache_tag.encode())
+    """Hash of the compiled sources and the interpreter's ABI and platform (a home directory
+    shared by two machines keeps one build each): a build is used only on a match."""
+    from importlib.machinery import EXTENSION_SUFFIXES
+
+    h = hashlib.sha256(f"{sys.implementation.cache_tag} {EXTENSION_SUFFIXES[0]}".encode())
     for module in MODULES + TYPE_ONLY:
         h.update(module.encode())
         with open(_source_path(module), "rb") as f:
