@@ -402,6 +402,11 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads per live worker (default: the server's); 1 selects the 1-thread "
                          "calibration (local_cpu_1t.json) unless --calibration is given")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="first measure the engine alone into the calibration file (`splitserve simulate "
+                         "calibrate`, with the live workers' threads; --neighbor for 1P1D), so the "
+                         "calibration, the overhead fit and the validation happen within minutes: this "
+                         "machine's speed drifts by 10-20%% over hours")
     ap.add_argument("--fit-overhead", action="store_true")
     ap.add_argument("--fit-rates", default="0.5,1.4", help="rates of the overhead fit (not validated)")
     ap.add_argument("--fit-terms", default="scale,request",
@@ -434,6 +439,19 @@ def main() -> int:
         if os.path.isfile(one_thread):
             args.calibration = one_thread
 
+    if args.calibrate:
+        from splitserve.sim.calibration import DEFAULT_PATH
+
+        cmd = [sys.executable, "-m", "splitserve.cli", "simulate", "calibrate", "--output",
+               args.calibration or DEFAULT_PATH]
+        threads = 1 if args.disaggregated else args.threads
+        if threads:
+            cmd += ["--threads", str(threads)]
+        if args.disaggregated:
+            cmd += ["--neighbor"]
+        print("calibrating: " + " ".join(cmd[2:]), flush=True)
+        subprocess.run(cmd, cwd=ROOT, check=True)
+        args.fit_overhead = True  # the old live-step terms belong to the old calibration
     tmp = tempfile.mkdtemp(prefix="sim-vs-live-")
     if args.fit_each_rate:
         from splitserve.sim.calibration import DEFAULT_PATH
