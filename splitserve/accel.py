@@ -101,6 +101,8 @@ def activate() -> bool:
     if doc is None:
         return False
     base = os.path.join(cache_root(), tag)
+    if any(os.path.basename(file) != file for file in doc["files"].values()):
+        return False  # a manifest names files of its own directory only
     files = {name: os.path.join(base, file) for name, file in doc["files"].items()}
     if not all(os.path.isfile(f) for f in files.values()) or any(m in sys.modules for m in MODULES):
         return False
