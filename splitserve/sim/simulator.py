@@ -113,8 +113,8 @@ class PoolSpec:
 
 
 class SimWorker:
-    __slots__ = ("wid", "role", "sched", "bm", "cost", "busy", "plan", "t_step_start", "steps",
-                 "busy_s", "decode_steps", "decode_busy_s", "view", "link_free_at", "pending", "tokens", "step_tokens_hist", "neighbors", "neighbor")
+    __slots__ = ("wid", "role", "sched", "bm", "cost", "busy", "plan", "steps", "busy_s", "decode_steps",
+                 "decode_busy_s", "view", "link_free_at", "pending", "tokens", "neighbors", "neighbor")
 
     def __init__(self, wid: str, role: str, sched: Scheduler, cost: StepCost) -> None:
         self.wid = wid
@@ -124,7 +124,6 @@ class SimWorker:
         self.cost = cost
         self.busy = False
         self.plan: Any = None  # the StepPlan in flight
-        self.t_step_start = 0.0
         self.steps = 0
         self.busy_s = 0.0
         self.decode_steps = 0  # steps whose every chunk is one token, and their busy time
@@ -525,7 +524,6 @@ class Simulation:
                     break
         w.busy = True
         w.plan = plan
-        w.t_step_start = self.now
         w.busy_s += dur
         if not multi:
             w.decode_steps += 1
@@ -654,9 +652,9 @@ class Simulation:
             else:
                 self._submit(obj)
         self.num_events = n
-        for w in self.workers:
-            if w.sched.has_unfinished() or w.pending:
-                raise RuntimeError(f"simulation ended with work left on {w.wid}")
+        for w in self.workers:  # the leak check of every run: no request, reservation or block held
+            if not w.sched.is_idle() or w.pending:
+                raise RuntimeError(f"simulation ended with work or KV blocks left on {w.wid}")
         self.sink.close()
         return self.sink
 
