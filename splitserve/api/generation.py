@@ -79,9 +79,6 @@ class ChoiceState:
         self.emitted = limit
         return delta
 
-    def take_logprobs(self, start: int) -> list[LogprobEntry]:
-        return self.logprobs[start:]
-
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -11,6 +11,36 @@ from splitserve.engine.sampling_params import SamplingParams
 MAX_N = 16
 MAX_MESSAGES = 4096
 VALID_ROLES = ("system", "developer", "user", "assistant", "tool")
+MAX_TOKEN_ID = 2**31 - 1  # ids past the vocabulary are refused later, against the model's size
+
+# Template variables a request may set through `chat_template_kwargs`, with their accepted types.
+# Only switches that model templates document: `enable_thinking` (Qwen3, SmolLM3, Granite, ...),
+# `thinking` (DeepSeek-V3.1) and `reasoning_effort` (gpt-oss). Anything else - above all
+# `chat_template`, which would let a client run its own template - is refused.
+TEMPLATE_KWARGS: dict[str, tuple[type, ...]] = {"enable_thinking": (bool,), "thinking": (bool,),
+                                                 "reasoning_effort": (str,)}
+REASONING_EFFORTS = ("low", "medium", "high")
+# Names the server itself passes to the template: a kwarg may not override them.
+RESERVED_TEMPLATE_NAMES = ("messages", "tools", "documents", "add_generation_prompt", "continue_final_message",
+                           "special_tokens", "chat_template", "tokenize", "bos_token", "eos_token", "unk_token",
+                           "pad_token")
+
+
+def check_template_kwargs(kwargs: dict[str, Any]) -> None:
+    """Raise ValueError naming the first key that is not an allowed template variable of the right type."""
+    for key, value in kwargs.items():
+        if key in RESERVED_TEMPLATE_NAMES:
+            raise ValueError(f"chat_template_kwargs.{key} is not allowed: `{key}` is set by the server"
+                             + (" (a request cannot supply a chat template)" if key == "chat_template" else
+                                " from the request itself"))
+        if key not in TEMPLATE_KWARGS:
+            raise ValueError(f"chat_template_kwargs.{key} is not a supported template variable; "
+                             f"allowed: {', '.join(sorted(TEMPLATE_KWARGS))}")
+        if not isinstance(value, TEMPLATE_KWARGS[key]):
+            raise ValueError(f"chat_template_kwargs.{key} must be of type "
+                             f"{' or '.join(t.__name__ for t in TEMPLATE_KWARGS[key])}")
+        if key == "reasoning_effort" and value not in REASONING_EFFORTS:
+            raise ValueError(f"chat_template_kwargs.reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}")
 
 
 class StreamOptions(BaseModel):
@@ -48,14 +78,16 @@ class _SamplingFields(BaseModel):
     user: str | None = None
     logit_bias: dict[str, float] | None = None
     # extensions
-    top_k: int | None = None
+    top_k: int | None = Field(None, ge=-1, le=MAX_TOKEN_ID)
     min_p: float | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Tokenize control-token text in user content as plain text (see README, security).
+    split_special_tokens: bool = False
 
     def check_unsupported(self) -> None:
         if self.logit_bias:
@@ -97,9 +129,13 @@ class ChatCompletionRequest(_SamplingFields):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: Any = None  # vLLM's field: refused, the model's own template is used
 
     def check_unsupported(self) -> None:
         super().check_unsupported()
+        if self.chat_template is not None:
+            raise ValueError("chat_template is not accepted: the server renders the model's own chat template")
+        check_template_kwargs(self.chat_template_kwargs or {})
         if self.response_format and self.response_format.get("type") not in (None, "text"):
             raise ValueError("response_format other than text is not supported")
         if self.tool_choice not in (None, "none", "auto"):
