@@ -179,3 +179,19 @@ def test_former_500s_are_400s(server, path, extra, fragment):
     base = CHAT_BODY if "chat" in path else COMPLETION_BODY
     assert_error(post(server, path, {**base, **extra}), 400, fragment)
     assert httpx.get(server.base_url + "/health").status_code == 200
+
+
+# ---- item 11: extreme sampling parameters ------------------------------------------------------------
+def test_vanishing_temperature_answers_the_greedy_tokens(client):
+    kw = dict(model="demo", prompt="The three primary colors are", max_tokens=12, logprobs=1,
+              extra_body={"ignore_eos": True})
+    greedy = client.completions.create(temperature=0, **kw).choices[0]
+    tiny = client.completions.create(temperature=1e-300, **kw).choices[0]
+    assert tiny.logprobs.tokens == greedy.logprobs.tokens
+    assert tiny.text == greedy.text
+    assert all(lp == lp and lp > -1e30 for lp in tiny.logprobs.token_logprobs)  # no NaN, no -inf
+
+
+def test_overflowing_repetition_penalty_is_a_400(server):
+    resp = post(server, "/v1/completions", {**COMPLETION_BODY, "repetition_penalty": 1e-300})
+    assert_error(resp, 400, "repetition_penalty")
