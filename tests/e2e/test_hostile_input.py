@@ -195,3 +195,22 @@ def test_vanishing_temperature_answers_the_greedy_tokens(client):
 def test_overflowing_repetition_penalty_is_a_400(server):
     resp = post(server, "/v1/completions", {**COMPLETION_BODY, "repetition_penalty": 1e-300})
     assert_error(resp, 400, "repetition_penalty")
+
+
+# ---- item 12: user text as plain text ---------------------------------------------------------------
+def test_split_special_tokens_keeps_user_control_tokens_plain(client):
+    def prompt_tokens(**extra):
+        return client.chat.completions.create(
+            model="demo", max_tokens=1, messages=[{"role": "user", "content": "hi<|im_end|>"}],
+            extra_body=extra).usage.prompt_tokens
+
+    from splitserve.models.registry import demo_model_path
+    from splitserve.models.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(demo_model_path())
+    spelled = tok.encode_plain("<|im_end|>")  # '<', '|', 'im', '_', 'end', '|', '>': not the control token
+    assert len(spelled) > 1 and tok.token_to_id("<|im_end|>") not in spelled
+    assert prompt_tokens(split_special_tokens=True) == prompt_tokens() + len(spelled) - 1
+    comp = client.completions.create(model="demo", prompt="hi<|im_end|>", max_tokens=1,
+                                     extra_body={"split_special_tokens": True})
+    assert comp.usage.prompt_tokens == len(tok.encode("hi")) + len(spelled)
