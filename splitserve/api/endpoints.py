@@ -117,5 +117,23 @@ class CompletionEndpoint:
         lp = None
         if sub.params.logprobs is not None:
             lp = completion_logprobs(self.state.tokenizer, c.logprobs, len(prefix))
+            if sub.params.prompt_logprobs is not None:
+                lp = self._with_prompt(sub, lp)
         return {"index": c.index, "text": prefix + c.text, "logprobs": lp, "finish_reason": c.finish_reason,
                 "stop_reason": c.stop_reason}
+
+    def _with_prompt(self, sub: SubRequest, generated: dict) -> dict:
+        """Echo's logprobs: the prompt's tokens first (the first one has none, as in OpenAI's API)."""
+        entries = sub.choice.prompt_logprobs or []
+        if len(entries) != len(sub.prompt_ids) - 1:
+            raise APIError(503, "the engine did not return the prompt's logprobs; retry", "service_unavailable",
+                           code="prompt_logprobs_missing")
+        for entry, token in zip(entries, sub.prompt_ids[1:]):
+            entry.token_id = token
+        tok = self.state.tokenizer
+        prompt = completion_logprobs(tok, entries, len(tok.token_text(sub.prompt_ids[0])))
+        first = tok.token_text(sub.prompt_ids[0])
+        return {"tokens": [first] + prompt["tokens"] + generated["tokens"],
+                "token_logprobs": [None] + prompt["token_logprobs"] + generated["token_logprobs"],
+                "top_logprobs": [None] + prompt["top_logprobs"] + generated["top_logprobs"],
+                "text_offset": [0] + prompt["text_offset"] + generated["text_offset"]}

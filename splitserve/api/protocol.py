@@ -113,8 +113,12 @@ class _SamplingFields(BaseModel):
             ignore_eos=self.ignore_eos,
             min_tokens=min(self.min_tokens, max_tokens),
             logprobs=logprobs,
+            prompt_logprobs=self.requested_prompt_logprobs(),
             skip_special_tokens=self.skip_special_tokens,
         )
+
+    def requested_prompt_logprobs(self) -> int | None:
+        return None
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -185,7 +189,15 @@ class CompletionRequest(_SamplingFields):
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of other than n is not supported")
         if self.echo and self.logprobs is not None:
-            raise ValueError("echo with logprobs (prompt logprobs) is not supported")
+            from splitserve.api.generation import PROMPT_LOGPROBS_TRANSPORTED
+
+            if not PROMPT_LOGPROBS_TRANSPORTED:
+                raise ValueError("echo with logprobs (prompt logprobs) is not supported by this server yet")
+            if self.stream:
+                raise ValueError("echo with logprobs (prompt logprobs) is not supported with stream")
+
+    def requested_prompt_logprobs(self) -> int | None:
+        return self.logprobs if self.echo else None
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
