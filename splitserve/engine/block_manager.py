@@ -68,8 +68,8 @@ class BlockManager:
 
         At least one token is always left to compute: the step needs its logits.
         """
-        if not self.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
-            return [], 0  # prompt logprobs need every prompt position computed
+        if not self.enable_prefix_caching:
+            return [], 0
         hashes = block_hashes_for(request.token_ids, self.block_size, request.block_hashes)
         max_blocks = (request.num_tokens - 1) // self.block_size
         blocks: list[int] = []
