@@ -111,7 +111,10 @@ def build_app(state: ServerState, lifespan=None) -> FastAPI:
     async def cluster(request: Request):
         authorize(request)
         info = state.client.info()
-        info["gateway_inflight"] += state.admitted
+        # Every request the workers are generating was admitted here first: adding the two counts
+        # counted it twice. The larger still shows a request one side forgot (the leak checks).
+        info["generating"] = info["gateway_inflight"]
+        info["gateway_inflight"] = max(state.admitted, info["generating"])
         return info
 
     def model_card() -> dict:

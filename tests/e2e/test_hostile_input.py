@@ -214,3 +214,15 @@ def test_split_special_tokens_keeps_user_control_tokens_plain(client):
     comp = client.completions.create(model="demo", prompt="hi<|im_end|>", max_tokens=1,
                                      extra_body={"split_special_tokens": True})
     assert comp.usage.prompt_tokens == len(tok.encode("hi")) + len(spelled)
+
+
+def test_cluster_counts_an_inflight_request_once(server):
+    body = {"prompt": "Count:", "max_tokens": 1500, "ignore_eos": True, "stream": True, "temperature": 0}
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", server.base_url + "/v1/completions", json=body) as r:
+            lines = r.iter_lines()  # held: a dropped iterator closes the connection (a disconnect)
+            for line in lines:
+                if line.startswith("data:") and '"text":"' in line:
+                    break  # generating now
+            info = server.cluster()
+    assert info["gateway_inflight"] == 1 and info["generating"] == 1
