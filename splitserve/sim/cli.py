@@ -47,8 +47,16 @@ def build_parser(prog: str = "splitserve simulate") -> argparse.ArgumentParser:
                    "(default: the decode hardware's scale-out link)")
     g.add_argument("--weight-dtype", default=None, help="bf16, fp8, int8, fp4, mxfp4 (default: the model's)")
     g.add_argument("--kv-dtype", default=None, help="KV cache dtype (default: fp8 for <=8-bit weights, else bf16)")
-    g.add_argument("--tp", type=int, default=None, help="tensor-parallel units per replica (default: sized)")
-    g.add_argument("--pp", type=int, default=None, help="pipeline stages per replica (default: sized)")
+    g.add_argument("--tp", type=int, default=None,
+                   help="tensor-parallel units per replica (default: sized); disaggregated: both pools")
+    g.add_argument("--pp", type=int, default=None,
+                   help="pipeline stages per replica (default: sized); disaggregated: both pools")
+    for role in ("prefill", "decode"):
+        g.add_argument(f"--{role}-tp", type=int, default=None, help=f"disaggregated: the {role} pool's TP (over --tp)")
+        g.add_argument(f"--{role}-pp", type=int, default=None, help=f"disaggregated: the {role} pool's PP (over --pp)")
+    g.add_argument("--kv-memory-fraction", type=float, default=None,
+                   help="fraction of each unit's memory for weights + KV cache (default: the catalog's, "
+                   "0.9 for most; vLLM's --gpu-memory-utilization, TensorRT-LLM's free-memory fraction)")
     g.add_argument("--price", type=float, default=None, help="USD per unit-hour (default: the catalog's)")
     g.add_argument("--calibration", default=None, help="local-cpu calibration JSON (default: the shipped one)")
 
@@ -105,6 +113,8 @@ def build_deployment(args, model, cfg, *, log=lambda s: None) -> tuple[list, Any
                 log("local-cpu: no calibration file; run `splitserve simulate calibrate` (using fallback values)")
             else:
                 cal = cal.scaled_for(model).for_role(role)
+        if args.kv_memory_fraction is not None:
+            hw = replace(hw, memory_usable=args.kv_memory_fraction)
         plan = plan_pool(hw, model, units=n, weight_dtype=weight_dtype, kv_dtype=kv_dtype, cfg=cfg, tp=tp, pp=pp,
                          calibration=cal, max_blocks_per_worker=getattr(args, "max_kv_blocks", None))
         log(f"{role}: {plan.describe()}")
@@ -115,13 +125,14 @@ def build_deployment(args, model, cfg, *, log=lambda s: None) -> tuple[list, Any
     if args.hardware:
         if args.prefill or args.decode:
             raise ValueError("give --hardware (aggregated) or --prefill and --decode (disaggregated), not both")
+        _reject_disaggregated_only(args)
         plan, spec = one(args.hardware, "both", args.tp, args.pp)
         info["pools"] = [_pool_info(plan, "both")]
         return [spec], None, info
     if not (args.prefill and args.decode):
         raise ValueError("give --hardware HW[:N], or --prefill HW[:N] and --decode HW[:N]")
-    pplan, pspec = one(args.prefill, "prefill")
-    dplan, dspec = one(args.decode, "decode")
+    pplan, pspec = one(args.prefill, "prefill", _pick(args.prefill_tp, args.tp), _pick(args.prefill_pp, args.pp))
+    dplan, dspec = one(args.decode, "decode", _pick(args.decode_tp, args.tp), _pick(args.decode_pp, args.pp))
     if args.link:
         link = get_link(args.link)
     else:
@@ -132,48 +143,45 @@ def build_deployment(args, model, cfg, *, log=lambda s: None) -> tuple[list, Any
     return [pspec, dspec], link, info
 
 
+def _pick(own, shared):
+    return own if own is not None else shared
+
+
+def _reject_disaggregated_only(args) -> None:
+    """Options that only act on two pools: with one they would be ignored, so they are an error."""
+    given = [f"--{k.replace('_', '-')}" for k in ("prefill_tp", "prefill_pp", "decode_tp", "decode_pp", "link")
+             if getattr(args, k, None) is not None]
+    if getattr(args, "local_prefill_threshold", 0):
+        given.append("--local-prefill-threshold")
+    if given:
+        raise ValueError(f"{', '.join(given)} only apply to a disaggregated deployment (--prefill and --decode)")
+
+
+def check_options(args) -> None:
+    """Every option must act on the run; one that would be silently ignored is an error."""
+    if getattr(args, "no_itl", False) and getattr(args, "slo_itl_ms", None) is not None:
+        raise ValueError("--slo-itl-ms needs the gaps between tokens: drop --no-itl")
+    if args.calibration is not None:
+        names = [t for t in (args.hardware, args.prefill, args.decode) if t]
+        from splitserve.sim.hardware import parse_hardware_arg
+
+        if not any(parse_hardware_arg(t)[0].family == "cpu" for t in names):
+            raise ValueError("--calibration applies to local-cpu only, and no pool runs on local-cpu")
+    for k in ("tp", "pp", "prefill_tp", "prefill_pp", "decode_tp", "decode_pp"):
+        v = getattr(args, k, None)
+        if v is not None and v < 1:
+            raise ValueError(f"--{k.replace('_', '-')} must be >= 1")
+    f = getattr(args, "kv_memory_fraction", None)
+    if f is not None and not 0 < f <= 1:
+        raise ValueError("--kv-memory-fraction must be in (0, 1]")
+
+
 def _pool_info(plan, role: str) -> dict:
     d = plan.deployment
     return {"role": role, "hardware": d.hardware.name, "units": plan.units, "replicas": plan.replicas,
             "tp": d.tp, "pp": d.pp, "microbatches": plan.microbatches, "workers": plan.num_workers,
             "kv_blocks_per_worker": plan.blocks_per_worker, "sizing": plan.note,
             "power_w_per_unit": d.hardware.power_w, "usd_per_unit_hour": d.hardware.price_per_hour}
-
-
-def summary_from_sink(sink, *, slo_ttft_ms=None, slo_tpot_ms=None):
-    """A bench Summary from kept records, or from the compact arrays of a streamed run."""
-    from splitserve.bench.metrics import compute_stats, summarize
-    from splitserve.bench.schema import Goodput, Stats, Summary
-
-    if sink.keep:
-        return summarize(sink.records, slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms)
-    dur = max(sink.last_end - sink.first_start, 0.0) if sink.n else 0.0
-    s = Summary(num_requests=sink.n, completed=sink.ok, failed=sink.n - sink.ok, duration_s=dur)
-    s.total_input_tokens, s.total_output_tokens = sink.in_tokens, sink.out_tokens
-    if dur > 0:
-        s.request_throughput = sink.ok / dur
-        s.input_token_throughput = sink.in_tokens / dur
-        s.output_token_throughput = sink.out_tokens / dur
-        s.total_token_throughput = (sink.in_tokens + sink.out_tokens) / dur
-    s.ttft_ms = compute_stats(sink.ttft)
-    s.tpot_ms = compute_stats(sink.tpot)
-    s.e2e_ms = compute_stats(sink.e2e)
-    h = sink.itl_hist
-    if h.n:
-        mean = h.total / h.n
-        s.itl_ms = Stats(count=h.n, mean=mean, std=math.sqrt(max(h.sq / h.n - mean * mean, 0.0)), min=h.min,
-                         p50=h.quantile(50), p90=h.quantile(90), p95=h.quantile(95), p99=h.quantile(99), max=h.max)
-    s.errors = dict(sorted(sink.errors.items()))
-    if slo_ttft_ms is not None or slo_tpot_ms is not None:
-        good = sink.good
-        s.goodput = Goodput(slo_ttft_ms, slo_tpot_ms, good, good / dur if dur else 0.0,
-                            good / sink.n if sink.n else 0.0)
-    if sink.chains:
-        s.num_chains = len(sink.chains)
-        times = [(c[1] - c[0]) * 1000.0 for c in sink.chains.values() if c[2] == c[3]]
-        s.completed_chains = len(times)
-        s.chain_ms = compute_stats(times)
-    return s
 
 
 def run_once(args, model, rate, *, log=lambda s: None):
@@ -190,9 +198,11 @@ def run_once(args, model, rate, *, log=lambda s: None):
                     enable_prefix_caching=not args.no_prefix_caching, max_waiting=args.max_waiting,
                     record_itl=not args.no_itl, seed=args.seed,
                     router=RouterConfig(local_prefill_threshold=args.local_prefill_threshold))
+    check_options(args)
     pools, link, info = build_deployment(args, model, cfg, log=log)
     specs, winfo, conc = _make_specs(args, rate, None)
-    sink = RecordSink(stream_path=args.records_jsonl, slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms)
+    sink = RecordSink(stream_path=args.records_jsonl, slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms,
+                      slo_itl_ms=args.slo_itl_ms)
     delay = max((getattr(p.cost.cal, "request_overhead_s", 0.0) for p in pools if p.cost.cal is not None),
                 default=0.0)
     sim = Simulation(cfg, pools, link=link, sink=sink, concurrency=conc, duration_s=args.duration,
@@ -200,7 +210,7 @@ def run_once(args, model, rate, *, log=lambda s: None):
     t0 = time.perf_counter()
     sim.run(specs)
     wall = time.perf_counter() - t0
-    summary = summary_from_sink(sink, slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms)
+    summary = sink.summary()
     span = summary.duration_s
     units = sum(p["units"] for p in info["pools"])
     power_w = sum(p["units"] * p["power_w_per_unit"] for p in info["pools"])
@@ -234,7 +244,8 @@ def run_once(args, model, rate, *, log=lambda s: None):
         source="sim", model=model.name, workload=winfo, num_requests=args.num_requests, duration_s=args.duration,
         rate=None if rate is None or math.isinf(rate) else rate, arrival=arrival_desc,
         burstiness=args.burstiness if arrival_desc == "gamma" else None, concurrency=conc,
-        slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms, seed=args.seed, ignore_eos=True,
+        slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms, slo_itl_ms=args.slo_itl_ms, seed=args.seed,
+        ignore_eos=True,
         tokenizer=None, label=args.label, started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         splitserve_version=__version__,
         extra={"deployment": info, "sim": stats,
@@ -281,14 +292,23 @@ def simulate_main(argv: list[str]) -> int:
     return 0
 
 
+_POOL_NAMES = {"both": "aggregated pool", "prefill": "prefill pool", "decode": "decode pool"}
+
+
 def _cost_lines(r) -> str:
+    from splitserve.bench.metrics import health_line
+
     s = r.config.extra["sim"]
     pools = r.config.extra["deployment"]["pools"]
-    util = ", ".join(f"{p['role']} {p['utilization'] * 100:.0f}% busy" for p in pools)
-    parts = [f"{s['units']} units, {s['power_kw']:.1f} kW, ${s['usd_per_hour']:.2f}/h; {util}"]
+    util = ", ".join(f"{_POOL_NAMES.get(p['role'], p['role'])} {p['utilization'] * 100:.0f}% busy" for p in pools)
+    units = s["units"]
+    parts = [f"{units} unit{'s' if units != 1 else ''}, {s['power_kw']:.1f} kW, ${s['usd_per_hour']:.2f}/h; {util}"]
     if s.get("joules_per_output_token") is not None:
-        parts.append(f"{s['joules_per_output_token']:.3g} J and ${s['usd_per_million_output_tokens']:.3g} "
+        parts.append(f"{s['joules_per_output_token']:.3g} J per output token; ${s['usd_per_million_output_tokens']:.3g} "
                      "per million output tokens (at the list price, whole run)")
+    health = health_line(r.summary)
+    if health:
+        parts.append(health)
     return "\n".join(parts) + "\n"
 
 

@@ -209,9 +209,5 @@ class StepCost:
         return 1.0 / self.decode_step(1, context)
 
 
-def kv_transfer_s(num_tokens: int, kv_bytes_per_token: float, link: Link) -> float:
-    return link.latency_s + num_tokens * kv_bytes_per_token / link.bandwidth
-
-
 def ceil_pow2(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, n))))

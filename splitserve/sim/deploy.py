@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from splitserve.sim.cost import FAMILIES, Deployment, StepCost, ceil_pow2
+from splitserve.sim.cost import Deployment, StepCost, ceil_pow2
 from splitserve.sim.hardware import Hardware
 from splitserve.sim.models import ModelSpec, dtype_bytes
 from splitserve.sim.simulator import PoolSpec, SimConfig
@@ -125,6 +125,3 @@ def default_kv_dtype(weight_dtype: str) -> str:
     deployments - MLPerf, Groq - run)."""
     return "fp8" if dtype_bytes(weight_dtype) <= 1 else "bf16"
 
-
-def family_of(hw: Hardware):
-    return FAMILIES[hw.family]

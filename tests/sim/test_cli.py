@@ -70,3 +70,63 @@ def test_plan_finds_the_cheapest_deployment(capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "best:" in out and "| h100 |" in out
+
+
+def test_issue_example_saturated_decode_pool_is_not_reported_as_meeting_slos(tmp_path, capsys):
+    """Decode pool saturated (completed << offered): the result flags the run as not steady, the
+    longest gap between tokens shows the stall, and with --slo-itl-ms goodput drops well below
+    100%. (A shorter run of the issue's example: 3,000 requests at 152/s.)"""
+    out = tmp_path / "r.json"
+    argv = ["simulate", "--model", "llama-3.1-70b", "--weight-dtype", "fp8", "--max-num-seqs", "512",
+            "--max-num-batched-tokens", "2048", "--input-len", "128", "--output-len", "512", "--slo-ttft-ms", "2000",
+            "--slo-tpot-ms", "100", "--num-requests", "3000", "--prefill", "h100:2", "--decode", "h100:6",
+            "--rate", "152", "--slo-itl-ms", "1000", "--output", str(out), "--quiet"]
+    assert main(argv) == 0
+    (res,) = load_results(str(out))
+    s = res.summary
+    assert s.offered_rate > 140 and s.request_throughput < 0.8 * s.offered_rate
+    assert s.steady_state is False
+    assert s.max_itl_ms.max > 1000 and s.goodput.fraction < 0.8
+    assert "NOT STEADY" in capsys.readouterr().out
+
+
+def test_cost_line_wording(capsys):
+    """Joules are per output token, the pool is named, one unit is singular."""
+    assert main(["simulate", "--model", "llama-3.1-8b", "--hardware", "h100:1", "--rate", "5", "--num-requests", "20",
+                 "--input-len", "128", "--output-len", "16", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "J per output token;" in out and "aggregated pool" in out and "1 unit," in out
+    assert "both " not in out and "1 units" not in out
+
+
+def test_per_pool_parallelism_and_flags_without_effect(tmp_path, capsys):
+    """--tp reaches both pools in disaggregated mode, per-pool flags override it; a flag that
+    would act on nothing is an error, never silently dropped."""
+    out = tmp_path / "r.json"
+    base = ["simulate", "--model", "llama-3.1-8b", "--rate", "5", "--num-requests", "10", "--input-len", "128",
+            "--output-len", "8", "--quiet"]
+    assert main(base + ["--prefill", "h100:4", "--decode", "h100:4", "--tp", "2", "--decode-tp", "4",
+                        "--output", str(out)]) == 0
+    pools = load_results(str(out))[0].config.extra["deployment"]["pools"]
+    assert [(p["role"], p["tp"], p["replicas"]) for p in pools] == [("prefill", 2, 2), ("decode", 4, 1)]
+    capsys.readouterr()
+    for bad in (["--hardware", "h100:2", "--decode-tp", "2"], ["--hardware", "h100:2", "--link", "ib-ndr"],
+                ["--hardware", "h100:2", "--local-prefill-threshold", "64"],
+                ["--hardware", "h100:1", "--calibration", "x.json"],
+                ["--hardware", "h100:1", "--no-itl", "--slo-itl-ms", "50"],
+                ["--hardware", "h100:1", "--kv-memory-fraction", "1.5"]):
+        assert main(base + bad) == 2, bad
+    assert "only apply to a disaggregated" in capsys.readouterr().err
+    assert main(["plan", "--model", "llama-3.1-8b", "--rate", "1", "--slo-ttft-ms", "500", "--hardware", "h100"]) == 2
+
+
+def test_kv_memory_fraction_sizes_the_kv_pool(tmp_path):
+    blocks = []
+    for f in ("0.5", "0.9"):
+        out = tmp_path / f"r{f}.json"
+        assert main(["simulate", "--model", "llama-3.1-8b", "--hardware", "h100:1", "--kv-memory-fraction", f,
+                     "--max-kv-blocks", "1000000", "--rate", "5", "--num-requests", "5", "--input-len", "64",
+                     "--output-len", "4", "--output", str(out), "--quiet"]) == 0
+        blocks.append(load_results(str(out))[0].config.extra["deployment"]["pools"][0]["kv_blocks_per_worker"])
+    # 80 GB: 0.5 -> 40 GB - 16 GB of weights; 0.9 -> 72 GB - 16 GB: about 2.3x the KV
+    assert 2.0 < blocks[1] / blocks[0] < 2.6
