@@ -125,7 +125,8 @@ class SummaryBuilder:
         self.starts = array("d")  # of completed requests, beside e2e: the steady-state check
         self.all_starts = array("d")
         self.max_gap = array("d")  # per request: its longest gap between two tokens
-        self.itl: Any = array("d") if exact_itl else LogHistogram()
+        # exact: each record's own list, kept by reference (pooled only when summarised)
+        self.itl: Any = [] if exact_itl else LogHistogram()
         self.errors: Counter = Counter()
         self.chains: dict[int, list] = {}  # chain_id -> [start, end, steps ok, num_steps]
 
@@ -153,7 +154,10 @@ class SummaryBuilder:
                 self.starts.append(r.start_s)
             if r.itl_ms:
                 self.max_gap.append(max(r.itl_ms))
-                self.itl.extend(r.itl_ms)
+                if type(self.itl) is list:
+                    self.itl.append(r.itl_ms)
+                else:
+                    self.itl.extend(r.itl_ms)
             if self.any_slo and meets_slo(r, *self.slo):
                 self.good += 1
         else:
@@ -178,7 +182,7 @@ class SummaryBuilder:
         s.tpot_ms = compute_stats(self.tpot)
         s.e2e_ms = compute_stats(self.e2e)
         s.max_itl_ms = compute_stats(self.max_gap)
-        s.itl_ms = compute_stats(self.itl) if isinstance(self.itl, array) else self.itl.stats()
+        s.itl_ms = compute_stats(x for gaps in self.itl for x in gaps) if type(self.itl) is list else self.itl.stats()
         if self.any_slo:
             slo_ttft, slo_tpot, slo_itl = self.slo
             s.goodput = Goodput(slo_ttft, slo_tpot, self.good, self.good / dur if dur > 0 else 0.0,

@@ -54,6 +54,21 @@ def build_parser(prog: str = "splitserve simulate") -> argparse.ArgumentParser:
     for role in ("prefill", "decode"):
         g.add_argument(f"--{role}-tp", type=int, default=None, help=f"disaggregated: the {role} pool's TP (over --tp)")
         g.add_argument(f"--{role}-pp", type=int, default=None, help=f"disaggregated: the {role} pool's PP (over --pp)")
+    g.add_argument("--stack", default=None,
+                   help="serving software whose calibrated terms apply (`splitserve hardware` lists each "
+                   "family's; default: the family's calibrated stack), e.g. trtllm, vllm, sglang")
+    g.add_argument("--ep", type=int, default=None,
+                   help="expert parallel degree (mixture-of-experts; = TP: experts split over the replica's units, "
+                   "tokens sent to them all-to-all on the scale-up link)")
+    g.add_argument("--attention-dp", action="store_true",
+                   help="attention data parallel: each TP rank attends its own sequences with whole KV heads "
+                   "(no KV copies when KV heads < TP, e.g. MLA)")
+    g.add_argument("--spec-draft", default=None, metavar="MODEL|ngram",
+                   help="speculative decoding on decode (and aggregated) pools: a draft model from the catalog, "
+                   "or ngram (self-drafting: no accelerator time)")
+    g.add_argument("--spec-tokens", type=int, default=None, help="draft tokens per step (default 4)")
+    g.add_argument("--spec-acceptance", type=float, default=None,
+                   help="probability that each drafted token is accepted (required with --spec-draft)")
     g.add_argument("--kv-memory-fraction", type=float, default=None,
                    help="fraction of each unit's memory for weights + KV cache (default: the catalog's, "
                    "0.9 for most; vLLM's --gpu-memory-utilization, TensorRT-LLM's free-memory fraction)")
@@ -97,10 +112,16 @@ def build_deployment(args, model, cfg, *, log=lambda s: None) -> tuple[list, Any
     from splitserve.sim.deploy import default_kv_dtype, plan_pool, pool_spec
     from dataclasses import replace
 
+    from splitserve.sim.families import DEFAULT_STACK
     from splitserve.sim.hardware import LINKS, get_link, parse_hardware_arg
+    from splitserve.sim.models import get_model
 
     weight_dtype = args.weight_dtype or model.default_dtype
     kv_dtype = args.kv_dtype or default_kv_dtype(weight_dtype)
+    speculative = None
+    if args.spec_draft:
+        draft = None if args.spec_draft.lower() == "ngram" else get_model(args.spec_draft)
+        speculative = (args.spec_tokens or 4, args.spec_acceptance, draft)
 
     def one(text: str, role: str, tp=None, pp=None):
         hw, n = parse_hardware_arg(text)
@@ -115,11 +136,19 @@ def build_deployment(args, model, cfg, *, log=lambda s: None) -> tuple[list, Any
                 cal = cal.scaled_for(model).for_role(role)
         if args.kv_memory_fraction is not None:
             hw = replace(hw, memory_usable=args.kv_memory_fraction)
+        ep = args.ep
+        if ep is not None and tp is None:  # EP spans the TP group: size the replica by it
+            tp = ep
         plan = plan_pool(hw, model, units=n, weight_dtype=weight_dtype, kv_dtype=kv_dtype, cfg=cfg, tp=tp, pp=pp,
-                         calibration=cal, max_blocks_per_worker=getattr(args, "max_kv_blocks", None))
+                         calibration=cal, max_blocks_per_worker=getattr(args, "max_kv_blocks", None),
+                         stack=args.stack, ep=ep, attn_dp=args.attention_dp)
+        fam = plan.deployment.family
         log(f"{role}: {plan.describe()}")
         log(f"  sizing: {plan.note}")
-        return plan, pool_spec(plan, role)
+        if cal is None:
+            log(f"  cost model: {plan.deployment.hardware.family}/{args.stack or DEFAULT_STACK[hw.family]}"
+                + ("" if fam.calibrated else " (UNCALIBRATED: borrowed terms)") + f"; {fam.source}")
+        return plan, pool_spec(plan, role, speculative)
 
     info: dict[str, Any] = {"weight_dtype": weight_dtype, "kv_dtype": kv_dtype}
     if args.hardware:
@@ -171,15 +200,24 @@ def check_options(args) -> None:
         v = getattr(args, k, None)
         if v is not None and v < 1:
             raise ValueError(f"--{k.replace('_', '-')} must be >= 1")
+    if getattr(args, "spec_draft", None) is None:
+        if args.spec_tokens is not None or args.spec_acceptance is not None:
+            raise ValueError("--spec-tokens and --spec-acceptance need --spec-draft")
+    elif args.spec_acceptance is None:
+        raise ValueError("--spec-draft needs --spec-acceptance (the share of drafted tokens accepted)")
     f = getattr(args, "kv_memory_fraction", None)
     if f is not None and not 0 < f <= 1:
         raise ValueError("--kv-memory-fraction must be in (0, 1]")
 
 
 def _pool_info(plan, role: str) -> dict:
+    from splitserve.sim.families import DEFAULT_STACK
+
     d = plan.deployment
     return {"role": role, "hardware": d.hardware.name, "units": plan.units, "replicas": plan.replicas,
-            "tp": d.tp, "pp": d.pp, "microbatches": plan.microbatches, "workers": plan.num_workers,
+            "tp": d.tp, "pp": d.pp, "ep": d.ep, "attention_dp": d.attn_dp, "family": d.hardware.family,
+            "stack": d.stack or DEFAULT_STACK[d.hardware.family], "calibrated": d.family.calibrated if d.calibration is None else True,
+            "microbatches": plan.microbatches, "workers": plan.num_workers,
             "kv_blocks_per_worker": plan.blocks_per_worker, "sizing": plan.note,
             "power_w_per_unit": d.hardware.power_w, "usd_per_unit_hour": d.hardware.price_per_hour}
 
@@ -362,11 +400,11 @@ def calibrate_main(argv: list[str]) -> int:
 
 # ---- catalogs ------------------------------------------------------------------------------------
 def hardware_main(argv: list[str]) -> int:
-    from splitserve.sim.cost import FAMILIES
+    from splitserve.sim.families import DEFAULT_STACK, FAMILIES, stacks_of
     from splitserve.sim.hardware import HARDWARE, LINKS
 
     p = argparse.ArgumentParser(prog="splitserve hardware", description="The simulator's hardware catalog.")
-    p.add_argument("name", nargs="?", help="show one entry with its sources")
+    p.add_argument("name", nargs="?", help="show one entry with its sources and its family's calibration")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     if args.json:
@@ -383,18 +421,26 @@ def hardware_main(argv: list[str]) -> int:
             h = get_hardware(args.name)
         except ValueError as exc:
             return _die(str(exc), "splitserve hardware")
-        f = FAMILIES[h.family]
         print(f"{h.name}: {h.title} (family {h.family})")
         print(f"  memory {h.memory_bytes / 1e9:g} GB at {h.mem_bandwidth / 1e12:g} TB/s; peak "
               + ", ".join(f"{k} {v / 1e12:,.0f} TFLOPS" for k, v in h.flops.items()))
         print(f"  {h.power_w:,.0f} W, ${h.price_per_hour:g}/unit-hour (parameter); scale-up {h.scale_up} "
               f"({h.scale_up_size} units), scale-out {h.scale_out}")
-        print(f"  cost model: eff_compute {f.eff_compute}, eff_mem {f.eff_mem}, layer floor "
-              f"{f.layer_floor_s * 1e6:g} us, step floor {f.step_floor_s * 1e6:g} us ({f.source})")
         if h.notes:
             print(f"  {h.notes}")
         for s in h.sources:
             print(f"  source: {s}")
+        for stack in stacks_of(h.family):
+            f = FAMILIES[f"{h.family}/{stack}"]
+            default = " (default)" if stack == DEFAULT_STACK[h.family] else ""
+            print(f"  --stack {stack}{default}: {'calibrated' if f.calibrated else 'UNCALIBRATED'}; "
+                  f"eff_compute {f.eff_compute:.3g}" + (f" (FP4 {f.eff_compute_fp4:.3g})" if f.eff_compute_fp4 else "")
+                  + f", eff_mem {f.eff_mem:.3g}, GEMM half-efficiency at {f.gemm_half_tokens:g} tokens, "
+                  f"overlap p={f.overlap:g}, layer floor {f.layer_floor_s * 1e6:.3g} us, step floor "
+                  f"{f.step_floor_s * 1e6:.3g} us")
+            print(f"    fitted to: {f.source}")
+            if f.expected_error:
+                print(f"    expected error: {f.expected_error}")
         return 0
     print("| id | hardware | family | memory GB | TB/s | BF16 TFLOPS | FP8 TFLOPS | W | $/h | scale-up |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---|")
@@ -403,11 +449,16 @@ def hardware_main(argv: list[str]) -> int:
         print(f"| {h.name} | {h.title} | {h.family} | {mem} | {h.mem_bandwidth / 1e12:g} | "
               f"{h.flops.get('bf16', 0) / 1e12:,.0f} | {h.flops.get('fp8', 0) / 1e12:,.0f} | {h.power_w:,.0f} | "
               f"{h.price_per_hour:g} | {h.scale_up} |")
+    print("\n| family/stack | calibrated | expected error on unfitted published checks | fitted to |")
+    print("|---|---|---|---|")
+    for k, f in FAMILIES.items():
+        print(f"| {k} | {'yes' if f.calibrated else 'NO'} | {f.expected_error or '-'} | {f.source} |")
     print("\n| link | GB/s per unit, one way | latency us |")
     print("|---|---:|---:|")
     for k in LINKS.values():
         print(f"| {k.name} | {k.bandwidth / 1e9:g} | {k.latency_s * 1e6:g} |")
-    print("\n`splitserve hardware ID` shows an entry's sources. Prices are parameters (--price).")
+    print("\n`splitserve hardware ID` shows an entry's sources and its family's stacks (--stack). "
+          "Prices are parameters (--price).")
     return 0
 
 

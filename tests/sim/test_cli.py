@@ -130,3 +130,41 @@ def test_kv_memory_fraction_sizes_the_kv_pool(tmp_path):
         blocks.append(load_results(str(out))[0].config.extra["deployment"]["pools"][0]["kv_blocks_per_worker"])
     # 80 GB: 0.5 -> 40 GB - 16 GB of weights; 0.9 -> 72 GB - 16 GB: about 2.3x the KV
     assert 2.0 < blocks[1] / blocks[0] < 2.6
+
+
+def test_hardware_shows_each_familys_calibration_and_stacks(capsys):
+    assert main(["hardware", "h100"]) == 0
+    out = capsys.readouterr().out
+    assert "--stack trtllm (default): calibrated" in out and "--stack vllm: UNCALIBRATED" in out
+    assert "fitted to: TensorRT-LLM v1.0 perf-overview" in out and "expected error:" in out
+    assert main(["hardware"]) == 0
+    out = capsys.readouterr().out
+    for key in ("hopper/trtllm", "blackwell/trtllm", "mi300/vllm", "trainium/neuron", "tpu/jetstream",
+                "wafer/cerebras", "lpu/groq", "rdu/samba"):
+        assert f"| {key} |" in out
+    for chip in ("a100", "gb200", "mi325x", "sn40l", "h200-nvl"):
+        assert f"| {chip} |" in out
+
+
+def test_stack_speculative_decoding_and_expert_parallel_options(tmp_path, capsys):
+    base = ["simulate", "--rate", "2", "--num-requests", "20", "--input-len", "256", "--output-len", "64", "--quiet"]
+    tpot = {}
+    for name, extra in (("plain", []), ("spec", ["--spec-draft", "llama-3.2-1b", "--spec-acceptance", "0.8"]),
+                        ("ngram", ["--spec-draft", "ngram", "--spec-tokens", "3", "--spec-acceptance", "0.5"])):
+        out = tmp_path / f"{name}.json"
+        assert main(base + ["--model", "llama-3.1-70b", "--hardware", "h100:4", "--output", str(out)] + extra) == 0
+        tpot[name] = load_results(str(out))[0].summary.tpot_ms.mean
+    assert tpot["spec"] < 0.7 * tpot["plain"] and tpot["ngram"] < tpot["plain"]
+    out = tmp_path / "ep.json"
+    assert main(base + ["--model", "qwen3-235b-a22b", "--weight-dtype", "fp8", "--hardware", "h200:8", "--ep", "8",
+                        "--attention-dp", "--stack", "trtllm", "--output", str(out)]) == 0
+    pool = load_results(str(out))[0].config.extra["deployment"]["pools"][0]
+    assert (pool["tp"], pool["ep"], pool["attention_dp"], pool["stack"]) == (8, 8, True, "trtllm")
+    capsys.readouterr()
+    for bad in (["--model", "llama-3.1-8b", "--hardware", "h100:1", "--spec-acceptance", "0.5"],
+                ["--model", "llama-3.1-8b", "--hardware", "h100:1", "--spec-draft", "ngram"],
+                ["--model", "llama-3.1-70b", "--hardware", "h100:8", "--ep", "8"],
+                ["--model", "llama-3.1-8b", "--hardware", "h100:1", "--stack", "nope"]):
+        assert main(base + bad) == 2, bad
+    err = capsys.readouterr().err
+    assert "needs --spec-acceptance" in err and "mixture-of-experts" in err and "known: trtllm, vllm" in err

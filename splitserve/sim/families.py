@@ -1,0 +1,116 @@
+"""Step-cost terms per hardware family and software stack, each fitted to published measurements
+of that family and stack (splitserve/sim/published.py lists every point, fitted and checked;
+`python -m splitserve.sim.published` re-derives the fits and prints the error table).
+
+A family shares silicon generation and memory system (Hopper: H100, H200, H200 NVL); a stack is
+the serving software whose kernels and scheduling the terms absorb (TensorRT-LLM, vLLM, Neuron,
+JetStream). A family with no published measurement found for a stack borrows another's terms
+and says so (`calibrated=False`): `splitserve hardware` prints which.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FamilyParams:
+    eff_compute: float  # fraction of peak FLOP/s reached by large matmuls
+    eff_mem: float  # fraction of peak bandwidth reached streaming weights and KV
+    layer_floor_s: float  # latency floor per layer per step
+    step_floor_s: float  # per-step overhead: scheduling, sampling, host round trip
+    source: str
+    # A matmul with few rows (tokens in the step) runs below eff_compute: at T tokens it reaches
+    # eff_compute * T / (T + gemm_half_tokens), i.e. it costs gemm_half_tokens extra tokens' worth.
+    gemm_half_tokens: float = 0.0
+    # Compute and memory time overlap imperfectly: a step takes (c^p + m^p)^(1/p); 0 = max(c, m).
+    overlap: float = 0.0
+    eff_compute_fp4: float | None = None  # FP4 matmuls, where they differ from eff_compute
+    calibrated: bool = True  # False: terms borrowed from another family or stack (see source)
+    expected_error: str = ""  # on the unfitted checks (published.py's table)
+
+
+# Shape terms shared by the HBM accelerators, fitted with the Hopper TensorRT-LLM terms (rows from
+# 128/128 to 2048/128): a small matmul ramp (13 tokens) and a nearly sharp overlap (p = 16, the
+# fit's bound: these rows want max(compute, memory), with compute at 44% of the FP8 peak).
+_HALF, _P = 13.3, 16.0
+
+FAMILIES: dict[str, FamilyParams] = {
+    "hopper/trtllm": FamilyParams(
+        0.442, 0.711, 4e-6, 226e-6,
+        "TensorRT-LLM v1.0 perf-overview (trtllm-bench, PyTorch backend, 2025): Llama-3.1-8B FP8 on one "
+        "H100 at ISL/OSL 128/128, 2048/128, 128/2048; Llama-3.3-70B FP8 on one H200 at 1000/1000",
+        gemm_half_tokens=_HALF, overlap=_P, expected_error=""),
+    "hopper/vllm": FamilyParams(
+        0.442, 0.711, 4e-6, 226e-6,
+        "no vLLM-on-Hopper measurement with a fixed workload found: TensorRT-LLM terms (uncalibrated)",
+        gemm_half_tokens=_HALF, overlap=_P, calibrated=False),
+    "blackwell/trtllm": FamilyParams(
+        0.442, 0.397, 4e-6, 226e-6,
+        "TensorRT-LLM v1.0 perf-overview (2025): Llama-3.3-70B FP4 on one B200 at 128/2048 and 2048/128 "
+        "(FP4 fitted; FP8/BF16 on Blackwell: no measurement found, Hopper's efficiency used)",
+        gemm_half_tokens=_HALF, overlap=_P, eff_compute_fp4=0.375),
+    "ampere/trtllm": FamilyParams(
+        0.668, 1.0, 4e-6, 226e-6,
+        "TensorRT-LLM v0.6.1 performance.md (late 2023): Llama-2-7B FP16 on one A100 (static batch), "
+        "128/128 at batch 384 and first-token latency at 2048",
+        gemm_half_tokens=_HALF, overlap=_P),
+    "mi300/vllm": FamilyParams(
+        0.184, 0.365, 4e-6, 226e-6,
+        "Oracle OCI blog, 10 Oct 2024: Llama-3.1-405B FP8 on 8 x MI300X with vLLM (benchmark_latency 128/128 "
+        "at batch 1; benchmark_throughput 128/128)",
+        gemm_half_tokens=_HALF, overlap=_P),
+    "mi300/sglang": FamilyParams(
+        0.184, 0.365, 4e-6, 226e-6,
+        "no SGLang-on-MI300 measurement with a fixed workload found: vLLM terms (uncalibrated)",
+        gemm_half_tokens=_HALF, overlap=_P, calibrated=False),
+    "mi355/vllm": FamilyParams(
+        0.184, 0.365, 4e-6, 226e-6,
+        "no MI355X measurement used: MI300 vLLM terms (uncalibrated)",
+        gemm_half_tokens=_HALF, overlap=_P, calibrated=False),
+    "trainium/neuron": FamilyParams(
+        0.442, 0.169, 4e-6, 400e-6,
+        "AWS Neuron SDK tutorial 'Speculative decoding ... Llama-3.3-70B on Trn2' (NxD Inference + vLLM): "
+        "batch 1, 10,000 in / 1,500 out, TP64 (16 chips), ITL p50 19.8 ms",
+        gemm_half_tokens=_HALF, overlap=_P),
+    "tpu/jetstream": FamilyParams(
+        0.442, 0.589, 4e-6, 400e-6,
+        "JetStream MaxText benchmark table (2024-04-24): Llama-3-8B bf16 on TPU v5e-8, batch 128, "
+        "1024 in / 1024 out, 8,249 tok/s",
+        gemm_half_tokens=_HALF, overlap=_P),
+    "rdu/samba": FamilyParams(
+        0.442, 0.711, 4e-6, 400e-6,
+        "no SN40L measurement found: Hopper TensorRT-LLM terms (uncalibrated)",
+        gemm_half_tokens=_HALF, overlap=_P, calibrated=False),
+    # Cerebras CS-3: Llama-3.1-8B at 16-bit, 1,800 output tok/s single stream (Cerebras Inference
+    # launch, Aug 2024) -> the per-layer traversal of the wafer. The efficiencies are assumptions
+    # (they only matter at batch sizes where the floor stops dominating).
+    "wafer/cerebras": FamilyParams(
+        0.30, 0.50, 16.7e-6, 20e-6, "Cerebras Inference launch, 27 Aug 2024: Llama-3.1-8B 16-bit, 1,800 tok/s "
+        "single stream (efficiencies assumed)"),
+    # Groq LPU: Llama-3.1-8B at 8-bit, 751 tok/s (Artificial Analysis, 2024) -> ~35 us per layer.
+    "lpu/groq": FamilyParams(
+        0.30, 0.50, 34.9e-6, 20e-6, "Artificial Analysis, 2024: Groq Llama-3.1-8B (8-bit), 751 tok/s single "
+        "stream (efficiencies assumed)"),
+    # local-cpu is not a roofline: see calibration.py. These values only serve models other than
+    # the calibrated one when no calibration file is found.
+    "cpu/splitserve": FamilyParams(
+        0.30, 0.50, 30e-6, 1e-3, "fallback; run `splitserve simulate calibrate`", calibrated=False),
+}
+
+DEFAULT_STACK = {"hopper": "trtllm", "blackwell": "trtllm", "ampere": "trtllm", "mi300": "vllm",
+                 "mi355": "vllm", "trainium": "neuron", "tpu": "jetstream", "rdu": "samba", "wafer": "cerebras",
+                 "lpu": "groq", "cpu": "splitserve"}
+
+
+def stacks_of(family: str) -> list[str]:
+    return [k.split("/", 1)[1] for k in FAMILIES if k.split("/", 1)[0] == family]
+
+
+def get_family(family: str, stack: str | None = None) -> FamilyParams:
+    """The terms for `family` running `stack` (default: the family's calibrated stack)."""
+    stack = stack or DEFAULT_STACK[family]
+    key = f"{family}/{stack}"
+    if key not in FAMILIES:
+        raise ValueError(f"no stack {stack!r} for {family} hardware; known: {', '.join(stacks_of(family))}")
+    return FAMILIES[key]
