@@ -19,7 +19,6 @@ requests take much longer than its earlier ones (see steady_state).
 from __future__ import annotations
 
 import math
-import bisect
 from array import array
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -199,32 +198,30 @@ class SummaryBuilder:
         return s
 
 
-# A run never reached a steady state when, once full, it completed under STEADY_MIN_COMPLETION of
-# what arrived (a pool falling ever further behind), or when its later requests took over
+# A run never reached a steady state when it completed requests at under STEADY_MIN_COMPLETION of
+# the rate they arrived (a pool falling ever further behind), or when its later requests took over
 # STEADY_GROWTH_LIMIT x longer than its earlier ones (a queue or a stall still growing at the end).
-STEADY_MIN_COMPLETION = 0.85
+STEADY_MIN_COMPLETION = 0.8
 STEADY_GROWTH_LIMIT = 1.5
 STEADY_MIN_REQUESTS = 40
 
 
 def steady_state(all_starts: Sequence[float], starts: Sequence[float], e2e_ms: Sequence[float]) -> bool | None:
     """`all_starts`: every request's send time; `starts`, `e2e_ms`: the completed ones'.
-    Completion: with d the median end-to-end time, the completions in [first send + d, last send]
-    against the arrivals d earlier, [first send, last send - d] (in a steady run each request
-    leaves about d after it came). Growth: the median end-to-end time of the last quarter of
-    requests (by send time) against the second quarter's (the first is warm-up). None with too few
-    requests to tell, or when every request was sent at once (no arrival process to keep up with)."""
+    Completion: the rate at which requests finished between the 10th and 90th percentile of their
+    end times, against the rate they were sent (first to last send): a deployment that keeps up
+    finishes them as fast as they come, however long each takes. Growth: the median end-to-end
+    time of the last quarter of requests (by send time) against the second quarter's (the first is
+    warm-up). None with too few completed requests to tell, or when every request was sent at once
+    (no arrival process to keep up with)."""
     n = len(e2e_ms)
     if n < STEADY_MIN_REQUESTS or max(all_starts) <= min(all_starts):
         return None
-    d = percentile(sorted(e2e_ms), 50) / 1000.0
-    t0, t2 = min(all_starts), max(all_starts)
-    if t2 - t0 > d:
-        sent = sorted(all_starts)
-        arrived = bisect.bisect_right(sent, t2 - d) - bisect.bisect_left(sent, t0)
-        done = sum(1 for a, e in zip(starts, e2e_ms) if t0 + d <= a + e / 1000.0 <= t2)
-        if arrived >= STEADY_MIN_REQUESTS and done < STEADY_MIN_COMPLETION * arrived:
-            return False
+    offered = (len(all_starts) - 1) / (max(all_starts) - min(all_starts))
+    ends = sorted(a + e / 1000.0 for a, e in zip(starts, e2e_ms))
+    lo, hi = int(0.1 * n), int(0.9 * n)
+    if ends[hi] > ends[lo] and (hi - lo) / (ends[hi] - ends[lo]) < STEADY_MIN_COMPLETION * offered:
+        return False
     order = sorted(range(n), key=starts.__getitem__)
     q = n // 4
     second = sorted(e2e_ms[i] for i in order[q:2 * q])

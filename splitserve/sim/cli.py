@@ -216,7 +216,8 @@ def _pool_info(plan, role: str) -> dict:
     d = plan.deployment
     return {"role": role, "hardware": d.hardware.name, "units": plan.units, "replicas": plan.replicas,
             "tp": d.tp, "pp": d.pp, "ep": d.ep, "attention_dp": d.attn_dp, "family": d.hardware.family,
-            "stack": d.stack or DEFAULT_STACK[d.hardware.family], "calibrated": d.family.calibrated if d.calibration is None else True,
+            "stack": d.stack or DEFAULT_STACK[d.hardware.family],
+            "calibrated": d.family.calibrated if d.calibration is None else True,
             "microbatches": plan.microbatches, "workers": plan.num_workers,
             "kv_blocks_per_worker": plan.blocks_per_worker, "sizing": plan.note,
             "power_w_per_unit": d.hardware.power_w, "usd_per_unit_hour": d.hardware.price_per_hour}
@@ -241,8 +242,7 @@ def run_once(args, model, rate, *, log=lambda s: None):
     specs, winfo, conc = _make_specs(args, rate, None)
     sink = RecordSink(stream_path=args.records_jsonl, slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms,
                       slo_itl_ms=args.slo_itl_ms)
-    delay = max((getattr(p.cost.cal, "request_overhead_s", 0.0) for p in pools if p.cost.cal is not None),
-                default=0.0)
+    delay = max(p.cost.request_overhead_s for p in pools)
     sim = Simulation(cfg, pools, link=link, sink=sink, concurrency=conc, duration_s=args.duration,
                      request_delay_s=delay)
     t0 = time.perf_counter()
@@ -342,8 +342,8 @@ def _cost_lines(r) -> str:
     units = s["units"]
     parts = [f"{units} unit{'s' if units != 1 else ''}, {s['power_kw']:.1f} kW, ${s['usd_per_hour']:.2f}/h; {util}"]
     if s.get("joules_per_output_token") is not None:
-        parts.append(f"{s['joules_per_output_token']:.3g} J per output token; ${s['usd_per_million_output_tokens']:.3g} "
-                     "per million output tokens (at the list price, whole run)")
+        parts.append(f"{s['joules_per_output_token']:.3g} J per output token; "
+                     f"${s['usd_per_million_output_tokens']:.3g} per million output tokens (at the list price, whole run)")
     health = health_line(r.summary)
     if health:
         parts.append(health)

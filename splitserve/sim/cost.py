@@ -7,8 +7,9 @@ scores `A` (query, key) pairs in attention and reads `K` tokens of KV cache. Per
 
 with eff(T) = eff_compute * T / (T + gemm_half_tokens) (a step of few tokens leaves the matrix
 units idle) and pnorm(c, m) = (c^p + m^p)^(1/p) (compute and memory traffic overlap imperfectly
-near the ridge point; p = 0 means max), summed over the layers (one tensor-parallel shard each), plus the LM head, plus tensor-parallel
-all-reduces (two per layer), pipeline hops between stages, and a per-step floor. Bytes are the
+near the ridge point; p = 0 means max), summed over the layers (one tensor-parallel shard each),
+plus the LM head, plus tensor-parallel collectives (all-reduces; all-to-all for expert parallel),
+pipeline hops between stages, and a per-step floor. Bytes are the
 weights read once per step (for MoE: the experts the batch actually touches), the KV read and
 written, and activations are neglected. `eff_*` and the floors are *family* parameters,
 calibrated once per hardware family and serving stack from published measurements
@@ -181,6 +182,8 @@ class StepCost:
         else:
             self.pp_lat = self.pp_tok = 0.0
         self.cal = d.calibration
+        # before a request's first step: API, tokenization, engine set-up (local-cpu: measured)
+        self.request_overhead_s = self.cal.request_overhead_s if self.cal is not None else fam.request_overhead_s
 
     def time(self, T: int, S: int, A: int, K: int, B: int, P: int = 0) -> float:
         """Seconds for a step computing T tokens of B sequences (P of them prefill chunks),
@@ -238,6 +241,7 @@ class SpeculativeStepCost:
         if self.k < 1 or not 0.0 <= self.alpha < 1.0:
             raise ValueError("speculative decoding needs --spec-tokens >= 1 and 0 <= --spec-acceptance < 1")
         self.cal = self.base.cal
+        self.request_overhead_s = self.base.request_overhead_s
         self.gain = (1.0 - self.alpha ** (self.k + 1)) / (1.0 - self.alpha)
 
     def time(self, T: int, S: int, A: int, K: int, B: int, P: int = 0) -> float:

@@ -89,10 +89,13 @@ POINTS: list[Point] = [
         (5000, 500): 898}, tp=2),
     *_trt("h100", 8, "llama-3.1-405b", "fp8", {(128, 2048): 4340, (1000, 1000): 2919, (2048, 128): 453}, tp=8),
     *_trt("h200", 8, "llama-3.1-405b", "fp8", {(1000, 1000): 3330, (2048, 2048): 2948}, tp=8),
-    Point("h100", 1, "llama-2-7b", "fp8", "ttft", 36, "trtllm-0.6", input_len=2048, note="v0.5 batch-1 first token"),
-    Point("h100", 4, "llama-2-70b", "fp8", "ttft", 109, "trtllm-0.6", input_len=2048, tp=4,
+    Point("h100", 1, "llama-2-7b", "fp8", "ttft", 7, "trtllm-0.6", input_len=128, stack="trtllm-0.5", use="fit",
           note="v0.5 batch-1 first token"),
-    Point("h100", 4, "llama-2-70b", "fp8", "ttft", 26, "trtllm-0.6", input_len=128, tp=4,
+    Point("h100", 1, "llama-2-7b", "fp8", "ttft", 36, "trtllm-0.6", input_len=2048, stack="trtllm-0.5",
+          note="v0.5 batch-1 first token"),
+    Point("h100", 4, "llama-2-70b", "fp8", "ttft", 109, "trtllm-0.6", input_len=2048, tp=4, stack="trtllm-0.5",
+          note="v0.5 batch-1 first token"),
+    Point("h100", 4, "llama-2-70b", "fp8", "ttft", 26, "trtllm-0.6", input_len=128, tp=4, stack="trtllm-0.5",
           note="v0.5 batch-1 first token"),
     Point("h200", 1, "llama-2-70b", "fp8", "offline", 4488, "mlperf-4.1", input_len=294, output_len=294,
           batch=1024, note="1 x H200"),
@@ -116,7 +119,7 @@ POINTS: list[Point] = [
     Point("a100", 1, "llama-2-7b", "bf16", "batch", 591, "trtllm-0.6", input_len=2048, output_len=128, batch=52),
     Point("a100", 1, "llama-2-7b", "bf16", "ttft", 133, "trtllm-0.6", input_len=2048, use="fit",
           note="v0.5 batch-1 first token"),
-    Point("a100", 1, "llama-2-7b", "bf16", "ttft", 16, "trtllm-0.6", input_len=128, note="v0.5"),
+    Point("a100", 1, "llama-2-7b", "bf16", "ttft", 16, "trtllm-0.6", input_len=128, use="fit", note="v0.5"),
     Point("a100", 4, "llama-2-70b", "bf16", "ttft", 377, "trtllm-0.6", input_len=2048, tp=4, note="v0.5"),
     Point("a100", 4, "llama-2-70b", "bf16", "ttft", 47, "trtllm-0.6", input_len=128, tp=4, note="v0.5"),
     # ---- MI300-class, vLLM ----------------------------------------------------------------------------
@@ -183,7 +186,7 @@ def predict(p: Point, family: FamilyParams | None = None, num_requests: int | No
     if p.kind == "itl":
         return c.decode_step(1, p.context) * 1e3
     if p.kind == "ttft":
-        return c.prefill_time(p.input_len, chunk=max(p.max_tokens, p.input_len)) * 1e3
+        return (c.request_overhead_s + c.prefill_time(p.input_len, chunk=max(p.max_tokens, p.input_len))) * 1e3
     n = p.batch if p.kind == "batch" else (num_requests or p.num_requests or 1500)
     tokens = max(p.max_tokens, p.batch * p.input_len) if p.kind == "batch" else p.max_tokens
     batch = p.batch
@@ -220,7 +223,8 @@ def log_error(p: Point, got: float) -> float:
 def table(points: list[Point] | None = None, out=sys.stdout) -> dict[str, list[float]]:
     """Prints every point with its prediction; returns the unfitted checks' log errors per family."""
     errs: dict[str, list[float]] = {}
-    print("| family/stack | use | hardware | model | dtype | setup | published | simulated | error | source |", file=out)
+    print("| family/stack | use | hardware | model | dtype | setup | published | simulated | error | source |",
+          file=out)
     print("|---|---|---|---|---|---|---:|---:|---:|---|", file=out)
     for p in points or POINTS:
         got = predict(p)

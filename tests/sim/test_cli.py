@@ -167,4 +167,4 @@ def test_stack_speculative_decoding_and_expert_parallel_options(tmp_path, capsys
                 ["--model", "llama-3.1-8b", "--hardware", "h100:1", "--stack", "nope"]):
         assert main(base + bad) == 2, bad
     err = capsys.readouterr().err
-    assert "needs --spec-acceptance" in err and "mixture-of-experts" in err and "known: trtllm, vllm" in err
+    assert "needs --spec-acceptance" in err and "mixture-of-experts" in err and "known: trtllm, trtllm-0.5, vllm" in err

@@ -106,7 +106,7 @@ def test_every_point_cites_a_source_and_every_family_is_fitted_or_says_it_is_not
         assert fam.calibrated == (key in fitted), key
     for family, stack in DEFAULT_STACK.items():
         assert get_family(family) is FAMILIES[f"{family}/{stack}"]
-    with pytest.raises(ValueError, match="known: trtllm, vllm"):
+    with pytest.raises(ValueError, match="known: trtllm, trtllm-0.5, vllm"):
         get_family("hopper", "nope")
 
 
