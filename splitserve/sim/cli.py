@@ -268,7 +268,7 @@ def run_once(args, model, rate, *, log=lambda s: None):
     out_tok = summary.total_output_tokens
     stats = {
         "wall_s": wall, "events": sim.num_events, "steps": sim.num_steps,
-        "requests_per_wall_s": sink.n / wall if wall > 0 else None,
+        "requests_per_wall_s": sink.builder.n / wall if wall > 0 else None,
         "events_per_wall_s": sim.num_events / wall if wall > 0 else None,
         "units": units, "power_kw": power_w / 1000.0, "usd_per_hour": usd_h,
         "joules_per_output_token": power_w * span / out_tok if out_tok else None,
@@ -343,7 +343,8 @@ def _cost_lines(r) -> str:
     parts = [f"{units} unit{'s' if units != 1 else ''}, {s['power_kw']:.1f} kW, ${s['usd_per_hour']:.2f}/h; {util}"]
     if s.get("joules_per_output_token") is not None:
         parts.append(f"{s['joules_per_output_token']:.3g} J per output token; "
-                     f"${s['usd_per_million_output_tokens']:.3g} per million output tokens (at the list price, whole run)")
+                     f"${s['usd_per_million_output_tokens']:.3g} per million output tokens "
+                     "(at the list price, whole run)")
     health = health_line(r.summary)
     if health:
         parts.append(health)

@@ -37,70 +37,68 @@ class FamilyParams:
 _HALF, _P = 13.3, 16.0
 _UNKNOWN = "unknown: no published measurement of this stack was used"
 
+
+def _hbm(eff_compute: float, eff_mem: float, step_floor_s: float, source: str, **kw) -> FamilyParams:
+    """An HBM accelerator's terms: the shared shape terms and a 4 us per-layer floor (assumed)."""
+    return FamilyParams(eff_compute, eff_mem, 4e-6, step_floor_s, source, gemm_half_tokens=_HALF, overlap=_P, **kw)
+
+
 FAMILIES: dict[str, FamilyParams] = {
-    "hopper/trtllm": FamilyParams(
-        0.442, 0.711, 4e-6, 226e-6,
+    "hopper/trtllm": _hbm(
+        0.442, 0.711, 226e-6,
         "TensorRT-LLM v1.0 perf-overview (trtllm-bench, PyTorch backend, 2025): Llama-3.1-8B FP8 on one "
         "H100 at ISL/OSL 128/128, 2048/128, 128/2048; Llama-3.3-70B FP8 on one H200 at 1000/1000",
-        gemm_half_tokens=_HALF, overlap=_P,
         expected_error="median 12% (|log| 0.115) on 32 unfitted checks; worst 0.58x (MLPerf v4.1 H200, a tuned "
                        "submission) and 1.31x"),
-    "hopper/trtllm-0.5": FamilyParams(
-        0.442, 0.711, 4e-6, 226e-6,
+    "hopper/trtllm-0.5": _hbm(
+        0.442, 0.711, 226e-6,
         "TensorRT-LLM v0.5 batch-1 first-token latency (static engine, 2023): the v1.0 terms plus a fixed "
-        "per-request overhead fitted to Llama-2-7B FP8 on one H100, 128 tokens, 7 ms",
-        gemm_half_tokens=_HALF, overlap=_P, request_overhead_s=3.85e-3,
+        "per-request overhead fitted to Llama-2-7B FP8 on one H100, 128 tokens, 7 ms", request_overhead_s=3.85e-3,
         expected_error="0-4% on 2 of 3 unfitted checks; 0.51x on TP4 Llama-2-70B at 128 tokens (multi-GPU fixed "
                        "costs not modelled)"),
-    "hopper/vllm": FamilyParams(
-        0.442, 0.711, 4e-6, 226e-6,
+    "hopper/vllm": _hbm(
+        0.442, 0.711, 226e-6,
         "no vLLM-on-Hopper measurement with a fixed workload found: TensorRT-LLM terms (uncalibrated)",
-        gemm_half_tokens=_HALF, overlap=_P, calibrated=False, expected_error=_UNKNOWN),
-    "blackwell/trtllm": FamilyParams(
-        0.442, 0.397, 4e-6, 226e-6,
+        calibrated=False, expected_error=_UNKNOWN),
+    "blackwell/trtllm": _hbm(
+        0.442, 0.397, 226e-6,
         "TensorRT-LLM v1.0 perf-overview (2025): Llama-3.3-70B FP4 on one B200 at 128/2048 and 2048/128 "
-        "(FP4 fitted; FP8/BF16 on Blackwell: no measurement found, Hopper's efficiency used)",
-        gemm_half_tokens=_HALF, overlap=_P, eff_compute_fp4=0.375,
+        "(FP4 fitted; FP8/BF16 on Blackwell: no measurement found, Hopper's efficiency used)", eff_compute_fp4=0.375,
         expected_error="median 8% (|log| 0.079) on 15 unfitted FP4 checks; worst 1.51x (405B TP4, 128/2048)"),
-    "ampere/trtllm": FamilyParams(
-        0.718, 1.0, 4e-6, 226e-6,
+    "ampere/trtllm": _hbm(
+        0.718, 1.0, 226e-6,
         "TensorRT-LLM v0.6.1 performance.md (late 2023): Llama-2-7B FP16 on one A100 (static batch), "
         "128/2048 at batch 60 and (v0.5) first-token latency at 128 and 2048 tokens (eff_mem at its bound, 1.0: "
-        "the published figure needs the full datasheet bandwidth for the bytes modelled)",
-        gemm_half_tokens=_HALF, overlap=_P, request_overhead_s=7.28e-3,
+        "the published figure needs the full datasheet bandwidth for the bytes modelled)", request_overhead_s=7.28e-3,
         expected_error="median 22% (|log| 0.196) on 4 unfitted checks; worst 0.67x (TP4 70B TTFT at 128 "
                        "tokens) and 1.40x"),
-    "mi300/vllm": FamilyParams(
-        0.184, 0.365, 4e-6, 226e-6,
+    "mi300/vllm": _hbm(
+        0.184, 0.365, 226e-6,
         "Oracle OCI blog, 10 Oct 2024: Llama-3.1-405B FP8 on 8 x MI300X with vLLM (benchmark_latency 128/128 "
         "at batch 1; benchmark_throughput 128/128)",
-        gemm_half_tokens=_HALF, overlap=_P,
         expected_error="median 19% (|log| 0.175) on 5 unfitted checks; worst 0.56x (AMD's tuned MLPerf v4.1 "
                        "submission)"),
-    "mi300/sglang": FamilyParams(
-        0.184, 0.365, 4e-6, 226e-6,
+    "mi300/sglang": _hbm(
+        0.184, 0.365, 226e-6,
         "no SGLang-on-MI300 measurement with a fixed workload found: vLLM terms (uncalibrated)",
-        gemm_half_tokens=_HALF, overlap=_P, calibrated=False, expected_error=_UNKNOWN),
-    "mi355/vllm": FamilyParams(
-        0.184, 0.365, 4e-6, 226e-6,
-        "no MI355X measurement used: MI300 vLLM terms (uncalibrated)",
-        gemm_half_tokens=_HALF, overlap=_P, calibrated=False, expected_error=_UNKNOWN),
-    "trainium/neuron": FamilyParams(
-        0.442, 0.169, 4e-6, 400e-6,
+        calibrated=False, expected_error=_UNKNOWN),
+    "mi355/vllm": _hbm(
+        0.184, 0.365, 226e-6,
+        "no MI355X measurement used: MI300 vLLM terms (uncalibrated)", calibrated=False, expected_error=_UNKNOWN),
+    "trainium/neuron": _hbm(
+        0.442, 0.169, 400e-6,
         "AWS Neuron SDK tutorial 'Speculative decoding ... Llama-3.3-70B on Trn2' (NxD Inference + vLLM): "
         "batch 1, 10,000 in / 1,500 out, TP64 (16 chips), ITL p50 19.8 ms",
-        gemm_half_tokens=_HALF, overlap=_P,
         expected_error="one unfitted check: TTFT of 10,000 tokens 0.73x (27% fast)"),
-    "tpu/jetstream": FamilyParams(
-        0.442, 0.589, 4e-6, 400e-6,
+    "tpu/jetstream": _hbm(
+        0.442, 0.589, 400e-6,
         "JetStream MaxText benchmark table (2024-04-24): Llama-3-8B bf16 on TPU v5e-8, batch 128, "
         "1024 in / 1024 out, 8,249 tok/s",
-        gemm_half_tokens=_HALF, overlap=_P,
         expected_error="one unfitted check: int8 at batch 256, 1.41x (optimistic)"),
-    "rdu/samba": FamilyParams(
-        0.442, 0.711, 4e-6, 400e-6,
+    "rdu/samba": _hbm(
+        0.442, 0.711, 400e-6,
         "no SN40L measurement found: Hopper TensorRT-LLM terms (uncalibrated)",
-        gemm_half_tokens=_HALF, overlap=_P, calibrated=False, expected_error=_UNKNOWN),
+        calibrated=False, expected_error=_UNKNOWN),
     # Cerebras CS-3: Llama-3.1-8B at 16-bit, 1,800 output tok/s single stream (Cerebras Inference
     # launch, Aug 2024) -> the per-layer traversal of the wafer. The efficiencies are assumptions
     # (they only matter at batch sizes where the floor stops dominating).

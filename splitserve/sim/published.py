@@ -213,7 +213,7 @@ def offline_throughput(d, p: Point, num_requests: int, max_tokens: int) -> float
     specs = wl.synthetic(input_len=p.input_len, output_len=p.output_len, num_requests=num_requests,
                          arrival=wl.Arrival(float("inf")), seed=0)
     sink = sim.run(specs)
-    return sink.out_tokens / max(sink.last_end - sink.first_start, 1e-12)
+    return sink.builder.out_tokens / max(sink.builder.last_end - sink.builder.first_start, 1e-12)
 
 
 def log_error(p: Point, got: float) -> float:

@@ -169,43 +169,6 @@ class RecordSink:
     def summary(self):
         return self.builder.summary()
 
-    # the builder's running totals, for callers that need no full summary
-    @property
-    def n(self) -> int:
-        return self.builder.n
-
-    @property
-    def ok(self) -> int:
-        return self.builder.ok
-
-    @property
-    def good(self) -> int:
-        return self.builder.good
-
-    @property
-    def errors(self) -> dict:
-        return self.builder.errors
-
-    @property
-    def ttft(self) -> array:
-        return self.builder.ttft
-
-    @property
-    def itl_hist(self) -> Any:
-        return self.builder.itl
-
-    @property
-    def out_tokens(self) -> int:
-        return self.builder.out_tokens
-
-    @property
-    def first_start(self) -> float:
-        return self.builder.first_start
-
-    @property
-    def last_end(self) -> float:
-        return self.builder.last_end
-
     def close(self) -> None:
         if self.fp is not None:
             self.fp.close()
