@@ -57,11 +57,7 @@ def plan_main(argv: list[str]) -> int:
     if args.rate is None or "," in str(args.rate):
         print("splitserve plan: give one --rate (requests/s) to plan for", file=sys.stderr)
         return 2
-    ignored = [f"--{k}" for k in ("hardware", "prefill", "decode") if getattr(args, k)]
-    if not args.disaggregated:
-        ignored += [f"--{k.replace('_', '-')}" for k in ("prefill_tp", "prefill_pp", "decode_tp", "decode_pp", "link")
-                    if getattr(args, k) is not None]
-        ignored += ["--local-prefill-threshold"] if args.local_prefill_threshold else []
+    ignored = _ignored_options(args)
     if ignored:
         print(f"splitserve plan: {', '.join(ignored)} would have no effect (plan picks the hardware from "
               "--candidates; pool options need --disaggregated)", file=sys.stderr)
@@ -168,6 +164,22 @@ def plan_main(argv: list[str]) -> int:
         print("no candidate meets the SLOs within the search limits")
         return 1
     results.sort(key=key)
+    _print_plan(results, model, rate, args)
+    return 0
+
+
+def _ignored_options(args) -> list[str]:
+    """Options plan would silently ignore: it picks the hardware itself, and pool options only act
+    on the disaggregated search."""
+    ignored = [f"--{k}" for k in ("hardware", "prefill", "decode") if getattr(args, k)]
+    if not args.disaggregated:
+        ignored += [f"--{k.replace('_', '-')}" for k in ("prefill_tp", "prefill_pp", "decode_tp", "decode_pp", "link")
+                    if getattr(args, k) is not None]
+        ignored += ["--local-prefill-threshold"] if args.local_prefill_threshold else []
+    return ignored
+
+
+def _print_plan(results: list[Candidate], model, rate: float, args) -> None:
     print(f"## plan: {model.name}, {rate:g} req/s, SLO TTFT <= {args.slo_ttft_ms} ms, TPOT <= {args.slo_tpot_ms} ms, "
           f"longest gap <= {args.slo_itl_ms} ms "
           f"for {args.slo_fraction:.0%} of requests; objective: {args.objective}\n")
@@ -177,6 +189,6 @@ def plan_main(argv: list[str]) -> int:
         print(f"| {c.label.split(':')[0] if c.hardware else c.label} | {c.units} | {c.usd_per_hour:,.2f} | "
               f"{c.power_kw:,.1f} | {c.fraction:.0%} | {c.ttft_p90 or 0:,.1f} | {c.tpot_p90 or 0:,.2f} |")
     b = results[0]
-    print(f"\nbest: {b.hardware or (b.prefill + ' + ' + b.decode)} ({b.units} units, ${b.usd_per_hour:,.2f}/h, "
+    print(f"\nbest: {b.hardware or (b.prefill + ' + ' + b.decode)} ({b.units} unit{'s' if b.units != 1 else ''}, "
+          f"${b.usd_per_hour:,.2f}/h, "
           f"{b.power_kw:,.1f} kW)")
-    return 0

@@ -168,3 +168,14 @@ def test_stack_speculative_decoding_and_expert_parallel_options(tmp_path, capsys
         assert main(base + bad) == 2, bad
     err = capsys.readouterr().err
     assert "needs --spec-acceptance" in err and "mixture-of-experts" in err and "known: trtllm, trtllm-0.5, vllm" in err
+
+
+def test_plan_counts_the_longest_gap_and_never_picks_a_run_that_falls_behind(capsys):
+    base = ["plan", "--model", "llama-3.1-8b", "--num-requests", "200", "--input-len", "512", "--output-len", "64",
+            "--candidates", "h100", "--max-replicas", "1"]
+    assert main(base + ["--rate", "4", "--slo-ttft-ms", "1000", "--slo-itl-ms", "60"]) == 0
+    out = capsys.readouterr().out
+    assert "longest gap <= 60.0 ms" in out and "(1 unit," in out
+    # SLOs nobody could miss, but 200 req/s on one H100 falls ever further behind: not a plan
+    assert main(base + ["--rate", "200", "--slo-ttft-ms", "1e9", "--slo-tpot-ms", "1e9"]) == 1
+    assert "no candidate meets" in capsys.readouterr().out
