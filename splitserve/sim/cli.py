@@ -128,6 +128,9 @@ def build_deployment(args, model, cfg, *, log=lambda s: None) -> tuple[list, Any
         if args.price is not None:
             hw = replace(hw, price_per_hour=args.price)
         cal = None
+        if hw.family == "cpu" and ((tp or 1) > 1 or (pp or 1) > 1):
+            raise ValueError("local-cpu runs one engine per unit: tensor and pipeline parallelism are not "
+                             "modelled there")
         if hw.family == "cpu":
             cal = load_calibration(args.calibration)
             if cal is None:

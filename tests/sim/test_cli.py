@@ -114,7 +114,8 @@ def test_per_pool_parallelism_and_flags_without_effect(tmp_path, capsys):
                 ["--hardware", "h100:2", "--local-prefill-threshold", "64"],
                 ["--hardware", "h100:1", "--calibration", "x.json"],
                 ["--hardware", "h100:1", "--no-itl", "--slo-itl-ms", "50"],
-                ["--hardware", "h100:1", "--kv-memory-fraction", "1.5"]):
+                ["--hardware", "h100:1", "--kv-memory-fraction", "1.5"],
+                ["--hardware", "local-cpu:2", "--tp", "2"]):
         assert main(base + bad) == 2, bad
     assert "only apply to a disaggregated" in capsys.readouterr().err
     assert main(["plan", "--model", "llama-3.1-8b", "--rate", "1", "--slo-ttft-ms", "500", "--hardware", "h100"]) == 2
