@@ -21,6 +21,9 @@ SOURCES = {
     "trtllm-1.0": "NVIDIA TensorRT-LLM perf-overview, v1.0 release (github.com/NVIDIA/TensorRT-LLM, "
                   "docs/source/performance/perf-overview.md @ 00f3768, 2025): trtllm-bench throughput, PyTorch "
                   "backend, every request queued at once, fixed ISL/OSL, ModelOpt FP8/FP4 checkpoints",
+    "trtllm-1.2": "NVIDIA TensorRT-LLM perf-overview, developer guide (docs/source/developer-guide/perf-overview.md @ "
+                  "03e27c7, 2025): as trtllm-1.0, per-GPU output throughput; MoE models with attention data "
+                  "parallel + expert parallel (DEP)",
     "trtllm-0.6": "NVIDIA TensorRT-LLM performance.md, v0.6.1 (docs/source/performance.md @ 138f96d, Dec 2023): "
                   "static-batch throughput (gptSessionBenchmark) and, from v0.5, batch-1 first-token latency",
     "mlperf-4.1": "MLPerf Inference Datacenter v4.1 (Aug 2024), Llama-2-70B offline (OpenOrca: ~294 in / ~294 out "
@@ -53,6 +56,8 @@ class Point:
     batch: int = 0  # offline: max sequences in a step; batch: the static batch
     use: str = "check"  # "fit" | "check"
     tp: int | None = None
+    ep: int | None = None  # expert parallel (= tp)
+    attn_dp: bool = False  # attention data parallel
     stack: str | None = None
     num_requests: int = 0  # offline: as the source ran it (0: 1,500)
     max_tokens: int = 8192  # tokens per step
@@ -89,6 +94,13 @@ POINTS: list[Point] = [
         (5000, 500): 898}, tp=2),
     *_trt("h100", 8, "llama-3.1-405b", "fp8", {(128, 2048): 4340, (1000, 1000): 2919, (2048, 128): 453}, tp=8),
     *_trt("h200", 8, "llama-3.1-405b", "fp8", {(1000, 1000): 3330, (2048, 2048): 2948}, tp=8),
+    # mixture of experts with attention DP + expert parallel ("DEP"), per-GPU figures x GPUs
+    *[Point(hw, n, "qwen3-235b-a22b", dt, "offline", v * n, "trtllm-1.2", input_len=i, output_len=o, tp=n, ep=n,
+            attn_dp=True, batch=2048, mem_fraction=0.93, num_requests={1000: 3000, 1024: 1500, 8192: 1500}[i])
+      for hw, n, dt, i, o, v in (("h200", 4, "fp8", 1000, 1000, 3288), ("h200", 4, "fp8", 8192, 1024, 627),
+                                 ("h200", 4, "fp8", 1024, 8192, 1417), ("h100", 8, "fp8", 1000, 1000, 1932),
+                                 ("h100", 8, "fp8", 1024, 8192, 873), ("b200", 4, "fp4", 1000, 1000, 5764),
+                                 ("b200", 4, "fp4", 8192, 1024, 1410))],
     Point("h100", 1, "llama-2-7b", "fp8", "ttft", 7, "trtllm-0.6", input_len=128, stack="trtllm-0.5", use="fit",
           note="v0.5 batch-1 first token"),
     Point("h100", 1, "llama-2-7b", "fp8", "ttft", 36, "trtllm-0.6", input_len=2048, stack="trtllm-0.5",
@@ -169,7 +181,7 @@ def deployment_for(p: Point, family: FamilyParams | None = None, max_model_len: 
     cfg = SimConfig(max_model_len=min(max_model_len or max(need, 8192), model.max_context))
     plan = plan_pool(hw, model, units=p.units, weight_dtype=p.weight_dtype,
                      kv_dtype=default_kv_dtype(p.weight_dtype), cfg=cfg, tp=p.tp,
-                     pp=1 if p.tp is not None else None)
+                     pp=1 if p.tp is not None else None, ep=p.ep, attn_dp=p.attn_dp)
     d = plan.deployment
     d = replace(d, family=family or get_family(hw.family, p.stack))
     return d, plan.replicas
@@ -190,7 +202,7 @@ def predict(p: Point, family: FamilyParams | None = None, num_requests: int | No
     n = p.batch if p.kind == "batch" else (num_requests or p.num_requests or 1500)
     tokens = max(p.max_tokens, p.batch * p.input_len) if p.kind == "batch" else p.max_tokens
     batch = p.batch
-    if p.source.startswith("trtllm"):
+    if p.source.startswith("trtllm"):  # (per sequence: with attention DP each rank seats its own)
         # TensorRT-LLM's default capacity policy (GUARANTEED_NO_EVICT) admits a request only when
         # its whole prompt + output fits the KV cache: never preempts, unlike vLLM's scheduler
         batch = min(batch, max(1, d.kv_capacity_tokens // (p.input_len + p.output_len)))
@@ -241,6 +253,8 @@ def table(points: list[Point] | None = None, out=sys.stdout) -> dict[str, list[f
 
 def _setup(p: Point) -> str:
     tp = f"TP{p.tp} " if p.tp else ""
+    tp += f"EP{p.ep} " if p.ep else ""
+    tp += "attention-DP " if p.attn_dp else ""
     if p.kind == "single":
         return f"{tp}one stream"
     if p.kind == "itl":
