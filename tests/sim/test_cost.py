@@ -189,3 +189,31 @@ def test_speculative_decoding_step_accounting():
     assert ngram.gain == 1.0 and ngram.decode_step(8, ctx) > target.decode_step(8, ctx)  # nothing accepted
     with pytest.raises(ValueError):
         SpeculativeStepCost(target, 0, 0.5)
+
+
+# The unfitted checks docs/simulator.md lists as misses (outside 1.5x), and why: one wafer floor
+# for two software generations, TP4 first-token fixed costs of the 2023 engine.
+KNOWN_MISSES = {("cs3", "llama-3.1-70b"), ("cs3", "llama-3.1-405b"), ("h100", "llama-2-70b", 128),
+                ("a100", "llama-2-70b", 128)}
+
+
+def test_unfitted_published_checks_stay_within_the_stated_error():
+    """The quick unfitted checks (single streams, TTFT, static batches, prefill-heavy offline
+    rows; ~6 s): median |log(predicted/published)| <= 0.15 and every one within 1.5x except the
+    documented misses. The full table (71 checks, ~5 min): `python -m splitserve.sim.published`."""
+    import statistics
+
+    from splitserve.sim.published import POINTS, predict
+
+    quick = [p for p in POINTS if p.use == "check" and (
+        p.kind in CHEAP_KINDS or (p.kind == "offline" and p.output_len <= 128 and p.input_len >= 2048)
+        or (p.kind == "offline" and p.input_len >= 5000 and p.model == "llama-3.1-8b"))]
+    assert len(quick) >= 15 and len({p.hardware for p in quick}) >= 8
+    errors = []
+    for p in quick:
+        e = math.log(predict(p) / p.value)
+        errors.append(abs(e))
+        key = (p.hardware, p.model, p.input_len) if p.kind == "ttft" else (p.hardware, p.model)
+        if key not in KNOWN_MISSES:
+            assert abs(e) <= math.log(1.5), (p, math.exp(e))
+    assert statistics.median(errors) <= 0.15
