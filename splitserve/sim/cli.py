@@ -54,6 +54,7 @@ def build_parser(prog: str = "splitserve simulate") -> argparse.ArgumentParser:
     for role in ("prefill", "decode"):
         g.add_argument(f"--{role}-tp", type=int, default=None, help=f"disaggregated: the {role} pool's TP (over --tp)")
         g.add_argument(f"--{role}-pp", type=int, default=None, help=f"disaggregated: the {role} pool's PP (over --pp)")
+        g.add_argument(f"--{role}-stack", default=None, help=f"disaggregated: the {role} pool's stack (over --stack)")
     g.add_argument("--stack", default=None,
                    help="serving software whose calibrated terms apply (`splitserve hardware` lists each "
                    "family's; default: the family's calibrated stack), e.g. trtllm, vllm, sglang")
@@ -123,7 +124,7 @@ def build_deployment(args, model, cfg, *, log=lambda s: None) -> tuple[list, Any
         draft = None if args.spec_draft.lower() == "ngram" else get_model(args.spec_draft)
         speculative = (args.spec_tokens or 4, args.spec_acceptance, draft)
 
-    def one(text: str, role: str, tp=None, pp=None):
+    def one(text: str, role: str, tp=None, pp=None, stack=None):
         hw, n = parse_hardware_arg(text)
         if args.price is not None:
             hw = replace(hw, price_per_hour=args.price)
@@ -144,12 +145,12 @@ def build_deployment(args, model, cfg, *, log=lambda s: None) -> tuple[list, Any
             tp = ep
         plan = plan_pool(hw, model, units=n, weight_dtype=weight_dtype, kv_dtype=kv_dtype, cfg=cfg, tp=tp, pp=pp,
                          calibration=cal, max_blocks_per_worker=getattr(args, "max_kv_blocks", None),
-                         stack=args.stack, ep=ep, attn_dp=args.attention_dp)
+                         stack=stack, ep=ep, attn_dp=args.attention_dp)
         fam = plan.deployment.family
         log(f"{role}: {plan.describe()}")
         log(f"  sizing: {plan.note}")
         if cal is None:
-            log(f"  cost model: {plan.deployment.hardware.family}/{args.stack or DEFAULT_STACK[hw.family]}"
+            log(f"  cost model: {plan.deployment.hardware.family}/{stack or DEFAULT_STACK[hw.family]}"
                 + ("" if fam.calibrated else " (UNCALIBRATED: borrowed terms)") + f"; {fam.source}")
         return plan, pool_spec(plan, role, speculative)
 
@@ -158,13 +159,15 @@ def build_deployment(args, model, cfg, *, log=lambda s: None) -> tuple[list, Any
         if args.prefill or args.decode:
             raise ValueError("give --hardware (aggregated) or --prefill and --decode (disaggregated), not both")
         _reject_disaggregated_only(args)
-        plan, spec = one(args.hardware, "both", args.tp, args.pp)
+        plan, spec = one(args.hardware, "both", args.tp, args.pp, args.stack)
         info["pools"] = [_pool_info(plan, "both")]
         return [spec], None, info
     if not (args.prefill and args.decode):
         raise ValueError("give --hardware HW[:N], or --prefill HW[:N] and --decode HW[:N]")
-    pplan, pspec = one(args.prefill, "prefill", _pick(args.prefill_tp, args.tp), _pick(args.prefill_pp, args.pp))
-    dplan, dspec = one(args.decode, "decode", _pick(args.decode_tp, args.tp), _pick(args.decode_pp, args.pp))
+    pplan, pspec = one(args.prefill, "prefill", _pick(args.prefill_tp, args.tp), _pick(args.prefill_pp, args.pp),
+                       _pick(args.prefill_stack, args.stack))
+    dplan, dspec = one(args.decode, "decode", _pick(args.decode_tp, args.tp), _pick(args.decode_pp, args.pp),
+                       _pick(args.decode_stack, args.stack))
     if args.link:
         link = get_link(args.link)
     else:
@@ -175,13 +178,16 @@ def build_deployment(args, model, cfg, *, log=lambda s: None) -> tuple[list, Any
     return [pspec, dspec], link, info
 
 
+POOL_OPTIONS = ("prefill_tp", "prefill_pp", "prefill_stack", "decode_tp", "decode_pp", "decode_stack", "link")
+
+
 def _pick(own, shared):
     return own if own is not None else shared
 
 
 def _reject_disaggregated_only(args) -> None:
     """Options that only act on two pools: with one they would be ignored, so they are an error."""
-    given = [f"--{k.replace('_', '-')}" for k in ("prefill_tp", "prefill_pp", "decode_tp", "decode_pp", "link")
+    given = [f"--{k.replace('_', '-')}" for k in POOL_OPTIONS
              if getattr(args, k, None) is not None]
     if getattr(args, "local_prefill_threshold", 0):
         given.append("--local-prefill-threshold")

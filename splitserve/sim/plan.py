@@ -92,9 +92,11 @@ def plan_main(argv: list[str]) -> int:
 
     import copy
 
+    from splitserve.sim.cli import POOL_OPTIONS
+
     # An aggregated candidate runs without the options that only act on two pools.
     agg_args = copy.copy(args)
-    for k in ("prefill_tp", "prefill_pp", "decode_tp", "decode_pp", "link"):
+    for k in POOL_OPTIONS:
         setattr(agg_args, k, None)
     agg_args.local_prefill_threshold = 0
 
@@ -171,10 +173,11 @@ def plan_main(argv: list[str]) -> int:
 def _ignored_options(args) -> list[str]:
     """Options plan would silently ignore: it picks the hardware itself, and pool options only act
     on the disaggregated search."""
+    from splitserve.sim.cli import POOL_OPTIONS
+
     ignored = [f"--{k}" for k in ("hardware", "prefill", "decode") if getattr(args, k)]
     if not args.disaggregated:
-        ignored += [f"--{k.replace('_', '-')}" for k in ("prefill_tp", "prefill_pp", "decode_tp", "decode_pp", "link")
-                    if getattr(args, k) is not None]
+        ignored += [f"--{k.replace('_', '-')}" for k in POOL_OPTIONS if getattr(args, k) is not None]
         ignored += ["--local-prefill-threshold"] if args.local_prefill_threshold else []
     return ignored
 

@@ -109,8 +109,12 @@ def test_per_pool_parallelism_and_flags_without_effect(tmp_path, capsys):
                         "--output", str(out)]) == 0
     pools = load_results(str(out))[0].config.extra["deployment"]["pools"]
     assert [(p["role"], p["tp"], p["replicas"]) for p in pools] == [("prefill", 2, 2), ("decode", 4, 1)]
+    assert main(base + ["--prefill", "h100:1", "--decode", "cs3:1", "--prefill-stack", "vllm", "--output", str(out)]) == 0
+    pools = load_results(str(out))[0].config.extra["deployment"]["pools"]
+    assert [(p["stack"], p["calibrated"]) for p in pools] == [("vllm", False), ("cerebras", True)]
     capsys.readouterr()
     for bad in (["--hardware", "h100:2", "--decode-tp", "2"], ["--hardware", "h100:2", "--link", "ib-ndr"],
+                ["--hardware", "h100:2", "--decode-stack", "vllm"],
                 ["--hardware", "h100:2", "--local-prefill-threshold", "64"],
                 ["--hardware", "h100:1", "--calibration", "x.json"],
                 ["--hardware", "h100:1", "--no-itl", "--slo-itl-ms", "50"],
