@@ -66,6 +66,9 @@ def main() -> int:
     ap.add_argument("--calibration", default=None)
     args = ap.parse_args()
     cal = load_calibration(args.calibration)
+    if cal is None:
+        print(f"no calibration file at {args.calibration}: run `splitserve simulate calibrate`", file=sys.stderr)
+        return 2
     rows = by_tag(cal.samples)
     held = [s for s in rows if s["tag"].startswith(("mixed", "chunked"))]
     train = [s for s in rows if s not in held]
