@@ -82,12 +82,12 @@ def main() -> int:
     else:
         sink = sim.run(specs)
     wall = time.perf_counter() - t0
-    tokens = sink.out_tokens
+    tokens = sink.builder.out_tokens
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    sim_s = sink.last_end - sink.first_start
+    sim_s = sink.builder.last_end - sink.builder.first_start
     res = {
-        "requests": sink.n, "completed": sink.ok, "units": plan.units, "workers": len(sim.workers),
-        "rate": rate, "wall_s": round(wall, 3), "requests_per_s": round(sink.n / wall, 1),
+        "requests": sink.builder.n, "completed": sink.builder.ok, "units": plan.units, "workers": len(sim.workers),
+        "rate": rate, "wall_s": round(wall, 3), "requests_per_s": round(sink.builder.n / wall, 1),
         "events_per_s": round(sim.num_events / wall, 1), "steps_per_s": round(sim.num_steps / wall, 1),
         "token_steps_per_s": round(tokens / wall, 1), "events": sim.num_events, "steps": sim.num_steps,
         "output_tokens": tokens, "simulated_s": round(sim_s, 2), "max_rss_mb": round(rss_mb, 1),

@@ -31,8 +31,8 @@ MODULES = ("splitserve.engine.request", "splitserve.engine.block_hash", "splitse
            "splitserve.engine.scheduler", "splitserve.sim.simulator")
 # Whose types the compiled modules use (not compiled): part of the tag.
 TYPE_ONLY = ("splitserve.config", "splitserve.engine.sampling_params", "splitserve.bench.schema",
-             "splitserve.bench.workloads", "splitserve.cluster.router", "splitserve.sim.cost",
-             "splitserve.sim.hardware")
+             "splitserve.bench.metrics", "splitserve.bench.workloads", "splitserve.cluster.router",
+             "splitserve.sim.cost", "splitserve.sim.families", "splitserve.sim.hardware")
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _active: dict[str, str] = {}  # module name -> compiled file, once activate() installed the finder
 

@@ -102,6 +102,8 @@ def add_workload_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     g = p.add_argument_group("SLOs and output")
     g.add_argument("--slo-ttft-ms", type=float, default=None)
     g.add_argument("--slo-tpot-ms", type=float, default=None)
+    g.add_argument("--slo-itl-ms", type=float, default=None,
+                   help="SLO on each request's longest gap between two tokens (a stall a mean TPOT hides)")
     return g
 
 
@@ -221,6 +223,7 @@ async def _run_one(args: argparse.Namespace, client: Any, rate: float | None, te
         concurrency=conc,
         slo_ttft_ms=args.slo_ttft_ms,
         slo_tpot_ms=args.slo_tpot_ms,
+        slo_itl_ms=args.slo_itl_ms,
         seed=args.seed,
         ignore_eos=args.ignore_eos,
         timeout_s=args.timeout,
@@ -244,7 +247,7 @@ async def _run_one(args: argparse.Namespace, client: Any, rate: float | None, te
     if client.dropped_fields:
         config.extra["dropped_fields"] = list(client.dropped_fields)
     summary = summarize(outcome.records, duration_s=outcome.duration_s, slo_ttft_ms=args.slo_ttft_ms,
-                        slo_tpot_ms=args.slo_tpot_ms, interrupted=outcome.interrupted)
+                        slo_tpot_ms=args.slo_tpot_ms, slo_itl_ms=args.slo_itl_ms, interrupted=outcome.interrupted)
     return BenchResult(config=config, summary=summary, requests=outcome.records)
 
 
@@ -318,6 +321,7 @@ def resolve_rates(args: argparse.Namespace) -> list[float | None]:
 
 async def _amain(args: argparse.Namespace) -> int:
     from splitserve.bench import report
+    from splitserve.bench.metrics import health_line
     from splitserve.bench.client import OpenAIClient
     from splitserve.bench.schema import write_json
     from splitserve.bench.tokenizer import load_tokenizer
@@ -398,6 +402,7 @@ async def _amain(args: argparse.Namespace) -> int:
         write_json(args.output, results[0] if len(rates) == 1 and len(results) == 1 else results)
     for r in results:
         print(report.markdown_summary(r))
+        print(health_line(r.summary) + "\n")
     if len(results) > 1:
         print(report.markdown_sweep(results))
     if args.plot_dir and results:

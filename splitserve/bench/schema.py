@@ -59,13 +59,15 @@ class Stats:
 
 @dataclass
 class Goodput:
-    """Requests that met every given SLO (TTFT <= slo_ttft_ms and TPOT <= slo_tpot_ms)."""
+    """Requests that met every given SLO (TTFT <= slo_ttft_ms, TPOT <= slo_tpot_ms, longest gap
+    between two tokens <= slo_itl_ms)."""
 
     slo_ttft_ms: float | None
     slo_tpot_ms: float | None
     count: int  # requests meeting the SLOs
     requests_per_s: float  # count / duration_s
     fraction: float  # count / all requests issued (failed ones never meet an SLO)
+    slo_itl_ms: float | None = None
 
 
 @dataclass
@@ -109,11 +111,14 @@ class Summary:
     tpot_ms: Stats = field(default_factory=Stats)
     itl_ms: Stats = field(default_factory=Stats)
     e2e_ms: Stats = field(default_factory=Stats)
+    max_itl_ms: Stats = field(default_factory=Stats)  # per request: its longest gap between two tokens
     goodput: Goodput | None = None  # None when no SLO was given
     errors: dict[str, int] = field(default_factory=dict)  # error kind -> count
     num_chains: int = 0  # agent chains: how many started, how many finished every step
     completed_chains: int = 0
     chain_ms: Stats | None = None  # completion time of the completed chains (first send -> last token)
+    offered_rate: float | None = None  # requests sent / span of send times (None: all at once)
+    steady_state: bool | None = None  # False: later requests took far longer (overload); None: too few
 
 
 @dataclass
@@ -133,6 +138,7 @@ class RunConfig:
     concurrency: int | None = None
     slo_ttft_ms: float | None = None
     slo_tpot_ms: float | None = None
+    slo_itl_ms: float | None = None
     seed: int = 0
     ignore_eos: bool = True
     timeout_s: float | None = None
@@ -198,7 +204,7 @@ def _build(cls: type, data: dict[str, Any] | None) -> Any:
 
 def summary_from_dict(data: dict[str, Any]) -> Summary:
     s = _build(Summary, data)
-    for name in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
+    for name in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms", "max_itl_ms"):
         setattr(s, name, _build(Stats, data.get(name)) or Stats())
     s.chain_ms = _build(Stats, data.get("chain_ms"))
     s.goodput = _build(Goodput, data.get("goodput"))

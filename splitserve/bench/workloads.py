@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -614,13 +614,3 @@ def iter_units(specs: Iterable[RequestSpec]) -> Iterator[list[RequestSpec]]:
     if unit:
         yield unit
 
-
-@dataclass
-class WorkloadInfo:
-    """What a workload was, for RunConfig.workload (JSON-ready)."""
-
-    name: str
-    params: dict[str, Any] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, **self.params}

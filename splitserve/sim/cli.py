@@ -47,8 +47,32 @@ def build_parser(prog: str = "splitserve simulate") -> argparse.ArgumentParser:
                    "(default: the decode hardware's scale-out link)")
     g.add_argument("--weight-dtype", default=None, help="bf16, fp8, int8, fp4, mxfp4 (default: the model's)")
     g.add_argument("--kv-dtype", default=None, help="KV cache dtype (default: fp8 for <=8-bit weights, else bf16)")
-    g.add_argument("--tp", type=int, default=None, help="tensor-parallel units per replica (default: sized)")
-    g.add_argument("--pp", type=int, default=None, help="pipeline stages per replica (default: sized)")
+    g.add_argument("--tp", type=int, default=None,
+                   help="tensor-parallel units per replica (default: sized); disaggregated: both pools")
+    g.add_argument("--pp", type=int, default=None,
+                   help="pipeline stages per replica (default: sized); disaggregated: both pools")
+    for role in ("prefill", "decode"):
+        g.add_argument(f"--{role}-tp", type=int, default=None, help=f"disaggregated: the {role} pool's TP (over --tp)")
+        g.add_argument(f"--{role}-pp", type=int, default=None, help=f"disaggregated: the {role} pool's PP (over --pp)")
+        g.add_argument(f"--{role}-stack", default=None, help=f"disaggregated: the {role} pool's stack (over --stack)")
+    g.add_argument("--stack", default=None,
+                   help="serving software whose calibrated terms apply (`splitserve hardware` lists each "
+                   "family's; default: the family's calibrated stack), e.g. trtllm, vllm, sglang")
+    g.add_argument("--ep", type=int, default=None,
+                   help="expert parallel degree (mixture-of-experts; = TP: experts split over the replica's units, "
+                   "tokens sent to them all-to-all on the scale-up link)")
+    g.add_argument("--attention-dp", action="store_true",
+                   help="attention data parallel: each TP rank attends its own sequences with whole KV heads "
+                   "(no KV copies when KV heads < TP, e.g. MLA)")
+    g.add_argument("--spec-draft", default=None, metavar="MODEL|ngram",
+                   help="speculative decoding on decode (and aggregated) pools: a draft model from the catalog, "
+                   "or ngram (self-drafting: no accelerator time)")
+    g.add_argument("--spec-tokens", type=int, default=None, help="draft tokens per step (default 4)")
+    g.add_argument("--spec-acceptance", type=float, default=None,
+                   help="probability that each drafted token is accepted (required with --spec-draft)")
+    g.add_argument("--kv-memory-fraction", type=float, default=None,
+                   help="fraction of each unit's memory for weights + KV cache (default: the catalog's, "
+                   "0.9 for most; vLLM's --gpu-memory-utilization, TensorRT-LLM's free-memory fraction)")
     g.add_argument("--price", type=float, default=None, help="USD per unit-hour (default: the catalog's)")
     g.add_argument("--calibration", default=None, help="local-cpu calibration JSON (default: the shipped one)")
 
@@ -89,39 +113,61 @@ def build_deployment(args, model, cfg, *, log=lambda s: None) -> tuple[list, Any
     from splitserve.sim.deploy import default_kv_dtype, plan_pool, pool_spec
     from dataclasses import replace
 
+    from splitserve.sim.families import DEFAULT_STACK
     from splitserve.sim.hardware import LINKS, get_link, parse_hardware_arg
+    from splitserve.sim.models import get_model
 
     weight_dtype = args.weight_dtype or model.default_dtype
     kv_dtype = args.kv_dtype or default_kv_dtype(weight_dtype)
+    speculative = None
+    if args.spec_draft:
+        draft = None if args.spec_draft.lower() == "ngram" else get_model(args.spec_draft)
+        speculative = (args.spec_tokens or 4, args.spec_acceptance, draft)
 
-    def one(text: str, role: str, tp=None, pp=None):
+    def one(text: str, role: str, tp=None, pp=None, stack=None):
         hw, n = parse_hardware_arg(text)
         if args.price is not None:
             hw = replace(hw, price_per_hour=args.price)
         cal = None
+        if hw.family == "cpu" and ((tp or 1) > 1 or (pp or 1) > 1):
+            raise ValueError("local-cpu runs one engine per unit: tensor and pipeline parallelism are not "
+                             "modelled there")
         if hw.family == "cpu":
             cal = load_calibration(args.calibration)
             if cal is None:
                 log("local-cpu: no calibration file; run `splitserve simulate calibrate` (using fallback values)")
             else:
                 cal = cal.scaled_for(model).for_role(role)
+        if args.kv_memory_fraction is not None:
+            hw = replace(hw, memory_usable=args.kv_memory_fraction)
+        ep = args.ep
+        if ep is not None and tp is None:  # EP spans the TP group: size the replica by it
+            tp = ep
         plan = plan_pool(hw, model, units=n, weight_dtype=weight_dtype, kv_dtype=kv_dtype, cfg=cfg, tp=tp, pp=pp,
-                         calibration=cal, max_blocks_per_worker=getattr(args, "max_kv_blocks", None))
+                         calibration=cal, max_blocks_per_worker=getattr(args, "max_kv_blocks", None),
+                         stack=stack, ep=ep, attn_dp=args.attention_dp)
+        fam = plan.deployment.family
         log(f"{role}: {plan.describe()}")
         log(f"  sizing: {plan.note}")
-        return plan, pool_spec(plan, role)
+        if cal is None:
+            log(f"  cost model: {plan.deployment.hardware.family}/{stack or DEFAULT_STACK[hw.family]}"
+                + ("" if fam.calibrated else " (UNCALIBRATED: borrowed terms)") + f"; {fam.source}")
+        return plan, pool_spec(plan, role, speculative)
 
     info: dict[str, Any] = {"weight_dtype": weight_dtype, "kv_dtype": kv_dtype}
     if args.hardware:
         if args.prefill or args.decode:
             raise ValueError("give --hardware (aggregated) or --prefill and --decode (disaggregated), not both")
-        plan, spec = one(args.hardware, "both", args.tp, args.pp)
+        _reject_disaggregated_only(args)
+        plan, spec = one(args.hardware, "both", args.tp, args.pp, args.stack)
         info["pools"] = [_pool_info(plan, "both")]
         return [spec], None, info
     if not (args.prefill and args.decode):
         raise ValueError("give --hardware HW[:N], or --prefill HW[:N] and --decode HW[:N]")
-    pplan, pspec = one(args.prefill, "prefill")
-    dplan, dspec = one(args.decode, "decode")
+    pplan, pspec = one(args.prefill, "prefill", _pick(args.prefill_tp, args.tp), _pick(args.prefill_pp, args.pp),
+                       _pick(args.prefill_stack, args.stack))
+    dplan, dspec = one(args.decode, "decode", _pick(args.decode_tp, args.tp), _pick(args.decode_pp, args.pp),
+                       _pick(args.decode_stack, args.stack))
     if args.link:
         link = get_link(args.link)
     else:
@@ -132,48 +178,58 @@ def build_deployment(args, model, cfg, *, log=lambda s: None) -> tuple[list, Any
     return [pspec, dspec], link, info
 
 
+POOL_OPTIONS = ("prefill_tp", "prefill_pp", "prefill_stack", "decode_tp", "decode_pp", "decode_stack", "link")
+
+
+def _pick(own, shared):
+    return own if own is not None else shared
+
+
+def _reject_disaggregated_only(args) -> None:
+    """Options that only act on two pools: with one they would be ignored, so they are an error."""
+    given = [f"--{k.replace('_', '-')}" for k in POOL_OPTIONS
+             if getattr(args, k, None) is not None]
+    if getattr(args, "local_prefill_threshold", 0):
+        given.append("--local-prefill-threshold")
+    if given:
+        raise ValueError(f"{', '.join(given)} only apply to a disaggregated deployment (--prefill and --decode)")
+
+
+def check_options(args) -> None:
+    """Every option must act on the run; one that would be silently ignored is an error."""
+    if getattr(args, "no_itl", False) and getattr(args, "slo_itl_ms", None) is not None:
+        raise ValueError("--slo-itl-ms needs the gaps between tokens: drop --no-itl")
+    if args.calibration is not None:
+        names = [t for t in (args.hardware, args.prefill, args.decode) if t]
+        from splitserve.sim.hardware import parse_hardware_arg
+
+        if not any(parse_hardware_arg(t)[0].family == "cpu" for t in names):
+            raise ValueError("--calibration applies to local-cpu only, and no pool runs on local-cpu")
+    for k in ("tp", "pp", "prefill_tp", "prefill_pp", "decode_tp", "decode_pp"):
+        v = getattr(args, k, None)
+        if v is not None and v < 1:
+            raise ValueError(f"--{k.replace('_', '-')} must be >= 1")
+    if getattr(args, "spec_draft", None) is None:
+        if args.spec_tokens is not None or args.spec_acceptance is not None:
+            raise ValueError("--spec-tokens and --spec-acceptance need --spec-draft")
+    elif args.spec_acceptance is None:
+        raise ValueError("--spec-draft needs --spec-acceptance (the share of drafted tokens accepted)")
+    f = getattr(args, "kv_memory_fraction", None)
+    if f is not None and not 0 < f <= 1:
+        raise ValueError("--kv-memory-fraction must be in (0, 1]")
+
+
 def _pool_info(plan, role: str) -> dict:
+    from splitserve.sim.families import DEFAULT_STACK
+
     d = plan.deployment
     return {"role": role, "hardware": d.hardware.name, "units": plan.units, "replicas": plan.replicas,
-            "tp": d.tp, "pp": d.pp, "microbatches": plan.microbatches, "workers": plan.num_workers,
+            "tp": d.tp, "pp": d.pp, "ep": d.ep, "attention_dp": d.attn_dp, "family": d.hardware.family,
+            "stack": d.stack or DEFAULT_STACK[d.hardware.family],
+            "calibrated": d.family.calibrated if d.calibration is None else True,
+            "microbatches": plan.microbatches, "workers": plan.num_workers,
             "kv_blocks_per_worker": plan.blocks_per_worker, "sizing": plan.note,
             "power_w_per_unit": d.hardware.power_w, "usd_per_unit_hour": d.hardware.price_per_hour}
-
-
-def summary_from_sink(sink, *, slo_ttft_ms=None, slo_tpot_ms=None):
-    """A bench Summary from kept records, or from the compact arrays of a streamed run."""
-    from splitserve.bench.metrics import compute_stats, summarize
-    from splitserve.bench.schema import Goodput, Stats, Summary
-
-    if sink.keep:
-        return summarize(sink.records, slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms)
-    dur = max(sink.last_end - sink.first_start, 0.0) if sink.n else 0.0
-    s = Summary(num_requests=sink.n, completed=sink.ok, failed=sink.n - sink.ok, duration_s=dur)
-    s.total_input_tokens, s.total_output_tokens = sink.in_tokens, sink.out_tokens
-    if dur > 0:
-        s.request_throughput = sink.ok / dur
-        s.input_token_throughput = sink.in_tokens / dur
-        s.output_token_throughput = sink.out_tokens / dur
-        s.total_token_throughput = (sink.in_tokens + sink.out_tokens) / dur
-    s.ttft_ms = compute_stats(sink.ttft)
-    s.tpot_ms = compute_stats(sink.tpot)
-    s.e2e_ms = compute_stats(sink.e2e)
-    h = sink.itl_hist
-    if h.n:
-        mean = h.total / h.n
-        s.itl_ms = Stats(count=h.n, mean=mean, std=math.sqrt(max(h.sq / h.n - mean * mean, 0.0)), min=h.min,
-                         p50=h.quantile(50), p90=h.quantile(90), p95=h.quantile(95), p99=h.quantile(99), max=h.max)
-    s.errors = dict(sorted(sink.errors.items()))
-    if slo_ttft_ms is not None or slo_tpot_ms is not None:
-        good = sink.good
-        s.goodput = Goodput(slo_ttft_ms, slo_tpot_ms, good, good / dur if dur else 0.0,
-                            good / sink.n if sink.n else 0.0)
-    if sink.chains:
-        s.num_chains = len(sink.chains)
-        times = [(c[1] - c[0]) * 1000.0 for c in sink.chains.values() if c[2] == c[3]]
-        s.completed_chains = len(times)
-        s.chain_ms = compute_stats(times)
-    return s
 
 
 def run_once(args, model, rate, *, log=lambda s: None):
@@ -190,17 +246,18 @@ def run_once(args, model, rate, *, log=lambda s: None):
                     enable_prefix_caching=not args.no_prefix_caching, max_waiting=args.max_waiting,
                     record_itl=not args.no_itl, seed=args.seed,
                     router=RouterConfig(local_prefill_threshold=args.local_prefill_threshold))
+    check_options(args)
     pools, link, info = build_deployment(args, model, cfg, log=log)
     specs, winfo, conc = _make_specs(args, rate, None)
-    sink = RecordSink(stream_path=args.records_jsonl, slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms)
-    delay = max((getattr(p.cost.cal, "request_overhead_s", 0.0) for p in pools if p.cost.cal is not None),
-                default=0.0)
+    sink = RecordSink(stream_path=args.records_jsonl, slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms,
+                      slo_itl_ms=args.slo_itl_ms)
+    delay = max(p.cost.request_overhead_s for p in pools)
     sim = Simulation(cfg, pools, link=link, sink=sink, concurrency=conc, duration_s=args.duration,
                      request_delay_s=delay)
     t0 = time.perf_counter()
     sim.run(specs)
     wall = time.perf_counter() - t0
-    summary = summary_from_sink(sink, slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms)
+    summary = sink.summary()
     span = summary.duration_s
     units = sum(p["units"] for p in info["pools"])
     power_w = sum(p["units"] * p["power_w_per_unit"] for p in info["pools"])
@@ -220,7 +277,7 @@ def run_once(args, model, rate, *, log=lambda s: None):
     out_tok = summary.total_output_tokens
     stats = {
         "wall_s": wall, "events": sim.num_events, "steps": sim.num_steps,
-        "requests_per_wall_s": sink.n / wall if wall > 0 else None,
+        "requests_per_wall_s": sink.builder.n / wall if wall > 0 else None,
         "events_per_wall_s": sim.num_events / wall if wall > 0 else None,
         "units": units, "power_kw": power_w / 1000.0, "usd_per_hour": usd_h,
         "joules_per_output_token": power_w * span / out_tok if out_tok else None,
@@ -234,7 +291,8 @@ def run_once(args, model, rate, *, log=lambda s: None):
         source="sim", model=model.name, workload=winfo, num_requests=args.num_requests, duration_s=args.duration,
         rate=None if rate is None or math.isinf(rate) else rate, arrival=arrival_desc,
         burstiness=args.burstiness if arrival_desc == "gamma" else None, concurrency=conc,
-        slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms, seed=args.seed, ignore_eos=True,
+        slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms, slo_itl_ms=args.slo_itl_ms, seed=args.seed,
+        ignore_eos=True,
         tokenizer=None, label=args.label, started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         splitserve_version=__version__,
         extra={"deployment": info, "sim": stats,
@@ -281,14 +339,24 @@ def simulate_main(argv: list[str]) -> int:
     return 0
 
 
+_POOL_NAMES = {"both": "aggregated pool", "prefill": "prefill pool", "decode": "decode pool"}
+
+
 def _cost_lines(r) -> str:
+    from splitserve.bench.metrics import health_line
+
     s = r.config.extra["sim"]
     pools = r.config.extra["deployment"]["pools"]
-    util = ", ".join(f"{p['role']} {p['utilization'] * 100:.0f}% busy" for p in pools)
-    parts = [f"{s['units']} units, {s['power_kw']:.1f} kW, ${s['usd_per_hour']:.2f}/h; {util}"]
+    util = ", ".join(f"{_POOL_NAMES.get(p['role'], p['role'])} {p['utilization'] * 100:.0f}% busy" for p in pools)
+    units = s["units"]
+    parts = [f"{units} unit{'s' if units != 1 else ''}, {s['power_kw']:.1f} kW, ${s['usd_per_hour']:.2f}/h; {util}"]
     if s.get("joules_per_output_token") is not None:
-        parts.append(f"{s['joules_per_output_token']:.3g} J and ${s['usd_per_million_output_tokens']:.3g} "
-                     "per million output tokens (at the list price, whole run)")
+        parts.append(f"{s['joules_per_output_token']:.3g} J per output token; "
+                     f"${s['usd_per_million_output_tokens']:.3g} per million output tokens "
+                     "(at the list price, whole run)")
+    health = health_line(r.summary)
+    if health:
+        parts.append(health)
     return "\n".join(parts) + "\n"
 
 
@@ -342,11 +410,11 @@ def calibrate_main(argv: list[str]) -> int:
 
 # ---- catalogs ------------------------------------------------------------------------------------
 def hardware_main(argv: list[str]) -> int:
-    from splitserve.sim.cost import FAMILIES
+    from splitserve.sim.families import DEFAULT_STACK, FAMILIES, stacks_of
     from splitserve.sim.hardware import HARDWARE, LINKS
 
     p = argparse.ArgumentParser(prog="splitserve hardware", description="The simulator's hardware catalog.")
-    p.add_argument("name", nargs="?", help="show one entry with its sources")
+    p.add_argument("name", nargs="?", help="show one entry with its sources and its family's calibration")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     if args.json:
@@ -363,18 +431,26 @@ def hardware_main(argv: list[str]) -> int:
             h = get_hardware(args.name)
         except ValueError as exc:
             return _die(str(exc), "splitserve hardware")
-        f = FAMILIES[h.family]
         print(f"{h.name}: {h.title} (family {h.family})")
         print(f"  memory {h.memory_bytes / 1e9:g} GB at {h.mem_bandwidth / 1e12:g} TB/s; peak "
               + ", ".join(f"{k} {v / 1e12:,.0f} TFLOPS" for k, v in h.flops.items()))
         print(f"  {h.power_w:,.0f} W, ${h.price_per_hour:g}/unit-hour (parameter); scale-up {h.scale_up} "
               f"({h.scale_up_size} units), scale-out {h.scale_out}")
-        print(f"  cost model: eff_compute {f.eff_compute}, eff_mem {f.eff_mem}, layer floor "
-              f"{f.layer_floor_s * 1e6:g} us, step floor {f.step_floor_s * 1e6:g} us ({f.source})")
         if h.notes:
             print(f"  {h.notes}")
         for s in h.sources:
             print(f"  source: {s}")
+        for stack in stacks_of(h.family):
+            f = FAMILIES[f"{h.family}/{stack}"]
+            default = " (default)" if stack == DEFAULT_STACK[h.family] else ""
+            print(f"  --stack {stack}{default}: {'calibrated' if f.calibrated else 'UNCALIBRATED'}; "
+                  f"eff_compute {f.eff_compute:.3g}" + (f" (FP4 {f.eff_compute_fp4:.3g})" if f.eff_compute_fp4 else "")
+                  + f", eff_mem {f.eff_mem:.3g}, GEMM half-efficiency at {f.gemm_half_tokens:g} tokens, "
+                  f"overlap p={f.overlap:g}, layer floor {f.layer_floor_s * 1e6:.3g} us, step floor "
+                  f"{f.step_floor_s * 1e6:.3g} us")
+            print(f"    fitted to: {f.source}")
+            if f.expected_error:
+                print(f"    expected error: {f.expected_error}")
         return 0
     print("| id | hardware | family | memory GB | TB/s | BF16 TFLOPS | FP8 TFLOPS | W | $/h | scale-up |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---|")
@@ -383,11 +459,16 @@ def hardware_main(argv: list[str]) -> int:
         print(f"| {h.name} | {h.title} | {h.family} | {mem} | {h.mem_bandwidth / 1e12:g} | "
               f"{h.flops.get('bf16', 0) / 1e12:,.0f} | {h.flops.get('fp8', 0) / 1e12:,.0f} | {h.power_w:,.0f} | "
               f"{h.price_per_hour:g} | {h.scale_up} |")
+    print("\n| family/stack | calibrated | expected error on unfitted published checks | fitted to |")
+    print("|---|---|---|---|")
+    for k, f in FAMILIES.items():
+        print(f"| {k} | {'yes' if f.calibrated else 'NO'} | {f.expected_error or '-'} | {f.source} |")
     print("\n| link | GB/s per unit, one way | latency us |")
     print("|---|---:|---:|")
     for k in LINKS.values():
         print(f"| {k.name} | {k.bandwidth / 1e9:g} | {k.latency_s * 1e6:g} |")
-    print("\n`splitserve hardware ID` shows an entry's sources. Prices are parameters (--price).")
+    print("\n`splitserve hardware ID` shows an entry's sources and its family's stacks (--stack). "
+          "Prices are parameters (--price).")
     return 0
 
 

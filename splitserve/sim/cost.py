@@ -3,14 +3,17 @@
 A step computes `T` tokens (decode tokens and prefill chunks together), samples `S` of them,
 scores `A` (query, key) pairs in attention and reads `K` tokens of KV cache. Per layer:
 
-    t_layer = max(FLOPs / (peak * eff_compute), bytes / (bandwidth * eff_mem)) + layer_floor
+    t_layer = pnorm(FLOPs / (peak * eff(T)), bytes / (bandwidth * eff_mem)) + layer_floor
 
-summed over the layers (one tensor-parallel shard each), plus the LM head, plus tensor-parallel
-all-reduces (two per layer), pipeline hops between stages, and a per-step floor. Bytes are the
+with eff(T) = eff_compute * T / (T + gemm_half_tokens) (a step of few tokens leaves the matrix
+units idle) and pnorm(c, m) = (c^p + m^p)^(1/p) (compute and memory traffic overlap imperfectly
+near the ridge point; p = 0 means max), summed over the layers (one tensor-parallel shard each),
+plus the LM head, plus tensor-parallel collectives (all-reduces; all-to-all for expert parallel),
+pipeline hops between stages, and a per-step floor. Bytes are the
 weights read once per step (for MoE: the experts the batch actually touches), the KV read and
 written, and activations are neglected. `eff_*` and the floors are *family* parameters,
-calibrated once per hardware family from the published measurements listed in FAMILIES, never
-per model.
+calibrated once per hardware family and serving stack from published measurements
+(families.py, published.py), never per model.
 
 Why floors: a pure roofline says one CS-3 decodes Llama-3.1-8B at 16-bit in 0.8 us per token
 (16 GB / 21 PB/s), i.e. over a million tokens/s for one stream. Measured: 1,800 tok/s. A single
@@ -33,48 +36,13 @@ from typing import Any
 import math
 from dataclasses import dataclass, field
 
+from splitserve.sim.families import FAMILIES, FamilyParams, get_family
 from splitserve.sim.hardware import LINKS, Hardware, Link
 from splitserve.sim.models import COMPUTE_DTYPE, ModelSpec, dtype_bytes
 
+__all__ = ["FAMILIES", "FamilyParams", "Deployment", "SpeculativeStepCost", "StepCost", "ceil_pow2"]
+
 ACT_BYTES = 2.0  # activations travel in 16-bit
-
-
-@dataclass(frozen=True)
-class FamilyParams:
-    eff_compute: float  # fraction of peak FLOP/s reached by large matmuls
-    eff_mem: float  # fraction of peak bandwidth reached streaming weights and KV
-    layer_floor_s: float  # latency floor per layer per step
-    step_floor_s: float  # per-step overhead: scheduling, sampling, host round trip
-    source: str
-
-
-# Calibrated once per family. The derivations are reproduced by tests/sim/test_calibration.py
-# (splitserve.sim.published.fit_family) and documented in docs/simulator.md.
-FAMILIES: dict[str, FamilyParams] = {
-    # GPUs. eff_mem = 0.623: best H100 cloud Llama-3.1-8B single stream, 242 tok/s (Artificial
-    # Analysis, 2024; taken as FP8 weights on one H100 SXM: 16-bit cannot exceed 209 tok/s) with
-    # the floors below. eff_compute = 0.754: MLPerf Inference v4.1, one H200, Llama-2-70B offline
-    # 4,488 tok/s (FP8 weights and KV), simulated with 294-in/294-out requests at batch 1,024. Floors: assumptions (CUDA-graph launch + small-kernel tails ~8 us
-    # per layer; scheduling + sampling ~250 us per step, as in vLLM/TRT-LLM profiles).
-    "gpu": FamilyParams(0.754, 0.623, 8e-6, 250e-6,
-                        "H100 Llama-3.1-8B 242 tok/s single stream; MLPerf v4.1 H200 Llama-2-70B 4,488 tok/s"),
-    # TPUs and Trainium: HBM accelerators with the same roofline structure; no calibration point
-    # of their own is used (they are validation targets), so they take the GPU family's values
-    # with a larger per-step floor for the XLA/Neuron host loop (assumption).
-    "tpu": FamilyParams(0.754, 0.623, 8e-6, 400e-6, "GPU family values (HBM accelerator), step floor assumed"),
-    "trainium": FamilyParams(0.754, 0.623, 8e-6, 400e-6, "GPU family values (HBM accelerator), step floor assumed"),
-    # Cerebras CS-3: Llama-3.1-8B at 16-bit, 1,800 output tok/s single stream (Cerebras Inference
-    # launch, Aug 2024) -> 17 us per layer traversal of the wafer with a 20 us step floor. The
-    # efficiencies are assumptions (they only matter at batch sizes where the floor stops dominating).
-    "wafer": FamilyParams(0.30, 0.50, 16.7e-6, 20e-6, "Cerebras Llama-3.1-8B 1,800 tok/s single stream (16-bit)"),
-    # Groq LPU: Llama-3.1-8B at 8-bit, 751 tok/s (Artificial Analysis, 2024) -> ~35 us per layer
-    # (the deterministic pipeline's per-layer compute and chip-to-chip hand-off; the replica is
-    # TP2 x PP32, whose explicit hops and all-reduces come on top), 20 us step floor.
-    "lpu": FamilyParams(0.30, 0.50, 34.9e-6, 20e-6, "Groq Llama-3.1-8B 751 tok/s (8-bit)"),
-    # local-cpu is not a roofline: see calibration.py. These values only serve models other than
-    # the calibrated one when no calibration file is found.
-    "cpu": FamilyParams(0.30, 0.50, 30e-6, 1e-3, "fallback; run `splitserve simulate calibrate`"),
-}
 
 
 @dataclass
@@ -91,10 +59,18 @@ class Deployment:
     tp_link: Link | None = None  # scale-up link (tensor parallel)
     pp_link: Link | None = None  # between pipeline stages
     calibration: Any = None  # local-cpu: a Calibration
+    stack: str | None = None  # serving software whose terms apply (default: the family's calibrated one)
+    ep: int = 1  # expert parallel over the replica's TP units: experts split, all-to-all on the scale-up link
+    attn_dp: bool = False  # attention data parallel: each TP rank attends its own sequences with full KV heads
 
     def __post_init__(self) -> None:
+        if self.ep > 1 and (not self.model.is_moe or self.ep != self.tp):
+            raise ValueError(f"expert parallelism needs a mixture-of-experts model and EP = TP (got EP{self.ep}, "
+                             f"TP{self.tp}, {self.model.name})")
+        if self.attn_dp and self.tp < 2:
+            raise ValueError("attention data parallelism needs TP >= 2 (it replaces attention's tensor split)")
         if self.family is None:
-            self.family = FAMILIES[self.hardware.family]
+            self.family = get_family(self.hardware.family, self.stack)
         if self.tp_link is None:
             self.tp_link = LINKS[self.hardware.scale_up]
         if self.pp_link is None:
@@ -118,11 +94,29 @@ class Deployment:
         return self.units * self.hardware.memory_bytes * self.hardware.memory_usable
 
     @property
+    def kv_replication(self) -> float:
+        """Copies of each KV entry across the TP ranks: a model with fewer KV heads than ranks (MLA
+        has one latent head) repeats its KV on every rank, unless attention runs data parallel."""
+        if self.attn_dp:
+            return 1.0
+        heads = 1 if self.model.is_mla else self.model.num_kv_heads
+        return self.tp / min(self.tp, heads)
+
+    @property
+    def attn_weight_copies_bytes(self) -> float:
+        """Attention data parallel: every rank holds the whole attention weights."""
+        if not self.attn_dp:
+            return 0.0
+        return (self.tp - 1) * self.model.num_layers * self.model.attn_params * dtype_bytes(self.weight_dtype)
+
+    @property
     def kv_capacity_tokens(self) -> int:
-        return max(0, int((self.memory_bytes - self.weight_bytes) // self.kv_bytes_per_token))
+        free = self.memory_bytes - self.weight_bytes - self.attn_weight_copies_bytes
+        return max(0, int(free // (self.kv_bytes_per_token * self.kv_replication)))
 
     def describe(self) -> str:
-        par = f"TP{self.tp}" + (f" x PP{self.pp}" if self.pp > 1 else "")
+        par = f"TP{self.tp}" + (f" x PP{self.pp}" if self.pp > 1 else "") + (f", EP{self.ep}" if self.ep > 1 else "")
+        par += ", attention DP" if self.attn_dp else ""
         return (f"{self.units} x {self.hardware.name} ({par}), {self.model.name} "
                 f"{self.weight_dtype} weights, {self.kv_dtype} KV")
 
@@ -140,51 +134,70 @@ class StepCost:
         m, hw, fam = d.model, d.hardware, d.family
         tp = d.tp
         wb = dtype_bytes(d.weight_dtype)
-        peak = hw.peak_flops(COMPUTE_DTYPE.get(d.weight_dtype.lower(), "bf16")) * fam.eff_compute
+        cdt = COMPUTE_DTYPE.get(d.weight_dtype.lower(), "bf16")
+        eff = fam.eff_compute_fp4 if cdt == "fp4" and fam.eff_compute_fp4 and "fp4" in hw.flops else fam.eff_compute
+        peak = hw.peak_flops(cdt) * eff
         bw = hw.mem_bandwidth * fam.eff_mem
         self.peak, self.bw = peak, bw
         # FLOPs per computed token in the layers (active parameters), per (q, k) pair, per sample.
         self.f_tok = 2.0 * m.layer_params(active=True) / (tp * peak)
         self.f_pair = m.attn_flops_per_pair() / (tp * peak)
         self.f_head = 2.0 * m.lm_head_params / (tp * peak)
+        # A step's matmuls have T rows: at T tokens they reach T / (T + half) of their large-size
+        # efficiency, i.e. cost `half` extra tokens' worth of compute.
+        self.c_ramp = fam.gemm_half_tokens * self.f_tok
+        self.p = fam.overlap
+        self.inv_p = 1.0 / fam.overlap if fam.overlap else 0.0
+        # below this ratio of the smaller to the larger term the p-norm is the larger term to 1e-12
+        self.p_cut = (fam.overlap * 1e-12) ** self.inv_p if fam.overlap else 0.0
         # Bytes: dense part of the layers always read; experts: the ones the batch touches.
         dense_layer_params = m.layer_params(active=False)
         if m.is_moe:
             dense_layer_params -= m.num_moe_layers * m.num_experts * m.expert_params
-        self.m_dense = dense_layer_params * wb / (tp * bw)
+        attn = m.num_layers * m.attn_params
+        # attention DP: each rank reads the whole attention weights (its own sequences' attention)
+        self.m_dense = ((dense_layer_params - attn) / tp + (attn if d.attn_dp else attn / tp)) * wb / bw
         self.moe = m.is_moe
         if m.is_moe:
             self.m_all_experts = m.num_moe_layers * m.num_experts * m.expert_params * wb / (tp * bw)
             self.expert_miss = 1.0 - m.experts_per_token / m.num_experts  # P(a token skips an expert)
-        self.m_kv = d.kv_bytes_per_token / (tp * bw)
+        self.m_kv = d.kv_bytes_per_token * d.kv_replication / (tp * bw)
         self.m_head = m.lm_head_params * wb / (tp * bw)
         self.floor = m.num_layers * fam.layer_floor_s + fam.step_floor_s
-        # Tensor parallel: two all-reduces of T x hidden activations per layer (ring).
+        # Tensor parallel: per layer an all-reduce of T x hidden activations (ring) after attention
+        # (none with attention DP) and after the MLP; with expert parallelism a MoE layer instead
+        # sends each token to its experts' ranks and back (all-to-all dispatch and combine).
         act = m.hidden_size * ACT_BYTES
+        self.tp_lat = self.tp_tok = 0.0
         if tp > 1:
             link = d.tp_link
-            self.tp_lat = 2 * m.num_layers * link.latency_s
-            self.tp_tok = 2 * m.num_layers * 2 * (tp - 1) / tp * act / link.bandwidth
-        else:
-            self.tp_lat = self.tp_tok = 0.0
+            moe_a2a = m.num_moe_layers if d.ep > 1 else 0
+            reduces = (0 if d.attn_dp else m.num_layers) + m.num_layers - moe_a2a
+            self.tp_lat = reduces * link.latency_s + 2 * moe_a2a * link.latency_s
+            self.tp_tok = (reduces * 2 * (tp - 1) / tp * act
+                           + moe_a2a * 2 * m.experts_per_token * (d.ep - 1) / d.ep * act) / link.bandwidth
         if d.pp > 1:
             self.pp_lat = (d.pp - 1) * d.pp_link.latency_s
             self.pp_tok = (d.pp - 1) * act / d.pp_link.bandwidth
         else:
             self.pp_lat = self.pp_tok = 0.0
         self.cal = d.calibration
+        # before a request's first step: API, tokenization, engine set-up (local-cpu: measured)
+        self.request_overhead_s = self.cal.request_overhead_s if self.cal is not None else fam.request_overhead_s
 
     def time(self, T: int, S: int, A: int, K: int, B: int, P: int = 0) -> float:
         """Seconds for a step computing T tokens of B sequences (P of them prefill chunks),
         sampling S, with A attention pairs and K KV tokens read."""
         if self.cal is not None:
             return self.cal.step_time(T, S, A, K, B, P)
-        compute = T * self.f_tok + A * self.f_pair
+        compute = T * self.f_tok + self.c_ramp + A * self.f_pair
         if self.moe:
             mem = self.m_dense + self.m_all_experts * (1.0 - self.expert_miss ** T) + (K + T) * self.m_kv
         else:
             mem = self.m_dense + (K + T) * self.m_kv
-        t = compute if compute > mem else mem
+        t, lo = (compute, mem) if compute > mem else (mem, compute)
+        if lo > t * self.p_cut and self.p:  # near the ridge compute and memory overlap imperfectly
+            t = (t ** self.p + lo ** self.p) ** self.inv_p
         if S:
             hc, hm = S * self.f_head, self.m_head
             t += hc if hc > hm else hm
@@ -209,8 +222,45 @@ class StepCost:
         return 1.0 / self.decode_step(1, context)
 
 
-def kv_transfer_s(num_tokens: int, kv_bytes_per_token: float, link: Link) -> float:
-    return link.latency_s + num_tokens * kv_bytes_per_token / link.bandwidth
+@dataclass
+class SpeculativeStepCost:
+    """Speculative decoding on top of a StepCost. Each decode step drafts `k` tokens per sequence
+    (a draft model's k decode steps, or n-gram lookup at no accelerator cost) and verifies them in
+    one target step of k + 1 tokens per sequence; with per-token acceptance `alpha` a sequence
+    gains E = (1 - alpha^(k+1)) / (1 - alpha) tokens per step. The scheduler still emits one token
+    per step, so a decode-only step is charged (draft + verify) / E: throughput and mean TPOT come
+    out right, the gaps between tokens are smoothed (the real stream arrives in bursts of E).
+    Steps with a prefill chunk run as without speculation."""
+
+    base: StepCost
+    k: int
+    alpha: float
+    draft: StepCost | None = None  # None: n-gram / self-drafting (no accelerator time)
+
+    def __post_init__(self) -> None:
+        if self.k < 1 or not 0.0 <= self.alpha < 1.0:
+            raise ValueError("speculative decoding needs --spec-tokens >= 1 and 0 <= --spec-acceptance < 1")
+        self.cal = self.base.cal
+        self.request_overhead_s = self.base.request_overhead_s
+        self.gain = (1.0 - self.alpha ** (self.k + 1)) / (1.0 - self.alpha)
+
+    def time(self, T: int, S: int, A: int, K: int, B: int, P: int = 0) -> float:
+        if P:
+            return self.base.time(T, S, A, K, B, P)
+        k1 = self.k + 1
+        t = self.base.time(T * k1, S, A * k1, K + B * self.k, B, 0)
+        if self.draft is not None:
+            t += self.k * self.draft.time(T, S, A, K, B, 0)
+        return t / self.gain
+
+    def decode_step(self, batch: int, context: int) -> float:
+        return self.time(batch, batch, batch * (context + 1), batch * (context + 1), batch)
+
+    def prefill_time(self, prompt: int, chunk: int = 1 << 30) -> float:
+        return self.base.prefill_time(prompt, chunk)
+
+    def single_stream_tok_s(self, context: int = 1024) -> float:
+        return 1.0 / self.decode_step(1, context)
 
 
 def ceil_pow2(n: int) -> int:

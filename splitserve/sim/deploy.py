@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
-from splitserve.sim.cost import FAMILIES, Deployment, StepCost, ceil_pow2
+from splitserve.sim.cost import Deployment, SpeculativeStepCost, StepCost, ceil_pow2
 from splitserve.sim.hardware import Hardware
 from splitserve.sim.models import ModelSpec, dtype_bytes
 from splitserve.sim.simulator import PoolSpec, SimConfig
@@ -49,7 +50,8 @@ class PoolPlan:
         d = self.deployment
         mb = f", {self.microbatches} micro-batches" if self.microbatches > 1 else ""
         return (f"{self.units} x {d.hardware.name} = {self.replicas} replica(s) of {d.units} "
-                f"({'TP' + str(d.tp)}{' x PP' + str(d.pp) if d.pp > 1 else ''}{mb}); "
+                f"({'TP' + str(d.tp)}{' x PP' + str(d.pp) if d.pp > 1 else ''}"
+                f"{', EP' + str(d.ep) if d.ep > 1 else ''}{', attention DP' if d.attn_dp else ''}{mb}); "
                 f"{self.blocks_per_worker} KV blocks per scheduler")
 
 
@@ -75,7 +77,8 @@ def shape_for(hw: Hardware, model: ModelSpec, units: int) -> tuple[int, int]:
 
 def plan_pool(hw: Hardware, model: ModelSpec, *, units: int | None, weight_dtype: str, kv_dtype: str,
               cfg: SimConfig, tp: int | None = None, pp: int | None = None, calibration=None,
-              max_blocks_per_worker: int | None = None) -> PoolPlan:
+              max_blocks_per_worker: int | None = None, stack: str | None = None, ep: int | None = None,
+              attn_dp: bool = False) -> PoolPlan:
     need = min_units(hw, model, weight_dtype, kv_dtype, cfg.max_model_len)
     if tp is not None or pp is not None:
         tp, pp = tp or 1, pp or 1
@@ -85,7 +88,8 @@ def plan_pool(hw: Hardware, model: ModelSpec, *, units: int | None, weight_dtype
         how = (f"fewest {hw.name} units holding {model.weight_bytes(weight_dtype) / 1e9:.1f} GB of "
                f"{weight_dtype} weights plus KV for {WORKING_KV_REQUESTS} requests of "
                f"{cfg.max_model_len} tokens: {need}, shaped TP{tp} x PP{pp}")
-    dep = Deployment(hw, model, weight_dtype, kv_dtype, tp, pp, calibration=calibration)
+    dep = Deployment(hw, model, weight_dtype, kv_dtype, tp, pp, calibration=calibration, stack=stack,
+                     ep=ep or 1, attn_dp=attn_dp)
     per_replica = dep.units
     if units is None:
         replicas = 1
@@ -113,9 +117,18 @@ def plan_pool(hw: Hardware, model: ModelSpec, *, units: int | None, weight_dtype
     return PoolPlan(dep, replicas, mb, blocks, note)
 
 
-def pool_spec(plan: PoolPlan, role: str) -> PoolSpec:
+def pool_spec(plan: PoolPlan, role: str, speculative: tuple | None = None) -> PoolSpec:
+    """`speculative`: (draft tokens, acceptance, draft ModelSpec or None for n-gram drafting)."""
     d = plan.deployment
-    return PoolSpec(role, plan.num_workers, plan.blocks_per_worker, StepCost(d),
+    cost: Any = StepCost(d)
+    if speculative is not None and role != "prefill":
+        k, alpha, draft_model = speculative
+        draft = None
+        if draft_model is not None:  # the draft runs on the same units, in the same dtype
+            draft = StepCost(Deployment(d.hardware, draft_model, d.weight_dtype, d.kv_dtype, d.tp, 1, family=d.family,
+                                        tp_link=d.tp_link))
+        cost = SpeculativeStepCost(cost, k, alpha, draft)
+    return PoolSpec(role, plan.num_workers, plan.blocks_per_worker, cost,
                     units_per_worker=d.units / plan.microbatches,
                     kv_bytes_per_token=d.kv_bytes_per_token, num_layers=d.model.num_layers)
 
@@ -125,6 +138,3 @@ def default_kv_dtype(weight_dtype: str) -> str:
     deployments - MLPerf, Groq - run)."""
     return "fp8" if dtype_bytes(weight_dtype) <= 1 else "bf16"
 
-
-def family_of(hw: Hardware):
-    return FAMILIES[hw.family]

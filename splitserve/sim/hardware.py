@@ -63,6 +63,14 @@ LINKS: dict[str, Link] = {
     "cs3-io": Link("cs3-io", 12 * 100e9 / 8, 10e-6,
                    "Cerebras CS-3: 12 x 100 GbE system I/O (150 GB/s); ~10 us Ethernet latency (assumption)"),
     "pcie5": Link("pcie5", 64 * GB, 5e-6, "PCIe 5.0 x16: 64 GB/s each way"),
+    "nvlink3": Link("nvlink3", 300 * GB, 3e-6, "NVIDIA A100 datasheet: NVLink 3 600 GB/s bidirectional per GPU"),
+    "nvlink-bridge": Link("nvlink-bridge", 450 * GB, 3e-6,
+                          "NVIDIA H200 NVL datasheet: 2- or 4-way NVLink bridge, 900 GB/s bidirectional per GPU"),
+    "ib-hdr": Link("ib-hdr", 25 * GB, 5e-6, "NVIDIA Quantum InfiniBand HDR: 200 Gb/s per port (DGX A100)"),
+    "ici-v5e": Link("ici-v5e", 200 * GB / 2, 5e-6, "Google Cloud TPU v5e documentation: ICI 1,600 Gbps per chip"),
+    "samba-rdu": Link("samba-rdu", 200 * GB / 2, 5e-6,
+                      "SambaNova SN40L peer-to-peer RDU links inside a SambaRack: bandwidth not published "
+                      "(assumption)"),
     "tcp-loopback": Link("tcp-loopback", 2 * GB, 50e-6, "this machine's loopback TCP (order of magnitude)"),
 }
 
@@ -71,7 +79,8 @@ LINKS: dict[str, Link] = {
 class Hardware:
     name: str
     title: str
-    family: str  # cost-model family: gpu | tpu | trainium | lpu | wafer | cpu
+    family: str  # cost-model family (families.py): hopper | blackwell | ampere | mi300 | mi355 | trainium |
+    # tpu | rdu | lpu | wafer | cpu
     memory_bytes: float  # memory that holds weights and KV (HBM, or on-chip SRAM for LPU / CS-3)
     mem_bandwidth: float  # bytes/s
     flops: dict[str, float]  # peak dense FLOP/s by compute dtype: bf16, fp8, fp4
@@ -145,7 +154,7 @@ _CATALOG: list[Hardware] = [
         aliases=("trainium3",),
     ),
     Hardware(
-        "h100", "NVIDIA H100 SXM5 80GB", "gpu", 80 * GB, 3.35 * TB,
+        "h100", "NVIDIA H100 SXM5 80GB", "hopper", 80 * GB, 3.35 * TB,
         {"bf16": 989 * TB, "fp8": 1979 * TB},
         700, 2.99, "nvlink4", "ib-ndr",
         sources=(
@@ -156,7 +165,7 @@ _CATALOG: list[Hardware] = [
         aliases=("h100-sxm", "h100-sxm5"),
     ),
     Hardware(
-        "h200", "NVIDIA H200 SXM 141GB", "gpu", 141 * GB, 4.8 * TB,
+        "h200", "NVIDIA H200 SXM 141GB", "hopper", 141 * GB, 4.8 * TB,
         {"bf16": 989 * TB, "fp8": 1979 * TB},
         700, 3.50, "nvlink4", "ib-ndr",
         sources=(
@@ -166,7 +175,7 @@ _CATALOG: list[Hardware] = [
         ),
     ),
     Hardware(
-        "b200", "NVIDIA B200 180GB", "gpu", 180 * GB, 8 * TB,
+        "b200", "NVIDIA B200 180GB", "blackwell", 180 * GB, 8 * TB,
         {"bf16": 2250 * TB, "fp8": 4500 * TB, "fp4": 9000 * TB},
         1000, 5.50, "nvlink5", "ib-xdr",
         sources=(
@@ -176,7 +185,7 @@ _CATALOG: list[Hardware] = [
         ),
     ),
     Hardware(
-        "b300", "NVIDIA B300 (Blackwell Ultra) 288GB", "gpu", 288 * GB, 8 * TB,
+        "b300", "NVIDIA B300 (Blackwell Ultra) 288GB", "blackwell", 288 * GB, 8 * TB,
         {"bf16": 2250 * TB, "fp8": 4500 * TB, "fp4": 13500 * TB},
         1100, 7.00, "nvlink5", "ib-xdr",
         sources=(
@@ -187,7 +196,7 @@ _CATALOG: list[Hardware] = [
         aliases=("gb300",),
     ),
     Hardware(
-        "mi300x", "AMD Instinct MI300X", "gpu", 192 * GB, 5.3 * TB,
+        "mi300x", "AMD Instinct MI300X", "mi300", 192 * GB, 5.3 * TB,
         {"bf16": 1307 * TB, "fp8": 2615 * TB},
         750, 2.50, "infinity-fabric", "ib-ndr",
         sources=(
@@ -197,7 +206,7 @@ _CATALOG: list[Hardware] = [
         ),
     ),
     Hardware(
-        "mi355x", "AMD Instinct MI355X", "gpu", 288 * GB, 8 * TB,
+        "mi355x", "AMD Instinct MI355X", "mi355", 288 * GB, 8 * TB,
         {"bf16": 2500 * TB, "fp8": 5000 * TB, "fp4": 10000 * TB},
         1400, 4.50, "infinity-fabric-mi355", "ib-xdr",
         sources=(
@@ -227,6 +236,75 @@ _CATALOG: list[Hardware] = [
             "Power and price: assumptions, override with --price",
         ),
         aliases=("ironwood", "tpu-v7"),
+    ),
+    Hardware(
+        "a100", "NVIDIA A100 SXM4 80GB", "ampere", 80 * GB, 2.039 * TB,
+        {"bf16": 312 * TB},
+        400, 1.50, "nvlink3", "ib-hdr",
+        sources=(
+            "NVIDIA A100 Tensor Core GPU datasheet: 80 GB HBM2e, 2,039 GB/s, BF16/FP16 312 TFLOPS dense, "
+            "400 W (SXM), NVLink 600 GB/s; no FP8 (8-bit weights run on the 16-bit units here); the "
+            "testbed of DistServe, Splitwise and Mooncake",
+            "Price: assumption ~$1.50/GPU-hour, override with --price",
+        ),
+        aliases=("a100-80gb", "a100-sxm"),
+    ),
+    Hardware(
+        "h200-nvl", "NVIDIA H200 NVL 141GB (PCIe)", "hopper", 141 * GB, 4.8 * TB,
+        {"bf16": 835 * TB, "fp8": 1671 * TB},
+        600, 3.20, "nvlink-bridge", "ib-ndr", scale_up_size=4,
+        sources=(
+            "NVIDIA H200 Tensor Core GPU datasheet, H200 NVL column: 141 GB HBM3e, 4.8 TB/s, FP8 3,341 and "
+            "BF16 1,671 TFLOPS with sparsity (half dense), up to 600 W, 2- or 4-way NVLink bridge 900 GB/s",
+            "Price: assumption, override with --price",
+        ),
+        aliases=("h200nvl",),
+    ),
+    Hardware(
+        "gb200", "NVIDIA GB200 NVL72 (per Blackwell GPU)", "blackwell", 186 * GB, 8 * TB,
+        {"bf16": 2500 * TB, "fp8": 5000 * TB, "fp4": 10000 * TB},
+        1650, 6.50, "nvlink5", "ib-xdr", scale_up_size=72,
+        sources=(
+            "NVIDIA GB200 NVL72 datasheet: 72 Blackwell GPUs, 13.4 TB HBM3e (186 GB each), 576 TB/s (8 TB/s "
+            "each), FP4 1,440 / FP8 720 / FP16 360 PFLOPS with sparsity (half dense), NVLink 5 130 TB/s in "
+            "one 72-GPU domain",
+            "Power: ~120 kW per NVL72 rack / 72 (GPU, its share of Grace CPUs and NVLink switches; assumption)",
+            "Price: assumption, override with --price",
+        ),
+        aliases=("gb200-nvl72", "nvl72"),
+    ),
+    Hardware(
+        "mi325x", "AMD Instinct MI325X", "mi300", 256 * GB, 6 * TB,
+        {"bf16": 1307 * TB, "fp8": 2615 * TB},
+        1000, 3.00, "infinity-fabric", "ib-ndr",
+        sources=(
+            "AMD Instinct MI325X datasheet: 256 GB HBM3E, 6 TB/s, FP16/BF16 1,307.4 and FP8 2,614.9 TFLOPS "
+            "dense (the MI300X's CDNA 3 compute), 1,000 W, Infinity Fabric 896 GB/s",
+            "Price: assumption, override with --price",
+        ),
+    ),
+    Hardware(
+        "sn40l", "SambaNova SN40L RDU (one socket)", "rdu", 64 * GB, 2 * TB,
+        {"bf16": 638 * TB},
+        600, 3.00, "samba-rdu", "efa-instance", scale_up_size=16,
+        sources=(
+            "SambaNova SN40L (Hot Chips 2024; launch 19 Sep 2023): 638 BF16 TFLOPS per socket, 520 MB on-chip "
+            "SRAM, 64 GB HBM3 and up to 1.5 TB DDR5 per socket, 16 sockets per SambaRack SN40L-16",
+            "HBM bandwidth, power and price: not published in the sources found; 2 TB/s, 600 W and $3/h are "
+            "assumptions (override --price). The DDR tier is not modelled: weights and KV must fit the HBM",
+        ),
+        aliases=("sambanova", "samba"),
+    ),
+    Hardware(
+        "tpu-v5e", "Google TPU v5e", "tpu", 16 * GB, 0.819 * TB,
+        {"bf16": 197 * TB, "fp8": 394 * TB},
+        200, 1.20, "ici-v5e", "ici-v5e", scale_up_size=256,
+        sources=(
+            "Google Cloud TPU v5e documentation: 16 GB HBM2, 819 GB/s, 197 TFLOPS BF16, 394 TOPS INT8, ICI "
+            "1,600 Gbps, pods of 256 chips",
+            "Power: not published; ~200 W assumed. Price: Cloud TPU v5e on-demand $1.20/chip-hour",
+        ),
+        aliases=("v5e",),
     ),
     Hardware(
         "local-cpu", "this machine's CPU (calibrated from the real engine)", "cpu", 2 * GB, 20 * GB,

@@ -4,7 +4,9 @@ For each candidate hardware it searches the number of replicas (aggregated) and,
 `--disaggregated`, the prefill and decode pool sizes (prefill hardware x decode hardware over the
 candidates), simulating the workload at the given rate for each size. A size meets the SLOs when
 at least `--slo-fraction` of the requests have TTFT <= --slo-ttft-ms and TPOT <= --slo-tpot-ms
-(goodput, as bench computes it). The search assumes more replicas never hurt (binary search).
+(and, with --slo-itl-ms, a longest gap between two tokens within it: goodput, as bench computes it)
+and the run reached a steady state (a pool that falls ever further behind never meets an SLO,
+whatever its averages say). The search assumes more replicas never hurt (binary search).
 """
 
 from __future__ import annotations
@@ -49,15 +51,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def plan_main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    if args.slo_ttft_ms is None and args.slo_tpot_ms is None:
-        print("splitserve plan: give --slo-ttft-ms and/or --slo-tpot-ms", file=sys.stderr)
+    if args.slo_ttft_ms is None and args.slo_tpot_ms is None and args.slo_itl_ms is None:
+        print("splitserve plan: give --slo-ttft-ms, --slo-tpot-ms and/or --slo-itl-ms", file=sys.stderr)
         return 2
     if args.rate is None or "," in str(args.rate):
         print("splitserve plan: give one --rate (requests/s) to plan for", file=sys.stderr)
         return 2
+    ignored = _ignored_options(args)
+    if ignored:
+        print(f"splitserve plan: {', '.join(ignored)} would have no effect (plan picks the hardware from "
+              "--candidates; pool options need --disaggregated)", file=sys.stderr)
+        return 2
     if args.num_requests is None:
         args.num_requests = 300
-    args.no_itl = True
+    args.no_itl = args.slo_itl_ms is None  # gaps are recorded only when an SLO needs them
     args.quiet = True
     args.records_jsonl = None
     from splitserve.sim.cli import _resolve_model
@@ -83,19 +90,30 @@ def plan_main(argv: list[str]) -> int:
 
     results: list[Candidate] = []
 
+    import copy
+
+    from splitserve.sim.cli import POOL_OPTIONS
+
+    # An aggregated candidate runs without the options that only act on two pools.
+    agg_args = copy.copy(args)
+    for k in POOL_OPTIONS:
+        setattr(agg_args, k, None)
+    agg_args.local_prefill_threshold = 0
+
     def evaluate(hardware=None, prefill=None, decode=None) -> Candidate:
         from splitserve.sim.cli import run_once
 
-        args.hardware, args.prefill, args.decode = hardware, prefill, decode
+        a = agg_args if hardware else args
+        a.hardware, a.prefill, a.decode = hardware, prefill, decode
         try:
-            res, stats = run_once(args, model, rate)
+            res, stats = run_once(a, model, rate)
         except ValueError as exc:
             return Candidate(str(exc), hardware, prefill, decode, 0, math.inf, math.inf, 0.0, None, None, False)
         s = res.summary
         frac = s.goodput.fraction if s.goodput else 0.0
         label = hardware or f"{prefill} -> {decode}"
         c = Candidate(label, hardware, prefill, decode, stats["units"], stats["usd_per_hour"], stats["power_kw"],
-                      frac, s.ttft_ms.p90, s.tpot_ms.p90, frac >= args.slo_fraction)
+                      frac, s.ttft_ms.p90, s.tpot_ms.p90, frac >= args.slo_fraction and s.steady_state is not False)
         return c
 
     def smallest(make) -> Candidate | None:
@@ -148,7 +166,25 @@ def plan_main(argv: list[str]) -> int:
         print("no candidate meets the SLOs within the search limits")
         return 1
     results.sort(key=key)
-    print(f"## plan: {model.name}, {rate:g} req/s, SLO TTFT <= {args.slo_ttft_ms} ms, TPOT <= {args.slo_tpot_ms} ms "
+    _print_plan(results, model, rate, args)
+    return 0
+
+
+def _ignored_options(args) -> list[str]:
+    """Options plan would silently ignore: it picks the hardware itself, and pool options only act
+    on the disaggregated search."""
+    from splitserve.sim.cli import POOL_OPTIONS
+
+    ignored = [f"--{k}" for k in ("hardware", "prefill", "decode") if getattr(args, k)]
+    if not args.disaggregated:
+        ignored += [f"--{k.replace('_', '-')}" for k in POOL_OPTIONS if getattr(args, k) is not None]
+        ignored += ["--local-prefill-threshold"] if args.local_prefill_threshold else []
+    return ignored
+
+
+def _print_plan(results: list[Candidate], model, rate: float, args) -> None:
+    print(f"## plan: {model.name}, {rate:g} req/s, SLO TTFT <= {args.slo_ttft_ms} ms, TPOT <= {args.slo_tpot_ms} ms, "
+          f"longest gap <= {args.slo_itl_ms} ms "
           f"for {args.slo_fraction:.0%} of requests; objective: {args.objective}\n")
     print("| deployment | units | $/h | kW | meets SLOs | p90 TTFT ms | p90 TPOT ms |")
     print("|---|---:|---:|---:|---:|---:|---:|")
@@ -156,6 +192,6 @@ def plan_main(argv: list[str]) -> int:
         print(f"| {c.label.split(':')[0] if c.hardware else c.label} | {c.units} | {c.usd_per_hour:,.2f} | "
               f"{c.power_kw:,.1f} | {c.fraction:.0%} | {c.ttft_p90 or 0:,.1f} | {c.tpot_p90 or 0:,.2f} |")
     b = results[0]
-    print(f"\nbest: {b.hardware or (b.prefill + ' + ' + b.decode)} ({b.units} units, ${b.usd_per_hour:,.2f}/h, "
+    print(f"\nbest: {b.hardware or (b.prefill + ' + ' + b.decode)} ({b.units} unit{'s' if b.units != 1 else ''}, "
+          f"${b.usd_per_hour:,.2f}/h, "
           f"{b.power_kw:,.1f} kW)")
-    return 0

@@ -1,15 +1,43 @@
-"""Published measurements: the four that calibrate the hardware families, and the ones that only
-check them (never fitted). `fit_family()` re-derives a family's fitted parameter from its point;
-`python -m splitserve.sim.published` prints the calibration and the validation table.
+"""Published measurements: those that fit each hardware family's terms (use="fit") and those
+that only check them (use="check", never fitted). `python -m splitserve.sim.published` prints
+the error table (`--fit FAMILY/STACK` re-derives a family's fitted terms, see fitting.py).
+
+Every point names its source; the catalog of sources is SOURCES. Throughputs are output tokens/s
+of the whole system of `units` units; times are milliseconds.
 """
 
 from __future__ import annotations
 
+import math
+import statistics
+import sys
 from dataclasses import dataclass, replace
 
-from splitserve.sim.cost import FAMILIES, Deployment, FamilyParams, StepCost
+from splitserve.sim.families import FamilyParams, get_family
 from splitserve.sim.hardware import get_hardware
 from splitserve.sim.models import get_model
+
+SOURCES = {
+    "trtllm-1.0": "NVIDIA TensorRT-LLM perf-overview, v1.0 release (github.com/NVIDIA/TensorRT-LLM, "
+                  "docs/source/performance/perf-overview.md @ 00f3768, 2025): trtllm-bench throughput, PyTorch "
+                  "backend, every request queued at once, fixed ISL/OSL, ModelOpt FP8/FP4 checkpoints",
+    "trtllm-1.2": "NVIDIA TensorRT-LLM perf-overview, developer guide (docs/source/developer-guide/perf-overview.md @ "
+                  "03e27c7, 2025): as trtllm-1.0, per-GPU output throughput; MoE models with attention data "
+                  "parallel + expert parallel (DEP)",
+    "trtllm-0.6": "NVIDIA TensorRT-LLM performance.md, v0.6.1 (docs/source/performance.md @ 138f96d, Dec 2023): "
+                  "static-batch throughput (gptSessionBenchmark) and, from v0.5, batch-1 first-token latency",
+    "mlperf-4.1": "MLPerf Inference Datacenter v4.1 (Aug 2024), Llama-2-70B offline (OpenOrca: ~294 in / ~294 out "
+                  "tokens on average)",
+    "oracle-mi300x": "Oracle Cloud Infrastructure blog, 'Serving Llama 3.1 405B model with AMD Instinct MI300X "
+                     "Accelerators', 10 Oct 2024: vLLM benchmark_latency / benchmark_throughput, FP8, TP8",
+    "neuron-trn2": "AWS Neuron SDK, 'Tutorial: Using Speculative Decoding to improve Llama-3.3-70B inference "
+                   "performance on Trn2 instances' (aws-neuron-sdk @ 06f3378, 2025): NxD Inference + vLLM, bf16, "
+                   "TP64 with 2 logical cores per rank = 16 Trainium2 chips, batch 1, LLMPerf 10,000 in / 1,500 out",
+    "jetstream": "AI-Hypercomputer/JetStream benchmark results table, 2024-04-24: Llama-3-8B on TPU v5e-8 "
+                 "(max input 1,024, max output 1,024, cache 2,048)",
+    "cerebras": "Cerebras Inference launch, 27 Aug 2024 (Llama-3.1-8B and 70B at 16-bit); Nov 2024 (405B)",
+    "artificial-analysis": "Artificial Analysis provider benchmarks, 2024 (single-stream output speed)",
+}
 
 
 @dataclass(frozen=True)
@@ -18,79 +46,178 @@ class Point:
     units: int | None  # None: the simulator's default sizing
     model: str
     weight_dtype: str
-    kind: str  # "single" (one stream's output tok/s) | "offline" (output tok/s, all requests at t=0)
-    value: float  # output tokens/s
-    source: str
-    context: int = 1024  # single stream: tokens in context while decoding
-    input_len: int = 0  # offline workload
+    kind: str  # single (tok/s of one stream) | offline (tok/s) | batch (tok/s of one static batch) | itl | ttft (ms)
+    value: float
+    source: str  # a SOURCES key
+    note: str = ""
+    context: int = 1024  # single / itl: tokens in context while decoding
+    input_len: int = 0
     output_len: int = 0
-    batch: int = 0
-    use: str = "check"  # "calibrate" | "check"
-    tp: int | None = None  # the submission's tensor parallelism, when it differs from the default sizing
+    batch: int = 0  # offline: max sequences in a step; batch: the static batch
+    use: str = "check"  # "fit" | "check"
+    tp: int | None = None
+    ep: int | None = None  # expert parallel (= tp)
+    attn_dp: bool = False  # attention data parallel
+    stack: str | None = None
+    num_requests: int = 0  # offline: as the source ran it (0: 1,500)
+    max_tokens: int = 8192  # tokens per step
+    mem_fraction: float | None = None  # of each unit's memory for weights + KV, as the source ran it
 
 
-CALIBRATION = [
-    Point("cs3", None, "llama-3.1-8b", "bf16", "single", 1800, "Cerebras Inference launch, Aug 2024 (16-bit)",
-          use="calibrate"),
-    Point("groq-lpu", None, "llama-3.1-8b", "int8", "single", 751, "Groq, Artificial Analysis 2024 (8-bit)",
-          use="calibrate"),
-    Point("h100", 1, "llama-3.1-8b", "fp8", "single", 242, "best H100 cloud provider, Artificial Analysis 2024",
-          use="calibrate"),
-    Point("h200", 1, "llama-2-70b", "fp8", "offline", 4488, "MLPerf Inference v4.1, 1x H200, Llama-2-70B offline",
-          input_len=294, output_len=294, batch=1024, use="calibrate"),
+_TRT = dict(source="trtllm-1.0", batch=2048, mem_fraction=0.93)
+# trtllm-bench's request counts per ISL/OSL (the perf-overview's table)
+_TRT_N = {(128, 128): 30000, (128, 2048): 3000, (128, 4096): 1500, (500, 2000): 3000, (1000, 1000): 3000,
+          (1000, 2000): 1500, (2048, 128): 3000, (2048, 2048): 1500, (5000, 500): 1500, (20000, 2000): 1000}
+
+
+def _trt(hw, units, model, dtype, rows, tp=None, fit=()):
+    out = []
+    for (i, o), v in rows.items():
+        out.append(Point(hw, units, model, dtype, "offline", v, input_len=i, output_len=o, tp=tp,
+                         num_requests=_TRT_N[(i, o)], use="fit" if (i, o) in fit else "check", **_TRT))
+    return out
+
+
+POINTS: list[Point] = [
+    # ---- Hopper, TensorRT-LLM ----------------------------------------------------------------------
+    *_trt("h100", 1, "llama-3.1-8b", "fp8", {
+        (128, 128): 28312, (128, 2048): 22714, (128, 4096): 14325, (500, 2000): 17660, (1000, 1000): 15220,
+        (1000, 2000): 13899, (2048, 128): 3450, (2048, 2048): 9305, (5000, 500): 3459, (20000, 2000): 1351},
+        fit={(128, 128), (2048, 128), (128, 2048)}),
+    *_trt("h200", 1, "llama-3.1-8b", "fp8", {
+        (128, 2048): 26221, (1000, 1000): 17744, (2048, 128): 3538, (2048, 2048): 12194, (5000, 500): 3902}),
+    *_trt("h200", 1, "llama-3.3-70b", "fp8", {
+        (128, 128): 3803, (128, 2048): 4336, (1000, 1000): 2909, (2048, 128): 442, (2048, 2048): 2003,
+        (5000, 500): 566, (20000, 2000): 283}, fit={(1000, 1000)}),
+    *_trt("h100", 2, "llama-3.3-70b", "fp8", {
+        (128, 128): 6378, (128, 2048): 6651, (1000, 1000): 4205, (2048, 128): 762, (2048, 2048): 3082,
+        (5000, 500): 898}, tp=2),
+    *_trt("h100", 8, "llama-3.1-405b", "fp8", {(128, 2048): 4340, (1000, 1000): 2919, (2048, 128): 453}, tp=8),
+    *_trt("h200", 8, "llama-3.1-405b", "fp8", {(1000, 1000): 3330, (2048, 2048): 2948}, tp=8),
+    # mixture of experts with attention DP + expert parallel ("DEP"), per-GPU figures x GPUs
+    *[Point(hw, n, "qwen3-235b-a22b", dt, "offline", v * n, "trtllm-1.2", input_len=i, output_len=o, tp=n, ep=n,
+            attn_dp=True, batch=2048, mem_fraction=0.93, num_requests={1000: 3000, 1024: 1500, 8192: 1500}[i])
+      for hw, n, dt, i, o, v in (("h200", 4, "fp8", 1000, 1000, 3288), ("h200", 4, "fp8", 8192, 1024, 627),
+                                 ("h200", 4, "fp8", 1024, 8192, 1417), ("h100", 8, "fp8", 1000, 1000, 1932),
+                                 ("h100", 8, "fp8", 1024, 8192, 873), ("b200", 4, "fp4", 1000, 1000, 5764),
+                                 ("b200", 4, "fp4", 8192, 1024, 1410))],
+    Point("h100", 1, "llama-2-7b", "fp8", "ttft", 7, "trtllm-0.6", input_len=128, stack="trtllm-0.5", use="fit",
+          note="v0.5 batch-1 first token"),
+    Point("h100", 1, "llama-2-7b", "fp8", "ttft", 36, "trtllm-0.6", input_len=2048, stack="trtllm-0.5",
+          note="v0.5 batch-1 first token"),
+    Point("h100", 4, "llama-2-70b", "fp8", "ttft", 109, "trtllm-0.6", input_len=2048, tp=4, stack="trtllm-0.5",
+          note="v0.5 batch-1 first token"),
+    Point("h100", 4, "llama-2-70b", "fp8", "ttft", 26, "trtllm-0.6", input_len=128, tp=4, stack="trtllm-0.5",
+          note="v0.5 batch-1 first token"),
+    Point("h200", 1, "llama-2-70b", "fp8", "offline", 4488, "mlperf-4.1", input_len=294, output_len=294,
+          batch=1024, note="1 x H200"),
+    Point("h100", 8, "llama-2-70b", "fp8", "offline", 24525, "mlperf-4.1", input_len=294, output_len=294,
+          batch=1024, tp=2, note="8 x H100 SXM as 4 x TP2 (approx.)"),
+    Point("h100", 1, "llama-3.1-8b", "fp8", "single", 242, "artificial-analysis",
+          note="best H100 cloud provider, taken as FP8 on one H100 (stack unknown)"),
+    # ---- Blackwell, TensorRT-LLM, FP4 ----------------------------------------------------------------
+    *_trt("b200", 1, "llama-3.3-70b", "fp4", {
+        (128, 128): 11147, (128, 2048): 9922, (128, 4096): 6831, (1000, 1000): 7007, (2048, 128): 1339,
+        (2048, 2048): 4783, (5000, 500): 1459, (20000, 2000): 665}, fit={(128, 2048), (2048, 128)}),
+    *_trt("gb200", 1, "llama-3.3-70b", "fp4", {
+        (128, 2048): 11309, (1000, 1000): 7326, (2048, 128): 1450, (2048, 2048): 5646, (5000, 500): 1602}),
+    *_trt("b200", 4, "llama-3.1-405b", "fp4", {(128, 2048): 8020, (1000, 1000): 5209, (2048, 128): 749}, tp=4),
+    Point("b200", 1, "llama-2-70b", "fp4", "offline", 11264, "mlperf-4.1", input_len=294, output_len=294,
+          batch=1024, note="v4.1 preview, 1 x B200"),
+    # ---- Ampere, TensorRT-LLM (static batches), FP16 ------------------------------------------------
+    Point("a100", 1, "llama-2-7b", "bf16", "batch", 5586, "trtllm-0.6", input_len=128, output_len=128, batch=384),
+    Point("a100", 1, "llama-2-7b", "bf16", "batch", 1928, "trtllm-0.6", input_len=128, output_len=2048, batch=60,
+          use="fit"),
+    Point("a100", 1, "llama-2-7b", "bf16", "batch", 591, "trtllm-0.6", input_len=2048, output_len=128, batch=52),
+    Point("a100", 1, "llama-2-7b", "bf16", "ttft", 133, "trtllm-0.6", input_len=2048, use="fit",
+          note="v0.5 batch-1 first token"),
+    Point("a100", 1, "llama-2-7b", "bf16", "ttft", 16, "trtllm-0.6", input_len=128, use="fit", note="v0.5"),
+    Point("a100", 4, "llama-2-70b", "bf16", "ttft", 377, "trtllm-0.6", input_len=2048, tp=4, note="v0.5"),
+    Point("a100", 4, "llama-2-70b", "bf16", "ttft", 47, "trtllm-0.6", input_len=128, tp=4, note="v0.5"),
+    # ---- MI300-class, vLLM ----------------------------------------------------------------------------
+    *[Point("mi300x", 8, "llama-3.1-405b", "fp8", "batch", v, "oracle-mi300x", input_len=128, output_len=128,
+            batch=b, tp=8, max_tokens=32768, use="fit" if b == 1 else "check", mem_fraction=0.9)
+      for b, v in ((1, 36), (16, 468), (64, 1184), (256, 1846))],
+    Point("mi300x", 8, "llama-3.1-405b", "fp8", "offline", 1993, "oracle-mi300x", input_len=128, output_len=128,
+          batch=256, tp=8, num_requests=1000, use="fit", mem_fraction=0.9, note="benchmark_throughput"),
+    Point("mi300x", 8, "llama-3.1-405b", "fp8", "offline", 2794, "oracle-mi300x", input_len=128, output_len=2048,
+          batch=256, tp=8, num_requests=1000, mem_fraction=0.9, note="benchmark_throughput"),
+    Point("mi300x", 8, "llama-2-70b", "fp8", "offline", 24496, "mlperf-4.1", input_len=294, output_len=294,
+          batch=1024, tp=1, note="8 x MI300X, AMD's submission (approx.)"),
+    # ---- Trainium2, Neuron ------------------------------------------------------------------------------
+    Point("trn2", 16, "llama-3.3-70b", "bf16", "itl", 19.83, "neuron-trn2", context=10750, tp=16, use="fit",
+          note="ITL p50 without speculation"),
+    Point("trn2", 16, "llama-3.3-70b", "bf16", "ttft", 575.7, "neuron-trn2", input_len=10000, tp=16,
+          note="TTFT p50 of a 10,000-token prompt"),
+    # ---- TPU, JetStream ---------------------------------------------------------------------------------
+    Point("tpu-v5e", 8, "llama-3.1-8b", "bf16", "offline", 8249, "jetstream", input_len=1024, output_len=1024,
+          batch=128, tp=8, num_requests=1000, use="fit", note="Llama-3-8B (same shapes), bf16, batch 128"),
+    Point("tpu-v5e", 8, "llama-3.1-8b", "int8", "offline", 10873, "jetstream", input_len=1024, output_len=1024,
+          batch=256, tp=8, num_requests=1000, note="int8, batch 256"),
+    # ---- wafer-scale and LPU: single streams --------------------------------------------------------
+    Point("cs3", None, "llama-3.1-8b", "bf16", "single", 1800, "cerebras", use="fit"),
+    Point("cs3", None, "llama-3.1-70b", "bf16", "single", 450, "cerebras", note="70B on 4 CS-3"),
+    Point("cs3", None, "llama-3.1-405b", "bf16", "single", 969, "cerebras", note="Nov 2024"),
+    Point("groq-lpu", None, "llama-3.1-8b", "int8", "single", 751, "artificial-analysis", use="fit"),
+    Point("groq-lpu", None, "llama-3.1-70b", "int8", "single", 250, "artificial-analysis"),
 ]
 
-# Published figures the model is checked against, never fitted (docs/simulator.md lists them
-# with the simulator's prediction). Speculative decoding and other software changes are not
-# modelled, so figures obtained with them are expected to exceed the prediction.
-CHECKS = [
-    Point("cs3", None, "llama-3.1-70b", "bf16", "single", 450, "Cerebras Inference launch, Aug 2024 (70B on 4 CS-3)"),
-    Point("cs3", None, "llama-3.1-70b", "bf16", "single", 2100,
-          "Cerebras, Oct 2024 (after a software update incl. speculative decoding)"),
-    Point("cs3", None, "llama-3.1-405b", "bf16", "single", 969, "Cerebras, Nov 2024 (Llama-3.1-405B)"),
-    Point("groq-lpu", None, "llama-3.1-70b", "int8", "single", 250, "Groq Llama-3.1-70B, Artificial Analysis 2024"),
-    Point("h100", 8, "llama-2-70b", "fp8", "offline", 24525 / 8,
-          "MLPerf Inference v4.x, 8x H100 SXM ~24,500 tok/s offline (approx.), per GPU, as 4 x TP2",
-          input_len=294, output_len=294, batch=1024, tp=2),
-    Point("mi300x", 1, "llama-2-70b", "fp8", "offline", 3062,
-          "MLPerf Inference v4.1, 8x MI300X ~24,000 tok/s offline (AMD, approx.), per GPU",
-          input_len=294, output_len=294, batch=1024),
-    Point("b200", 1, "llama-2-70b", "fp4", "offline", 11264,
-          "MLPerf Inference v4.1 preview, 1x B200 Llama-2-70B offline (FP4)",
-          input_len=294, output_len=294, batch=1024),
-]
+
+def family_key(p: Point) -> str:
+    from splitserve.sim.families import DEFAULT_STACK
+
+    fam = get_hardware(p.hardware).family
+    return f"{fam}/{p.stack or DEFAULT_STACK[fam]}"
 
 
-def deployment_for(p: Point, family: FamilyParams | None = None, max_model_len: int = 8192) -> Deployment:
+def deployment_for(p: Point, family: FamilyParams | None = None, max_model_len: int | None = None):
     from splitserve.sim.deploy import default_kv_dtype, plan_pool
     from splitserve.sim.simulator import SimConfig
 
     hw, model = get_hardware(p.hardware), get_model(p.model)
-    cfg = SimConfig(max_model_len=min(max_model_len, model.max_context))
+    if p.mem_fraction is not None:
+        hw = replace(hw, memory_usable=p.mem_fraction)
+    need = max(2048, p.input_len + p.output_len + 16, p.context + 16)
+    cfg = SimConfig(max_model_len=min(max_model_len or max(need, 8192), model.max_context))
     plan = plan_pool(hw, model, units=p.units, weight_dtype=p.weight_dtype,
-                     kv_dtype=default_kv_dtype(p.weight_dtype), cfg=cfg, tp=p.tp)
+                     kv_dtype=default_kv_dtype(p.weight_dtype), cfg=cfg, tp=p.tp,
+                     pp=1 if p.tp is not None else None, ep=p.ep, attn_dp=p.attn_dp)
     d = plan.deployment
-    if family is not None:
-        d = replace(d, family=family)
-    return d
+    d = replace(d, family=family or get_family(hw.family, p.stack))
+    return d, plan.replicas
 
 
-def predict(p: Point, family: FamilyParams | None = None, num_requests: int = 1500) -> float:
-    """The simulator's output tok/s for a published point: one stream's, or offline throughput
-    per unit (one replica simulated; replicas are identical and share the load evenly)."""
-    d = deployment_for(p, family)
+def predict(p: Point, family: FamilyParams | None = None, num_requests: int | None = None) -> float:
+    """The simulator's figure for a published point, in the point's unit."""
+    from splitserve.sim.cost import StepCost
+
+    d, replicas = deployment_for(p, family)
+    c = StepCost(d)
     if p.kind == "single":
-        return StepCost(d).single_stream_tok_s(p.context)
-    return offline_throughput(d, p, num_requests) / d.units
+        return c.single_stream_tok_s(p.context)
+    if p.kind == "itl":
+        return c.decode_step(1, p.context) * 1e3
+    if p.kind == "ttft":
+        return (c.request_overhead_s + c.prefill_time(p.input_len, chunk=max(p.max_tokens, p.input_len))) * 1e3
+    n = p.batch if p.kind == "batch" else (num_requests or p.num_requests or 1500)
+    tokens = max(p.max_tokens, p.batch * p.input_len) if p.kind == "batch" else p.max_tokens
+    batch = p.batch
+    if p.source.startswith("trtllm"):  # (per sequence: with attention DP each rank seats its own)
+        # TensorRT-LLM's default capacity policy (GUARANTEED_NO_EVICT) admits a request only when
+        # its whole prompt + output fits the KV cache: never preempts, unlike vLLM's scheduler
+        batch = min(batch, max(1, d.kv_capacity_tokens // (p.input_len + p.output_len)))
+    return offline_throughput(d, replace(p, batch=batch), n, tokens) * replicas
 
 
-def offline_throughput(d: Deployment, p: Point, num_requests: int) -> float:
-    """MLPerf offline: every request queued at t=0; output tokens/s over the whole run."""
+def offline_throughput(d, p: Point, num_requests: int, max_tokens: int) -> float:
+    """Every request queued at t=0 on one replica; output tokens/s over the whole run."""
     from splitserve.bench import workloads as wl
+    from splitserve.sim.cost import StepCost
     from splitserve.sim.simulator import PoolSpec, SimConfig, Simulation
 
-    cfg = SimConfig(max_num_seqs=p.batch, max_num_batched_tokens=8192, max_model_len=2048,
-                    record_itl=False, max_waiting=10**7)
+    max_len = p.input_len + p.output_len + 16
+    cfg = SimConfig(max_num_seqs=p.batch, max_num_batched_tokens=max_tokens, max_model_len=max_len,
+                    record_itl=False, max_waiting=10**7, enable_prefix_caching=False)
     blocks = d.kv_capacity_tokens // cfg.block_size
     pool = PoolSpec("both", 1, blocks, StepCost(d), kv_bytes_per_token=d.kv_bytes_per_token,
                     num_layers=d.model.num_layers)
@@ -98,48 +225,69 @@ def offline_throughput(d: Deployment, p: Point, num_requests: int) -> float:
     specs = wl.synthetic(input_len=p.input_len, output_len=p.output_len, num_requests=num_requests,
                          arrival=wl.Arrival(float("inf")), seed=0)
     sink = sim.run(specs)
-    return sink.out_tokens / max(sink.last_end - sink.first_start, 1e-12)
+    return sink.builder.out_tokens / max(sink.builder.last_end - sink.builder.first_start, 1e-12)
 
 
-def fit_family(p: Point, lo: float, hi: float, field_name: str, iters: int = 40, num_requests: int = 1500) -> float:
-    """Bisection on one family parameter so that predict(p) matches p.value."""
-    base = FAMILIES[get_hardware(p.hardware).family]
-    increasing = None
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        got = predict(p, replace(base, **{field_name: mid}), num_requests)
-        if increasing is None:
-            g_lo = predict(p, replace(base, **{field_name: lo}), num_requests)
-            g_hi = predict(p, replace(base, **{field_name: hi}), num_requests)
-            increasing = g_hi > g_lo
-        if (got < p.value) == increasing:
-            lo = mid
-        else:
-            hi = mid
-    return (lo + hi) / 2
+def log_error(p: Point, got: float) -> float:
+    return math.log(got / p.value)
 
 
-FITS = {  # point index in CALIBRATION -> (parameter, bracket)
-    0: ("layer_floor_s", 1e-6, 100e-6),
-    1: ("layer_floor_s", 1e-6, 200e-6),
-    2: ("eff_mem", 0.2, 1.0),
-    3: ("eff_compute", 0.1, 1.0),
-}
-
-
-def main() -> None:
-    print("calibration (fitted parameter -> catalog value):")
-    for i, p in enumerate(CALIBRATION):
-        name, lo, hi = FITS[i]
-        fitted = fit_family(p, lo, hi, name, iters=25 if p.kind == "offline" else 40)
-        fam = get_hardware(p.hardware).family
-        print(f"  {fam:8} {name:14} fitted {fitted:.4g}  catalog {getattr(FAMILIES[fam], name):.4g}   "
-              f"({p.model} on {p.hardware}: {p.value:g} tok/s, {p.source})")
-    print("\ncalibration points reproduced, and checks:")
-    for p in CALIBRATION + CHECKS:
+def table(points: list[Point] | None = None, out=sys.stdout) -> dict[str, list[float]]:
+    """Prints every point with its prediction; returns the unfitted checks' log errors per family."""
+    errs: dict[str, list[float]] = {}
+    print("| family/stack | use | hardware | model | dtype | setup | published | simulated | error | source |",
+          file=out)
+    print("|---|---|---|---|---|---|---:|---:|---:|---|", file=out)
+    for p in points or POINTS:
         got = predict(p)
-        print(f"  {p.use:9} {p.hardware:9} {p.model:15} {p.weight_dtype:5} {p.kind:7} published {p.value:8.0f} "
-              f"simulated {got:8.0f} ({(got / p.value - 1) * 100:+5.0f}%)  {p.source}")
+        e = log_error(p, got)
+        key = family_key(p)
+        if p.use == "check":
+            errs.setdefault(key, []).append(e)
+        setup = _setup(p)
+        unit = "ms" if p.kind in ("itl", "ttft") else "tok/s"
+        print(f"| {key} | {p.use} | {p.units or ''} x {p.hardware} | {p.model} | {p.weight_dtype} | {setup} | "
+              f"{p.value:,.4g} {unit} | {got:,.4g} | {math.exp(e) - 1:+.0%} | {p.source} |", file=out, flush=True)
+    return errs
+
+
+def _setup(p: Point) -> str:
+    tp = f"TP{p.tp} " if p.tp else ""
+    tp += f"EP{p.ep} " if p.ep else ""
+    tp += "attention-DP " if p.attn_dp else ""
+    if p.kind == "single":
+        return f"{tp}one stream"
+    if p.kind == "itl":
+        return f"{tp}batch-1 ITL at {p.context} ctx"
+    if p.kind == "ttft":
+        return f"{tp}TTFT of {p.input_len} tokens"
+    if p.kind == "batch":
+        return f"{tp}static batch {p.batch}, {p.input_len}/{p.output_len}"
+    return f"{tp}offline {p.input_len}/{p.output_len}"
+
+
+def summary(errs: dict[str, list[float]], out=sys.stdout) -> None:
+    allv = [abs(e) for v in errs.values() for e in v]
+    print("\n| family/stack | unfitted checks | median abs log error | worst ratio |", file=out)
+    print("|---|---:|---:|---:|", file=out)
+    for k, v in sorted(errs.items()):
+        worst = max(v, key=abs)
+        print(f"| {k} | {len(v)} | {statistics.median(abs(e) for e in v):.3f} | {math.exp(worst):.2f}x |", file=out)
+    if allv:
+        print(f"\nall {len(allv)} unfitted checks over {len(errs)} families: median |log(pred/pub)| "
+              f"{statistics.median(allv):.3f}, worst {math.exp(max(allv)):.2f}x", file=out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--fit"]:
+        from splitserve.sim.fitting import fit_main
+
+        fit_main(argv[1:])
+        return
+    only = argv[0] if argv else None
+    pts = [p for p in POINTS if only is None or family_key(p).startswith(only)]
+    summary(table(pts))
 
 
 if __name__ == "__main__":

@@ -106,3 +106,51 @@ def test_chain_completion_times():
     assert s.num_chains == 4 and s.completed_chains == 2
     assert s.chain_ms.count == 2
     assert s.chain_ms.mean == pytest.approx(400.0)
+
+
+def test_longest_gap_per_request_and_its_slo():
+    """A request whose mean TPOT is fine but which stalls once between two tokens misses an ITL
+    SLO; the per-request longest gap is reported as a distribution of its own."""
+    steady = _rec(0, 0.0, 100.0, [20.0] * 10, 11)  # tpot 20, longest gap 20
+    stall = _rec(1, 0.1, 100.0, [5.0] * 9 + [155.0], 11)  # tpot 20 too, but one 155 ms stall
+    s = summarize([steady, stall], slo_ttft_ms=200.0, slo_tpot_ms=25.0)
+    assert s.goodput.count == 2  # TPOT alone averages the stall away
+    s = summarize([steady, stall], slo_ttft_ms=200.0, slo_tpot_ms=25.0, slo_itl_ms=100.0)
+    assert s.goodput.count == 1 and s.goodput.slo_itl_ms == 100.0
+    assert s.max_itl_ms.count == 2 and s.max_itl_ms.max == 155.0 and s.max_itl_ms.min == 20.0
+
+
+def test_offered_rate_and_a_run_that_falls_behind_is_not_steady():
+    """Arrivals at 10/s: a server that keeps up (constant 200 ms) is steady; one that completes
+    5/s (each request waits for the ones before it) falls further behind and is flagged; all
+    requests sent at once has no arrival process to keep up with."""
+    keeps_up = [_rec(i, i * 0.1, 50.0, [150.0], 2) for i in range(200)]
+    s = summarize(keeps_up)
+    assert s.offered_rate == pytest.approx(10.0, rel=0.01)
+    assert s.steady_state is True
+    behind = [_rec(i, i * 0.1, 50.0 + i * 100.0, [150.0], 2) for i in range(200)]  # done at 0.2 s * i
+    s = summarize(behind)
+    assert s.request_throughput < 0.6 * s.offered_rate
+    assert s.steady_state is False
+    at_once = [_rec(i, 0.0, 50.0 + i * 100.0, [150.0], 2) for i in range(200)]
+    assert summarize(at_once).steady_state is None and summarize(at_once).offered_rate is None
+    assert summarize(keeps_up[:10]).steady_state is None  # too few to tell
+
+
+def test_streaming_builder_matches_the_list_summary():
+    """The simulator's streamed runs and bench's record lists share one builder: same numbers
+    (ITL percentiles within the histogram's 0.5% bins)."""
+    from splitserve.bench.metrics import SummaryBuilder
+
+    rng = np.random.default_rng(3)
+    recs = [_rec(i, i * 0.05, float(rng.uniform(10, 300)), rng.uniform(1, 40, 7).tolist(), 8) for i in range(300)]
+    recs.append(_rec(300, 3.0, 0, [], 0, ok=False, error="timeout"))
+    exact = summarize(recs, slo_ttft_ms=150.0, slo_itl_ms=35.0)
+    b = SummaryBuilder(slo_ttft_ms=150.0, slo_itl_ms=35.0, exact_itl=False)
+    for r in recs:
+        b.add(r)
+    streamed = b.summary()
+    assert streamed.goodput == exact.goodput and streamed.ttft_ms == exact.ttft_ms
+    assert streamed.max_itl_ms == exact.max_itl_ms and streamed.steady_state == exact.steady_state
+    assert streamed.itl_ms.count == exact.itl_ms.count
+    assert streamed.itl_ms.p90 == pytest.approx(exact.itl_ms.p90, rel=0.01)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -77,28 +78,142 @@ def test_wafer_single_stream_is_latency_bound_not_bandwidth_bound():
     assert 1 / step == pytest.approx(1800, rel=0.01)  # the calibration point
 
 
-@pytest.mark.parametrize("hw,model,dtype,published", [
-    ("cs3", "llama-3.1-8b", "bf16", 1800),  # Cerebras, 16-bit
-    ("groq-lpu", "llama-3.1-8b", "int8", 751),  # Groq, 8-bit
-    ("h100", "llama-3.1-8b", "fp8", 242),  # best H100 cloud provider
-])
-def test_single_stream_calibration_points(hw, model, dtype, published):
-    from splitserve.sim.published import Point, predict
-
-    p = Point(hw, 1 if hw == "h100" else None, model, dtype, "single", published, "")
-    assert predict(p) == pytest.approx(published, rel=0.02)
+CHEAP_KINDS = ("single", "itl", "ttft", "batch")
 
 
-def test_mlperf_h200_offline_calibration_point():
-    from splitserve.sim.published import CALIBRATION, predict
+def test_fitted_points_are_reproduced():
+    """Each family's terms reproduce the published points they were fitted to (the cheap ones:
+    single streams, batch-1 ITL and TTFT, static batches; offline fits are checked by
+    `python -m splitserve.sim.published`)."""
+    from splitserve.sim.published import POINTS, predict
 
-    p = CALIBRATION[3]
-    assert p.hardware == "h200" and p.value == 4488
-    assert predict(p, num_requests=1500) == pytest.approx(4488, rel=0.03)
+    fitted = [p for p in POINTS if p.use == "fit" and p.kind in CHEAP_KINDS]
+    assert {p.hardware for p in fitted} >= {"cs3", "groq-lpu", "a100", "mi300x", "trn2"}
+    for p in fitted:
+        assert predict(p) == pytest.approx(p.value, rel=0.1), p
 
 
-def test_families_are_shared_not_per_model():
-    for name in ("h100", "h200", "b200", "b300", "mi300x", "mi355x"):
-        assert get_hardware(name).family == "gpu"
-    assert FAMILIES["gpu"] is FAMILIES[get_hardware("b300").family]
-    assert replace(FAMILIES["gpu"]).eff_mem == FAMILIES["gpu"].eff_mem
+def test_every_point_cites_a_source_and_every_family_is_fitted_or_says_it_is_not():
+    from splitserve.sim.families import DEFAULT_STACK, FAMILIES, get_family
+    from splitserve.sim.published import POINTS, SOURCES, family_key
+
+    assert all(p.source in SOURCES for p in POINTS)
+    fitted = {family_key(p) for p in POINTS if p.use == "fit"}
+    for key, fam in FAMILIES.items():
+        assert fam.source
+        if key.startswith("cpu/"):
+            continue  # local-cpu: fitted to this machine's engine (calibration.py)
+        assert fam.calibrated == (key in fitted), key
+    for family, stack in DEFAULT_STACK.items():
+        assert get_family(family) is FAMILIES[f"{family}/{stack}"]
+    with pytest.raises(ValueError, match="known: trtllm, trtllm-0.5, vllm"):
+        get_family("hopper", "nope")
+
+
+def test_families_follow_silicon_not_one_pair_for_all():
+    assert {get_hardware(n).family for n in ("h100", "h200", "h200-nvl")} == {"hopper"}
+    assert {get_hardware(n).family for n in ("b200", "b300", "gb200")} == {"blackwell"}
+    assert {get_hardware(n).family for n in ("mi300x", "mi325x")} == {"mi300"}
+    assert get_hardware("a100").family == "ampere" and get_hardware("sn40l").family == "rdu"
+    assert FAMILIES["hopper/trtllm"] != FAMILIES["mi300/vllm"] != FAMILIES["trainium/neuron"]
+    assert replace(FAMILIES["hopper/trtllm"]).eff_mem == FAMILIES["hopper/trtllm"].eff_mem
+
+
+def test_gemm_ramp_and_smooth_transition():
+    """A step of few tokens pays `gemm_half_tokens` extra tokens of compute; near the ridge
+    compute and memory add up by the p-norm instead of the larger one alone."""
+    ramp = FamilyParams(1.0, 1.0, 0.0, 0.0, "test", gemm_half_tokens=100.0)
+    c, r = ideal_8b(), ideal_8b(family=ramp)
+    n = 4096  # deep in the compute-bound regime: prefill of 4,096 tokens
+    compute = lambda cost, t: t * cost.f_tok + cost.c_ramp + t * (t + 1) // 2 * cost.f_pair  # noqa: E731
+    assert r.time(n, 0, n * (n + 1) // 2, n, 1, 1) == pytest.approx(compute(r, n), rel=1e-9)
+    assert r.c_ramp == pytest.approx(100 * c.f_tok)
+    smooth = FamilyParams(1.0, 1.0, 0.0, 0.0, "test", overlap=2.0)
+    s = ideal_8b(family=smooth)
+    ridge = int(c.m_dense / c.f_tok)  # tokens at which weight reading equals matmul time
+    sharp_t, smooth_t = c.time(ridge, 0, 0, 0, ridge), s.time(ridge, 0, 0, 0, ridge)
+    assert smooth_t == pytest.approx(math.hypot(ridge * c.f_tok, c.m_dense + ridge * c.m_kv), rel=1e-9)
+    assert 1.3 < smooth_t / sharp_t < 1.45  # sqrt(2) at the ridge; the sharp max is 30% optimistic there
+    assert s.decode_step(1, 100) == pytest.approx(c.decode_step(1, 100), rel=1e-3)  # far from it: the same
+
+
+def test_attention_dp_removes_kv_copies_of_mla():
+    """DeepSeek-V3's MLA cache has one latent head: tensor-parallel attention keeps a copy on each
+    of the 8 ranks; attention data parallel keeps one, at the price of replicated attention weights."""
+    m = get_model("deepseek-v3")
+    tp = Deployment(get_hardware("h200"), m, "fp8", "fp8", tp=8, family=IDEAL)
+    dp = Deployment(get_hardware("h200"), m, "fp8", "fp8", tp=8, family=IDEAL, attn_dp=True)
+    assert tp.kv_replication == 8 and dp.kv_replication == 1
+    copies = 7 * m.num_layers * m.attn_params * 1.0
+    assert dp.kv_capacity_tokens == int((tp.memory_bytes - tp.weight_bytes - copies) // tp.kv_bytes_per_token)
+    assert dp.kv_capacity_tokens > 6 * tp.kv_capacity_tokens
+    assert StepCost(dp).m_kv == pytest.approx(StepCost(tp).m_kv / 8)
+    llama = Deployment(get_hardware("h100"), get_model("llama-3.1-70b"), "fp8", "fp8", tp=8, family=IDEAL)
+    assert llama.kv_replication == 1  # 8 KV heads over 8 ranks: no copies
+    with pytest.raises(ValueError):
+        Deployment(get_hardware("h100"), get_model("llama-3.1-8b"), "bf16", "bf16", tp=1, attn_dp=True)
+
+
+def test_expert_parallel_swaps_the_moe_all_reduce_for_all_to_all():
+    m = get_model("qwen3-235b-a22b")
+    hw = get_hardware("h200")
+    tp = StepCost(Deployment(hw, m, "fp8", "fp8", tp=8, family=IDEAL))
+    ep = StepCost(Deployment(hw, m, "fp8", "fp8", tp=8, ep=8, family=IDEAL))
+    act, bw = m.hidden_size * 2.0, 450e9
+    per_layer_ar = 2 * 7 / 8 * act / bw
+    assert tp.tp_tok == pytest.approx(2 * m.num_layers * per_layer_ar)
+    a2a = 2 * m.experts_per_token * 7 / 8 * act / bw  # dispatch and combine of 8 expert copies
+    assert ep.tp_tok == pytest.approx(m.num_layers * per_layer_ar + m.num_moe_layers * a2a)
+    assert ep.tp_lat == pytest.approx(tp.tp_lat + m.num_moe_layers * 3e-6)
+    with pytest.raises(ValueError, match="mixture-of-experts"):
+        Deployment(hw, get_model("llama-3.1-70b"), "fp8", "fp8", tp=8, ep=8)
+
+
+def test_speculative_decoding_step_accounting():
+    """k drafted tokens, acceptance alpha: a verify step of k + 1 tokens per sequence (+ k draft
+    steps of the draft model) yields (1 - alpha^(k+1)) / (1 - alpha) tokens per sequence."""
+    from splitserve.sim.cost import SpeculativeStepCost
+
+    target = ideal_8b()
+    draft = StepCost(Deployment(get_hardware("h100"), get_model("llama-3.2-1b"), "bf16", "bf16", family=IDEAL))
+    spec = SpeculativeStepCost(target, 4, 0.8, draft)
+    gain = (1 - 0.8 ** 5) / 0.2
+    assert spec.gain == pytest.approx(gain) and gain == pytest.approx(3.3616)
+    B, ctx = 8, 1000
+    A = K = B * (ctx + 1)
+    verify = target.time(B * 5, B, A * 5, K + B * 4, B)
+    assert spec.time(B, B, A, K, B) == pytest.approx((verify + 4 * draft.time(B, B, A, K, B)) / gain)
+    assert spec.decode_step(1, ctx) < target.decode_step(1, ctx) / 2  # batch 1 is memory-bound: big win
+    assert spec.time(512, 1, 512 * 513 // 2, 512, 1, 1) == target.time(512, 1, 512 * 513 // 2, 512, 1, 1)
+    ngram = SpeculativeStepCost(target, 4, 0.0)
+    assert ngram.gain == 1.0 and ngram.decode_step(8, ctx) > target.decode_step(8, ctx)  # nothing accepted
+    with pytest.raises(ValueError):
+        SpeculativeStepCost(target, 0, 0.5)
+
+
+# The unfitted checks docs/simulator.md lists as misses (outside 1.5x), and why: one wafer floor
+# for two software generations, TP4 first-token fixed costs of the 2023 engine.
+KNOWN_MISSES = {("cs3", "llama-3.1-70b"), ("cs3", "llama-3.1-405b"), ("h100", "llama-2-70b", 128),
+                ("a100", "llama-2-70b", 128)}
+
+
+def test_unfitted_published_checks_stay_within_the_stated_error():
+    """The quick unfitted checks (single streams, TTFT, static batches, prefill-heavy offline
+    rows; ~6 s): median |log(predicted/published)| <= 0.15 and every one within 1.5x except the
+    documented misses. The full table (71 checks, ~5 min): `python -m splitserve.sim.published`."""
+    import statistics
+
+    from splitserve.sim.published import POINTS, predict
+
+    quick = [p for p in POINTS if p.use == "check" and (
+        p.kind in CHEAP_KINDS or (p.kind == "offline" and p.output_len <= 128 and p.input_len >= 2048)
+        or (p.kind == "offline" and p.input_len >= 5000 and p.model == "llama-3.1-8b"))]
+    assert len(quick) >= 15 and len({p.hardware for p in quick}) >= 8
+    errors = []
+    for p in quick:
+        e = math.log(predict(p) / p.value)
+        errors.append(abs(e))
+        key = (p.hardware, p.model, p.input_len) if p.kind == "ttft" else (p.hardware, p.model)
+        if key not in KNOWN_MISSES:
+            assert abs(e) <= math.log(1.5), (p, math.exp(e))
+    assert statistics.median(errors) <= 0.15

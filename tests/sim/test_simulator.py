@@ -79,12 +79,12 @@ def test_preemption_under_a_small_kv_pool_still_finishes_everything():
     specs = wl.synthetic(input_len=200, output_len=200, num_requests=40, arrival=wl.Arrival(float("inf")))
     sim, sink = run([pool(blocks=300)], specs, max_model_len=1024)
     assert sum(w.sched.num_preemptions for w in sim.workers) > 0
-    assert sink.ok == 40 and all(r.output_tokens == 200 for r in sink.records)
+    assert sink.builder.ok == 40 and all(r.output_tokens == 200 for r in sink.records)
 
 
 def test_multi_replica_aggregated_uses_the_router():
     sim, sink = run([pool(n=4)], poisson(n=300, rate=100))
-    assert sim.router is not None and sink.ok == 300
+    assert sim.router is not None and sink.builder.ok == 300
     assert all(w.steps > 0 for w in sim.workers)
 
 
@@ -92,7 +92,7 @@ def test_disaggregated_prefill_decode_with_kv_transfer():
     c = cost()
     pools = [pool("prefill", 2, c=c), pool("decode", 2, c=c)]
     sim, sink = run(pools, poisson(n=150, rate=30), link=get_link("ib-ndr"))
-    assert sink.ok == 150
+    assert sink.builder.ok == 150
     pre = [w for w in sim.workers if w.role == "prefill"]
     dec = [w for w in sim.workers if w.role == "decode"]
     assert all(w.steps > 0 for w in pre + dec)
@@ -119,7 +119,7 @@ def test_conditional_disaggregation_prefills_short_prompts_locally():
     specs = wl.synthetic(input_len=wl.parse_length("uniform:16:64"), output_len=4, num_requests=30,
                          arrival=wl.Arrival(50.0))
     sim, sink = run(pools, specs, link=get_link("ib-ndr"), router=RouterConfig(local_prefill_threshold=100))
-    assert sink.ok == 30
+    assert sink.builder.ok == 30
     assert [w for w in sim.workers if w.role == "prefill"][0].steps == 0
 
 
@@ -145,7 +145,7 @@ def test_agent_chains_reuse_the_prefix_and_run_in_order():
 def test_shared_prefix_hits_the_cache():
     specs = wl.shared_prefix(prefix_len=512, input_len=32, output_len=8, num_requests=50, arrival=wl.Arrival(20.0))
     sim, sink = run([pool()], specs)
-    assert sink.ok == 50
+    assert sink.builder.ok == 50
     assert sim.workers[0].bm.num_hit_tokens >= 49 * 512
 
 
@@ -166,7 +166,7 @@ def test_too_long_prompt_is_a_400_and_queue_overflow_a_503():
     assert errs == {0: "http_400", 1: None}
     specs = wl.synthetic(input_len=64, output_len=64, num_requests=50, arrival=wl.Arrival(float("inf")))
     sim, sink = run([pool()], specs, max_num_seqs=4, max_waiting=10)
-    assert sink.errors.get("http_503") == 50 - 14 and sink.ok == 14
+    assert sink.builder.errors.get("http_503") == 50 - 14 and sink.builder.ok == 14
 
 
 def test_streamed_records_bounded_memory(tmp_path):
@@ -174,13 +174,13 @@ def test_streamed_records_bounded_memory(tmp_path):
     sink = RecordSink(stream_path=str(path))
     sim = Simulation(cfg(check=False), [pool(n=2)], sink=sink)
     sim.run(poisson(n=100, rate=50))
-    assert sink.records == [] and sink.ok == 100 and len(sink.ttft) == 100
+    assert sink.records == [] and sink.builder.ok == 100 and len(sink.builder.ttft) == 100
     lines = path.read_text().splitlines()
     assert len(lines) == 100 and json.loads(lines[0])["ok"] is True
-    assert sink.itl_hist.n == 100 * 31
+    assert sink.builder.itl.n == 100 * 31
     kept = run([pool(n=2)], poisson(n=100, rate=50))[1]
     exact = summarize(kept.records).itl_ms
-    assert sink.itl_hist.quantile(50) == pytest.approx(exact.p50, rel=0.02)
+    assert sink.builder.itl.quantile(50) == pytest.approx(exact.p50, rel=0.02)
 
 
 def test_records_are_the_bench_schema(tmp_path):
