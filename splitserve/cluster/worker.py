@@ -335,7 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.parent_pid is not None:
         _die_with_parent()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    from splitserve.process_signals import quiet_worker_signals
+
+    quiet_worker_signals()  # Ctrl-C is the gateway's to handle; SIGTERM exits once, quietly
     logging.basicConfig(level=args.log_level, format=f"%(asctime)s {args.id} %(levelname)s %(message)s")
     secret = os.environ.get(SECRET_ENV, "").encode()
     if not secret:
