@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
 import time
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from splitserve.config import EngineConfig
+
+if TYPE_CHECKING:
+    from splitserve.api.connections import ConnectionLimits
 
 log = logging.getLogger("splitserve.serve")
 
