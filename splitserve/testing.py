@@ -108,7 +108,10 @@ class ServerProcess:
         deadline = time.time() + self.startup_timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.read_log()}")
+                code, log, self.proc = self.proc.returncode, self.read_log(), None
+                if self._own_log:
+                    self.remove_log()
+                raise RuntimeError(f"server exited with {code}:\n{log}")
             try:
                 if httpx.get(self.base_url + "/health", timeout=2).status_code == 200:
                     self.cluster_id = self.cluster().get("cluster_id")
@@ -174,12 +177,19 @@ class ServerProcess:
         leaked = sorted(n for n in shm_files() - self.shm_before if n.startswith(mine))
         for name in leaked:
             shm.unlink(name)
-        if self._own_log and not orphans and not leaked:
-            os.unlink(self.log_path)
+        log = self.read_log() if orphans or leaked else ""
+        if self._own_log:
+            self.remove_log()
         if self.check_leaks:
-            assert not orphans, f"processes outlived the server: {orphans}"
-            assert not leaked, f"shared memory outlived the server: {leaked}"
+            assert not orphans, f"processes outlived the server: {orphans}\n{log}"
+            assert not leaked, f"shared memory outlived the server: {leaked}\n{log}"
         return code
+
+    def remove_log(self) -> None:
+        try:
+            os.unlink(self.log_path)
+        except FileNotFoundError:
+            pass
 
     def __enter__(self) -> "ServerProcess":
         return self.start()
