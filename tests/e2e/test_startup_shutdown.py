@@ -82,22 +82,6 @@ def test_busy_port_fails_before_loading_the_model():
     assert "Traceback" not in proc.stderr
 
 
-def test_health_is_503_while_loading_then_200_and_ctrl_c_is_quiet(tmp_path):
-    server, tmp = quiet_server(tmp_path, "--disaggregated")
-    server.launch()
-    seen: list[int | None] = []
-    wait_for(lambda: seen.append(health(server)) or seen[-1] == 200 or server.proc.poll() is not None, 180,
-             "the server to become ready")
-    assert seen[-1] == 200, server.read_log()
-    assert 503 in seen, f"/health should answer 503 while the model loads, saw {sorted(set(map(str, seen)))}"
-    assert seen.index(503) < seen.index(200)
-    client = OpenAI(base_url=server.base_url + "/v1", api_key="unused")
-    out = client.completions.create(model="demo", prompt="Hello", max_tokens=4, temperature=0)
-    assert out.choices[0].text
-    server.wait_idle()
-    stop_and_check(server, tmp, signal.SIGINT, to_group=True)
-
-
 def test_sigterm_during_start_up_is_quiet(tmp_path):
     server, tmp = quiet_server(tmp_path, "--disaggregated")
     server.launch()
@@ -144,9 +128,38 @@ def _read_until_closed(sock: socket.socket, timeout: float) -> bool:
     return False
 
 
-def test_idle_and_slow_connections_do_not_block_a_request(tmp_path):
-    server, tmp = quiet_server(tmp_path, "--max-connections", "64", "--header-timeout", "2", "--body-timeout", "3")
-    server.start()
+@pytest.fixture(scope="module")
+def watched_start(tmp_path_factory):
+    """One disaggregated server with low connection limits, for the tests below (the last one
+    stops it with Ctrl-C): launched here, with /health polled from the first moment."""
+    server, tmp = quiet_server(tmp_path_factory.mktemp("watched"), "--disaggregated", "--max-connections", "64",
+                               "--header-timeout", "2", "--body-timeout", "3")
+    server.launch()
+    seen: list[int | None] = []
+    try:
+        wait_for(lambda: seen.append(health(server)) or seen[-1] == 200 or server.proc.poll() is not None, 180,
+                 "the server to become ready")
+        assert seen[-1] == 200, server.read_log()
+        server.cluster_id = server.cluster()["cluster_id"]
+        yield server, tmp, seen
+    finally:
+        if server.proc is not None:
+            server.stop()
+
+
+def test_health_is_503_while_loading_then_200(watched_start):
+    server, _, seen = watched_start
+    assert 503 in seen, f"/health should answer 503 while the model loads, saw {sorted(set(map(str, seen)))}"
+    assert seen.index(503) < seen.index(200)
+    assert None not in seen[seen.index(503):], "connections refused after the port was bound"
+    client = OpenAI(base_url=server.base_url + "/v1", api_key="unused")
+    out = client.completions.create(model="demo", prompt="Hello", max_tokens=4, temperature=0)
+    assert out.choices[0].text
+    server.wait_idle()
+
+
+def test_idle_and_slow_connections_do_not_block_a_request(watched_start):
+    server, _, _ = watched_start
     addr = ("127.0.0.1", server.port)
     idle = [socket.create_connection(addr) for _ in range(300)]  # far more than the cap
     slow_header = []
@@ -170,4 +183,9 @@ def test_idle_and_slow_connections_do_not_block_a_request(tmp_path):
     finally:
         for s in idle + slow_header + [slow_body]:
             s.close()
-    stop_and_check(server, tmp, signal.SIGTERM, to_group=False)
+
+
+def test_ctrl_c_is_quiet(watched_start):
+    server, tmp, _ = watched_start
+    server.wait_idle()
+    stop_and_check(server, tmp, signal.SIGINT, to_group=True)  # as a terminal's Ctrl-C: every process of the group
