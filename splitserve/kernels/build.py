@@ -72,11 +72,9 @@ def current_inputs(source: str, cflags: list[str], ldflags: list[str]) -> BuildI
 
 def cache_root() -> str:
     """$TORCH_EXTENSIONS_DIR, or ~/.cache/splitserve/kernels."""
-    env = os.environ.get("TORCH_EXTENSIONS_DIR")
-    if env:
-        return env
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "splitserve", "kernels")
+    from splitserve.cache_dirs import user_cache_dir
+
+    return user_cache_dir("kernels", "TORCH_EXTENSIONS_DIR")
 
 
 def extension_name(inputs: BuildInputs) -> str:
