@@ -30,6 +30,42 @@ def pytest_unconfigure(config):
         shutil.rmtree(path, ignore_errors=True)
 
 
+# The demo model served aggregated on one thread: the server most end-to-end modules need.
+DEMO_AGGREGATED = ("--model", "demo", "--max-model-len", "2048", "--threads", "1")
+
+
+class SharedServers:
+    """Servers started once per session, shared by every module that asks for the same arguments
+    (a start costs 5-30 s on 2 busy cores). Each is stopped, with its leak checks, at session end."""
+
+    def __init__(self) -> None:
+        self.servers: dict[tuple[str, ...], object] = {}
+
+    def get(self, *args: str):
+        from splitserve.testing import ServerProcess
+
+        if args not in self.servers:
+            self.servers[args] = ServerProcess(*args).start()
+        return self.servers[args]
+
+    def stop_all(self) -> None:
+        failures = []
+        for server in self.servers.values():
+            try:
+                server.stop()
+            except AssertionError as exc:
+                failures.append(exc)
+        if failures:
+            raise failures[0]
+
+
+@pytest.fixture(scope="session")
+def shared_servers():
+    pool = SharedServers()
+    yield pool
+    pool.stop_all()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_root(tmp_path_factory):
     return str(tmp_path_factory.mktemp("tiny-models"))

@@ -6,13 +6,13 @@ import json
 
 import pytest
 
-from splitserve.testing import ServerProcess
+from tests.conftest import DEMO_AGGREGATED
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def real_server():
+def real_server(shared_servers):
     try:
         import splitserve.api.serve_cli  # noqa: F401
         from splitserve.models.registry import demo_model_path
@@ -20,8 +20,7 @@ def real_server():
         demo_model_path()
     except Exception as exc:  # noqa: BLE001
         pytest.skip(f"the splitserve server or the demo model is not available yet: {exc}")
-    with ServerProcess("--model", "demo", "--threads", "1") as server:
-        yield server.base_url
+    return shared_servers.get(*DEMO_AGGREGATED).base_url
 
 
 @pytest.mark.parametrize("endpoint", ["chat", "completions"])
