@@ -32,6 +32,11 @@ def exit_on_sigterm(signum, frame) -> None:
     raise SystemExit(0)
 
 
-def quiet_worker_signals() -> None:
+def ignore_ctrl_c() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def quiet_worker_signals() -> None:
+    """Both: what a spawned worker process installs."""
+    ignore_ctrl_c()
     signal.signal(signal.SIGTERM, exit_on_sigterm)
