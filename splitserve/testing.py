@@ -20,6 +20,19 @@ import httpx
 from splitserve.kv import shm
 
 
+# Logs this process created and has not removed yet (a test suite removes the rest at its end).
+OWN_LOGS: set[str] = set()
+
+
+def remove_own_logs() -> None:
+    for path in list(OWN_LOGS):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        OWN_LOGS.discard(path)
+
+
 def shm_files() -> set[str]:
     """splitserve's shared-memory segments and arenas now on this host, of any cluster."""
     return set(shm.list_segments(""))
@@ -85,6 +98,7 @@ class ServerProcess:
         if log_path is None:
             with tempfile.NamedTemporaryFile(prefix="splitserve-test-", suffix=".log", delete=False) as f:
                 self.log_path = f.name
+            OWN_LOGS.add(self.log_path)
         self.proc: subprocess.Popen | None = None
         self.cluster_id: str | None = None  # known once ready: its shared memory is named after it
 
@@ -190,6 +204,7 @@ class ServerProcess:
             os.unlink(self.log_path)
         except FileNotFoundError:
             pass
+        OWN_LOGS.discard(self.log_path)
 
     def __enter__(self) -> "ServerProcess":
         return self.start()

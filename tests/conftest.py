@@ -26,8 +26,11 @@ def pytest_configure(config):
 def pytest_unconfigure(config):
     import shutil
 
+    from splitserve.testing import remove_own_logs
+
     for path in _OWN_WEIGHT_CACHE:
         shutil.rmtree(path, ignore_errors=True)
+    remove_own_logs()  # servers' logs a failed test left behind
 
 
 # The demo model served aggregated on one thread: the server most end-to-end modules need.

@@ -21,7 +21,7 @@ import pytest
 from openai import OpenAI
 
 from splitserve.kernels._cpu_ext import cpu_has_avx512_bf16
-from splitserve.testing import ServerProcess, descendants, free_port, pid_alive
+from splitserve.testing import OWN_LOGS, ServerProcess, descendants, free_port, pid_alive
 
 pytestmark = pytest.mark.slow
 
@@ -80,6 +80,13 @@ def test_busy_port_fails_before_loading_the_model():
     assert "already in use" in proc.stderr and f"127.0.0.1:{port}" in proc.stderr
     assert "spawned" not in proc.stderr  # no worker was started, no model loaded
     assert "Traceback" not in proc.stderr
+
+
+def test_a_failed_start_leaves_no_log_behind():
+    server = ServerProcess("--no-such-option")
+    with pytest.raises(RuntimeError, match="exited with 2"):
+        server.start()
+    assert not os.path.exists(server.log_path) and server.log_path not in OWN_LOGS
 
 
 def test_sigterm_during_start_up_is_quiet(tmp_path):
