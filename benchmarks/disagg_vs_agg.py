@@ -25,10 +25,11 @@ import sys
 import tempfile
 import time
 
-import httpx
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+
+from splitserve.testing import ServerProcess  # noqa: E402
 
 MODES = {
     "aggregated-2t": ["--threads", "2"],
@@ -37,30 +38,9 @@ MODES = {
 }
 
 
-def start_server(model: str, mode_args: list[str], port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "splitserve", "serve", "--model", model, "--port", str(port),
-           "--max-model-len", "4096", "--served-model-name", "m", "--log-level", "WARNING", *mode_args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {' '.join(cmd)}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("server not ready")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+def start_server(model: str, mode_args: list[str]) -> ServerProcess:
+    return ServerProcess("--model", model, "--max-model-len", "4096", "--served-model-name", "m",
+                         "--log-level", "WARNING", *mode_args, startup_timeout=300, check_leaks=False).start()
 
 
 def bench(port: int, out: str, *extra: str) -> dict:
@@ -107,10 +87,10 @@ def main() -> int:
     rates = [] if args.rates == "none" else [float(r) for r in args.rates.split(",")]
     print(f"# disagg_vs_agg {time.strftime('%Y-%m-%d %H:%M')}: model {args.model}, SLO TTFT <= {args.slo_ttft_ms:.0f} ms, "
           f"TPOT <= {args.slo_tpot_ms:.0f} ms, mixed load = {1 - args.long_frac:.0%} chats + {args.long_frac:.0%} 2k-token prompts")
-    port = 18800
     results: dict[str, dict] = {}
     for mode in args.modes.split(","):
-        proc = start_server(args.model, MODES[mode], port)
+        server = start_server(args.model, MODES[mode])
+        port = server.port
         try:
             low = bench(port, f"{args.out}/{mode}-low.json", "--concurrency", "1", "--num-requests", "20",
                         "--input-len", "256", "--output-len", "32", "--seed", "1")
@@ -131,7 +111,7 @@ def main() -> int:
                 print(f"{mode:<20} rate {rate:4.1f}/s: TPOT p50 {pick(s, 'tpot_ms', 'p50'):6.1f} p99 {pick(s, 'tpot_ms', 'p99'):6.1f} ms, "
                       f"TTFT p99 {pick(s, 'ttft_ms', 'p99'):7.1f} ms, goodput {good.get('fraction', float('nan')):.0%}", flush=True)
         finally:
-            stop_server(proc)
+            server.stop()
     with open(f"{args.out}/summary.json", "w") as f:
         json.dump(results, f, indent=1)
     if rates:

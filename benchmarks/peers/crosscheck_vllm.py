@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,12 +32,9 @@ import urllib.request
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 VLLM_PY = os.environ.get("VLLM_PYTHON", "/work/peers/vllm-venv/bin/python")
+sys.path.insert(0, REPO)
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from splitserve.testing import ServerProcess, free_port  # noqa: E402
 
 
 def _wait_ready(base: str, proc: subprocess.Popen | None, timeout: float = 300) -> str:
@@ -125,17 +121,16 @@ def main() -> int:
     p.add_argument("--json", default=None)
     a = p.parse_args()
 
-    proc = None
+    proc = server = None
     base = a.base_url
-    if base is None:
-        port = _free_port()
+    if base is None and not a.fake:
+        server = ServerProcess("--model", "demo", "--threads", str(a.server_threads), check_leaks=False).start()
+        base = server.base_url
+    elif base is None:
+        port = free_port()
         base = f"http://127.0.0.1:{port}"
-        if a.fake:
-            cmd = ["bench", "fake-server", "--port", str(port), "--ttft-ms", str(a.fake_ttft_ms),
-                   "--itl-ms", str(a.fake_itl_ms)]
-        else:
-            cmd = ["serve", "--model", "demo", "--port", str(port), "--threads", str(a.server_threads)]
-        proc = subprocess.Popen([sys.executable, "-m", "splitserve.cli", *cmd],
+        proc = subprocess.Popen([sys.executable, "-m", "splitserve.cli", "bench", "fake-server", "--port", str(port),
+                                 "--ttft-ms", str(a.fake_ttft_ms), "--itl-ms", str(a.fake_itl_ms)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
     try:
         model = _wait_ready(base, proc)
@@ -150,6 +145,8 @@ def main() -> int:
                 runs.append(res)
                 print(json.dumps(res), flush=True)
     finally:
+        if server is not None:
+            server.stop()
         if proc is not None:
             proc.terminate()
             proc.wait(30)

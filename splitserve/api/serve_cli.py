@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
 import time
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from splitserve.config import EngineConfig
+
+if TYPE_CHECKING:
+    from splitserve.api.connections import ConnectionLimits
 
 log = logging.getLogger("splitserve.serve")
 
@@ -51,6 +54,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     help="require `Authorization: Bearer KEY` (or set SPLITSERVE_API_KEY)")
     ap.add_argument("--served-model-name", default=None)
     ap.add_argument("--log-level", default="INFO")
+    c = ap.add_argument_group("client connections")
+    c.add_argument("--max-connections", type=int, default=2048,
+                   help="open client connections; at the cap a new one displaces the oldest idle one")
+    c.add_argument("--header-timeout", type=float, default=15.0,
+                   help="seconds a connection may take to send complete request headers")
+    c.add_argument("--body-timeout", type=float, default=60.0, help="seconds a request may take to send its body")
+    c.add_argument("--keep-alive-timeout", type=int, default=5, help="seconds an idle kept-alive connection stays open")
     d = ap.add_argument_group("disaggregation")
     d.add_argument("--disaggregated", action="store_true", help="separate prefill and decode worker pools")
     d.add_argument("--prefill-workers", type=int, default=1)
@@ -92,9 +102,16 @@ def pools_from_args(args, base: EngineConfig):
     return pools
 
 
-async def serve(args: argparse.Namespace) -> None:
-    import uvicorn
+def connection_limits(args) -> "ConnectionLimits":
+    from splitserve.api.connections import ConnectionLimits
 
+    return ConnectionLimits(max_connections=args.max_connections, header_timeout_s=args.header_timeout,
+                            body_timeout_s=args.body_timeout, keep_alive_s=args.keep_alive_timeout)
+
+
+async def start_cluster(args: argparse.Namespace, config: EngineConfig, started: dict):
+    """Tokenizer, worker processes, the app: everything behind the 503 of the start-up.
+    `started["cluster"]` is set as soon as the cluster exists, so a stop mid-start can end it."""
     from splitserve.api.metrics import ServerMetrics
     from splitserve.api.server import ServerState, build_app
     from splitserve.cluster.gateway import Cluster
@@ -103,24 +120,19 @@ async def serve(args: argparse.Namespace) -> None:
     from splitserve.models.registry import resolve_model_path, served_model_name
     from splitserve.models.tokenizer import load_tokenizer
 
-    t0 = time.perf_counter()
-    config = engine_config_from_args(args)
-    path = resolve_model_path(config.model)
-    tokenizer = load_tokenizer(path)
     secret = os.environ.get(SECRET_ENV)
     if args.cluster_listen and not secret:
         raise ValueError(f"--cluster-listen needs the cluster secret in {SECRET_ENV}")
     if args.decode_workers < 1:
         raise ValueError("at least one decode worker is needed")
+    path = resolve_model_path(config.model)
+    tokenizer = await asyncio.to_thread(load_tokenizer, path)
     cluster = Cluster(pools_from_args(args, config), tokenizer.eos_token_ids,
                       router_config=RouterConfig(local_prefill_threshold=args.local_prefill_threshold),
                       kv_transport=args.kv_transport, log_level=args.log_level, join_address=args.cluster_listen,
                       secret=secret)
-    try:
-        await cluster.start()
-    except BaseException:
-        await cluster.shutdown()
-        raise
+    started["cluster"] = cluster
+    await cluster.start()
     name = args.served_model_name or served_model_name(config.model)
     aliases = frozenset({name, config.model, served_model_name(config.model)})
     seats = config.max_num_seqs + config.max_waiting
@@ -129,46 +141,104 @@ async def serve(args: argparse.Namespace) -> None:
         max_model_len=cluster.max_model_len, max_inflight=seats * max(1, args.decode_workers if args.disaggregated else 1),
         api_key=args.api_key, metrics=ServerMetrics(cluster, name), started=time.time(),
     )
+    return build_app(state), name, cluster
 
-    @contextlib.asynccontextmanager
-    async def lifespan(_app):
-        # uvicorn re-raises SIGTERM/SIGINT once it has served, which would kill this process
-        # before the `finally` below: the workers' orderly shutdown and the shared-memory
-        # cleanup have to happen in the app's lifespan, which uvicorn awaits first.
-        yield
-        await cluster.shutdown()
 
-    app = build_app(state, lifespan=lifespan)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
-                                           timeout_graceful_shutdown=3, access_log=False))
-    log.info("serving %s (%s) on http://%s:%d, ready in %.2fs", name, cluster.mode, args.host, args.port,
-             time.perf_counter() - t0)
-    if cluster.join_address:
-        log.info("workers may join at %s", cluster.join_address)
+def abandon_start(cluster) -> None:
+    """Stop a start-up in progress: SIGTERM the workers still starting (a kernel build they run goes
+    with them; they can't read a Shutdown message yet) and release `Cluster.start`'s wait on them,
+    so it ends by itself rather than being cancelled mid-wait."""
+    for w in cluster.workers.values():
+        if w.ready is None:
+            if w.process is not None and w.process.poll() is None:
+                w.process.terminate()
+            w.ready_event.set()
+
+
+async def serve(args: argparse.Namespace) -> int:
+    """Bind, answer 503 while the cluster starts, serve; on SIGINT/SIGTERM (at any point) stop
+    everything in order. Returns the exit code."""
+    import signal
+
+    import uvicorn
+
+    from splitserve.api.connections import guarded_protocol, raise_fd_limit
+    from splitserve.api.startup import StartupGate, bind_listener
+
+    t0 = time.perf_counter()
+    config = engine_config_from_args(args)
+    limits = connection_limits(args)
+    raise_fd_limit(limits.max_connections + 1024)
+    sock = bind_listener(args.host, args.port)  # PortInUse before anything slow
+    gate = StartupGate()
+    server = uvicorn.Server(uvicorn.Config(gate, log_level=args.log_level.lower(), timeout_graceful_shutdown=3,
+                                           access_log=False, http=guarded_protocol(limits),
+                                           timeout_keep_alive=limits.keep_alive_s))
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        # Still called while uvicorn holds the signals (asyncio's wakeup fd), and again when it re-raises them.
+        loop.add_signal_handler(sig, stop.set)
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    log.info("listening on http://%s:%d; /health answers 503 until the model is loaded", args.host, args.port)
+    started: dict = {}
+    starting = asyncio.create_task(start_cluster(args, config, started))
+    stopping = asyncio.create_task(stop.wait())
+    code = 0
     try:
-        await server.serve()
+        await asyncio.wait({starting, stopping, serving}, return_when=asyncio.FIRST_COMPLETED)
+        if starting.done() and starting.exception() is None:
+            app, name, cluster = starting.result()
+            gate.open(app)
+            log.info("serving %s (%s) on http://%s:%d, ready in %.2fs", name, cluster.mode, args.host, args.port,
+                     time.perf_counter() - t0)
+            if cluster.join_address:
+                log.info("workers may join at %s", cluster.join_address)
+            await asyncio.wait({stopping, serving}, return_when=asyncio.FIRST_COMPLETED)
+        elif starting.done():
+            log.error("start-up failed: %s", starting.exception())
+            code = 1
+        if serving.done() and not stop.is_set():
+            code = 1  # the HTTP server ended on its own: an error uvicorn has logged
     finally:
-        await cluster.shutdown()
+        stopping.cancel()
+        cluster = started.get("cluster")
+        if not starting.done():
+            if cluster is None:
+                starting.cancel()  # still reading the tokenizer
+            else:
+                abandon_start(cluster)
+                await cluster.shutdown()
+        await asyncio.gather(starting, stopping, return_exceptions=True)
+        server.should_exit = True
+        await asyncio.gather(serving, return_exceptions=True)
+        if cluster is not None:
+            await cluster.shutdown()  # after the HTTP server: in-flight answers finish first (no-op if done)
+        sock.close()
+    return code
 
 
 def main(argv: list[str]) -> int:
+    from splitserve.api.startup import PortInUse
+
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        asyncio.run(serve(args))
-    except KeyboardInterrupt:
-        pass
-    except (RuntimeError, FileNotFoundError, ValueError) as exc:
+        return asyncio.run(serve(args))
+    except KeyboardInterrupt:  # before the event loop took over the signals
+        return 0
+    except (PortInUse, RuntimeError, FileNotFoundError, ValueError) as exc:
         log.error("%s", exc)
         return 1
-    return 0
 
 
 def worker_main(argv: list[str]) -> int:
     """`splitserve worker --role prefill|decode --join HOST:PORT`: join a running gateway."""
+    import signal
     import socket
 
     from splitserve.cluster.worker import SECRET_ENV, run_worker
+    from splitserve.process_signals import exit_on_sigterm
     from splitserve.models.registry import resolve_model_path
     from splitserve.models.tokenizer import load_tokenizer
 
@@ -191,5 +261,9 @@ def worker_main(argv: list[str]) -> int:
     from dataclasses import asdict
 
     wid = args.id or f"{args.role}-{socket.gethostname()}-{os.getpid()}"
-    return run_worker(wid, args.role, asdict(config), eos, f"tcp://{args.listen}", f"tcp://{args.join}",
-                      f"joined-{wid}", secret, None)
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
+    try:
+        return run_worker(wid, args.role, asdict(config), eos, f"tcp://{args.listen}", f"tcp://{args.join}",
+                          f"joined-{wid}", secret, None)
+    except KeyboardInterrupt:  # Ctrl-C on a worker started by hand: stop quietly
+        return 0

@@ -31,13 +31,25 @@ def _presets() -> tuple[str, ...]:
     return tuple(PRESETS)
 
 
+class DefaultsOnceFormatter(argparse.HelpFormatter):
+    """Appends `(default: X)` to an option's help, unless the help already says its default or
+    there is none worth saying (None, a flag, an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text or not action.option_strings or action.nargs == 0
+                or action.default in (None, False, [], argparse.SUPPRESS)):
+            return text
+        return text + " (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="splitserve bench",
         description="Load-test an OpenAI-compatible endpoint; measure TTFT, TPOT, ITL, E2E, "
         "throughput and goodput at the client. Subcommands: `compare A.json B.json`, "
         "`plot RESULTS.json --out DIR`, `fake-server`.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsOnceFormatter,
     )
     g = p.add_argument_group("target")
     g.add_argument("--base-url", required=True, help="server root, with or without /v1")
@@ -406,19 +418,14 @@ async def _amain(args: argparse.Namespace) -> int:
     if len(results) > 1:
         print(report.markdown_sweep(results))
     if args.plot_dir and results:
-        paths = []
-        for i, r in enumerate(results):
-            paths += report.plot_result(r, args.plot_dir, prefix=f"rate{i}_" if len(results) > 1 else "")
-        if len(results) > 1:
-            paths += report.plot_sweep(results, args.plot_dir)
-        print("plots: " + ", ".join(paths))
+        print("plots: " + ", ".join(report.plot_results(results, args.plot_dir)))
     if args.output:
         print(f"results: {args.output}")
     return 130 if stop.is_set() else 0
 
 
 def _compare(argv: list[str]) -> int:
-    from splitserve.bench.report import compare_markdown
+    from splitserve.bench.report import compare_markdown, workload_differences
     from splitserve.bench.schema import load_results
 
     p = argparse.ArgumentParser(prog="splitserve bench compare", description="compare two result files")
@@ -434,6 +441,10 @@ def _compare(argv: list[str]) -> int:
         print("splitserve bench compare: the files hold different numbers of runs", file=sys.stderr)
         return 2
     for x, y in zip(ra, rb):
+        diffs = workload_differences(x, y)
+        if diffs:
+            print(f"splitserve bench compare: warning: the runs' workloads differ ({'; '.join(diffs)}); "
+                  "the figures below do not compare like with like", file=sys.stderr)
         if len(ra) > 1:
             print(f"### rate {x.config.rate} vs {y.config.rate}\n")
         print(compare_markdown(x, y, os.path.basename(args.a), os.path.basename(args.b)))
@@ -453,12 +464,7 @@ def _plot(argv: list[str]) -> int:
     except (OSError, ValueError) as exc:
         print(f"splitserve bench plot: {exc}", file=sys.stderr)
         return 2
-    paths = []
-    for i, r in enumerate(results):
-        paths += report.plot_result(r, args.out, prefix=f"rate{i}_" if len(results) > 1 else "")
-    if len(results) > 1:
-        paths += report.plot_sweep(results, args.out)
-    print("\n".join(paths))
+    print("\n".join(report.plot_results(results, args.out)))
     return 0
 
 

@@ -108,6 +108,25 @@ def _delta(a: float | None, b: float | None) -> str:
     return f"{100.0 * (b - a) / abs(a):+.1f}%"
 
 
+# What must match for two runs to be compared figure by figure (the target may differ: that is the point).
+_WORKLOAD_FIELDS = ("endpoint", "workload", "num_requests", "duration_s", "rate", "arrival", "burstiness",
+                    "concurrency", "seed", "ignore_eos", "slo_ttft_ms", "slo_tpot_ms")
+
+
+def workload_differences(a: BenchResult, b: BenchResult) -> list[str]:
+    """`field: A vs B` for every workload setting in which two runs differ (workload keys one by one)."""
+    out = []
+    for name in _WORKLOAD_FIELDS:
+        va, vb = getattr(a.config, name), getattr(b.config, name)
+        if name == "workload" and isinstance(va, dict) and isinstance(vb, dict):
+            for key in sorted(set(va) | set(vb)):
+                if va.get(key) != vb.get(key):
+                    out.append(f"workload.{key}: {va.get(key)} vs {vb.get(key)}")
+        elif va != vb:
+            out.append(f"{name}: {va} vs {vb}")
+    return out
+
+
 def compare_markdown(a: BenchResult, b: BenchResult, name_a: str = "A", name_b: str = "B") -> str:
     """Side-by-side table of two runs with the relative change B vs A."""
     sa, sb = a.summary, b.summary
@@ -224,7 +243,28 @@ def plot_sweep(results: Sequence[BenchResult], out_dir: str) -> list[str]:
 
 def _plot_title(result: BenchResult) -> str:
     c = result.config
-    return f"{c.label or c.model or ''} {c.workload.get('name', '') if c.workload else ''}".strip()
+    name = f"{c.label or c.model or ''} {c.workload.get('name', '') if c.workload else ''}".strip()
+    return f"{name} @ {load_tag(result, ' ')}".strip(" @")
+
+
+def load_tag(result: BenchResult, sep: str = "") -> str:
+    """What distinguishes the runs of a sweep, for titles and file names: `rate 2 req/s`
+    (sep " ") or `rate2` (sep ""); `rateinf`, or `concurrency8` for a closed loop."""
+    c = result.config
+    if c.rate is None:
+        return f"concurrency{sep}{c.concurrency}" if c.concurrency else ""
+    rate = "inf" if c.rate == float("inf") else f"{c.rate:g}"
+    return f"rate{sep}{rate}{' req/s' if sep and rate != 'inf' else ''}"
+
+
+def plot_results(results: Sequence[BenchResult], out_dir: str) -> list[str]:
+    """Every run's plots (file names start with the run's rate when there are several) and the sweep plot."""
+    paths: list[str] = []
+    for r in results:
+        paths += plot_result(r, out_dir, prefix=f"{load_tag(r)}_" if len(results) > 1 else "")
+    if len(results) > 1:
+        paths += plot_sweep(results, out_dir)
+    return paths
 
 
 def summary_line(s: Summary) -> str:

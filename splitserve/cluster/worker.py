@@ -322,6 +322,10 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import json
 
+    from splitserve.process_signals import exit_on_sigterm, ignore_ctrl_c
+
+    ignore_ctrl_c()  # a terminal's Ctrl-C reaches the whole group: stopping workers is the gateway's job
+
     ap = argparse.ArgumentParser(prog="splitserve-worker")
     ap.add_argument("--id", required=True)
     ap.add_argument("--role", default="both", choices=["prefill", "decode", "both"])
@@ -335,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.parent_pid is not None:
         _die_with_parent()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGTERM, exit_on_sigterm)  # once, quietly (see process_signals)
     logging.basicConfig(level=args.log_level, format=f"%(asctime)s {args.id} %(levelname)s %(message)s")
     secret = os.environ.get(SECRET_ENV, "").encode()
     if not secret:

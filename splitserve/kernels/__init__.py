@@ -8,7 +8,8 @@
                                           # write_kv, paged_decode_attention (torch fallbacks)
 
 Call ``prebuild()`` at startup (or install time) so the AVX512 extension's one-time build
-(~10-25 s, then cached) does not land in the first request.
+(20-130 s on 2 cores, logged, then cached per torch/Python/compiler in ~/.cache/splitserve/kernels)
+does not land in the first request.
 """
 
 from . import fused

@@ -6,8 +6,9 @@ KV-cache write, paged decode attention; bf16 and fp32) are called through
 
 The C++ source below is compiled with ``torch.utils.cpp_extension.load`` (gcc, ninja) the
 first time :func:`load` is called in an environment, and cached under
-``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``); later processes only
-``dlopen`` it (~0.1 s). The first build takes ~10-15 s on 2 cores. Any failure (no
+``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/splitserve/kernels``) in a directory keyed by
+source, flags, torch, Python and compiler (``build.py``); later processes only ``dlopen`` it
+(~0.1 s). The first build takes ~20-130 s on 2 cores and is logged. Any failure (no
 compiler, no ninja, CPU without avx512_bf16, ...) makes :func:`load` return ``None`` and
 the caller falls back to oneDNN or plain torch.
 
@@ -25,7 +26,6 @@ rounding to bf16 at the end, like oneDNN/F.linear).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -1010,13 +1010,11 @@ def cpu_has_avx512_bf16() -> bool:
     return False
 
 
-def _name() -> str:
-    h = hashlib.sha256((CPP_SOURCE + " ".join(CFLAGS + LDFLAGS)).encode()).hexdigest()[:10]
-    return f"splitserve_avx512_linear_{h}"
+def load(verbose: bool = False, in_process: bool = False):
+    """The compiled module, or None when it can't be built/loaded here (reason in unavailable_reason()).
 
-
-def load(verbose: bool = False):
-    """The compiled module, or None when it can't be built/loaded here (reason in unavailable_reason())."""
+    A first use compiles in a child process (see ``build``): logged, keyed by everything the build
+    depends on, and stopped with its parent. ``in_process`` compiles here instead (that child)."""
     with _lock:
         if "mod" in _state:
             return _state["mod"]
@@ -1027,32 +1025,25 @@ def load(verbose: bool = False):
             reason = "CPU lacks avx512_bf16"
         else:
             try:
-                from torch.utils import cpp_extension
+                from . import build
 
-                # Not load_inline: it prepends <torch/extension.h>, which triples the build time.
-                name = _name()
-                root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
-                src_dir = os.path.join(root, name + "_src")
-                os.makedirs(src_dir, exist_ok=True)
-                src = os.path.join(src_dir, name + ".cpp")
-                if not os.path.exists(src):
-                    tmp = f"{src}.{os.getpid()}.tmp"
-                    with open(tmp, "w") as f:
-                        f.write(CPP_SOURCE)
-                    os.replace(tmp, src)  # atomic: concurrent first users see a whole file
-                mod = cpp_extension.load(
-                    name=name,
-                    sources=[src],
-                    extra_cflags=CFLAGS,
-                    extra_ldflags=LDFLAGS,
-                    verbose=verbose,
-                )
+                inputs = build.current_inputs(CPP_SOURCE, CFLAGS, LDFLAGS)
+                if not in_process and not build.is_built(inputs):
+                    build.build_in_child(inputs)
+                mod = build.compile_and_load(inputs, verbose)
             except Exception as e:  # no compiler/ninja, read-only cache dir, ...
                 reason = f"build failed: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
                 log.warning("splitserve: AVX512-BF16 kernels unavailable (%s); using oneDNN/torch", reason)
         _state["mod"] = mod
         _state["reason"] = reason
         return mod
+
+
+def build_inputs():
+    """What this environment's build is keyed by (``build.BuildInputs``)."""
+    from . import build
+
+    return build.current_inputs(CPP_SOURCE, CFLAGS, LDFLAGS)
 
 
 def unavailable_reason() -> str | None:

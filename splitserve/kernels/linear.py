@@ -13,7 +13,7 @@ Backends (``op.backend``), chosen per weight dtype/device unless ``SPLITSERVE_LI
   weights: M=1..4 runs at ~90-110% of the torch.sum read bandwidth, 1.2-2.2x oneDNN and
   1.7-3.6x F.linear; M=32 1.05-1.6x oneDNN; M>=512 ~450 GFLOP/s, 1.03-1.10x oneDNN.
   ~1 us call overhead (oneDNN ~14 us, F.linear ~3.6 us), no per-M primitive creation.
-  Built on first use (~10-25 s, cached in ~/.cache/torch_extensions); see ``prebuild()``.
+  Built on first use (20-130 s on 2 cores, cached in ~/.cache/splitserve/kernels); see ``prebuild()``.
 * ``onednn``: weights reordered once into oneDNN's blocked layout
   (``torch.ops.mkldnn._reorder_linear_weight`` + ``_linear_pointwise``, what inductor's
   freezing pass emits). Default for fp32 CPU weights and the bf16 fallback.

@@ -11,8 +11,8 @@ GGUF integration and llama.cpp do:
   merges from the file or rebuilt from the scores; gemma and phi3 variants as transformers has them.
 - tokens typed CONTROL are added as special tokens, USER_DEFINED ones as plain added tokens.
 
-The metadata is read by a small reader here rather than `gguf.GGUFReader`, which maps every
-tensor and array and takes seconds on a 100 MB file; this one walks the key/value section only.
+The metadata is read by `models.gguf_file.read_gguf_metadata` rather than `gguf.GGUFReader`,
+which maps every tensor and array and takes seconds on a 100 MB file; it walks the header only.
 transformers is never imported here (tests use it as the reference).
 """
 
@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import codecs
 import json
-import mmap
 import os
 import re
-import struct
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,6 +30,7 @@ from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers,
 from tokenizers.models import BPE
 
 from splitserve.models.chat_template import ChatTemplateError, render_chat_template, select_chat_template
+from splitserve.models.gguf_file import read_gguf_metadata
 
 __all__ = ["IncrementalDecoder", "Tokenizer", "load_tokenizer", "read_gguf_metadata"]
 
@@ -40,90 +39,8 @@ __all__ = ["IncrementalDecoder", "Tokenizer", "load_tokenizer", "read_gguf_metad
 # GGUF metadata
 # --------------------------------------------------------------------------------------------
 
-_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-
 # llama.cpp token types
 _TOKEN_NORMAL, _TOKEN_UNKNOWN, _TOKEN_CONTROL, _TOKEN_USER_DEFINED, _TOKEN_UNUSED, _TOKEN_BYTE = 1, 2, 3, 4, 5, 6
-
-
-def read_gguf_metadata(path: str, prefixes: Sequence[str] = ("general.", "tokenizer.")) -> dict[str, Any]:
-    """The key/value metadata of a GGUF file whose key starts with one of `prefixes`.
-
-    Only the metadata section is read (through mmap); tensors are never touched. Arrays come back
-    as lists; others keys are skipped without decoding their values.
-    """
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        if buf[:4] != b"GGUF":
-            raise ValueError(f"{path} is not a GGUF file (bad magic)")
-        (version,) = struct.unpack_from("<I", buf, 4)
-        if version not in (2, 3):
-            raise ValueError(f"{path}: GGUF version {version} is not supported (2 and 3 are)")
-        _tensor_count, kv_count = struct.unpack_from("<QQ", buf, 8)
-        pos = 24
-        unpack = struct.unpack_from
-        out: dict[str, Any] = {}
-
-        def read_str(pos: int) -> tuple[str, int]:
-            (n,) = unpack("<Q", buf, pos)
-            pos += 8
-            return buf[pos : pos + n].decode("utf-8", errors="replace"), pos + n
-
-        def skip_value(pos: int, vtype: int) -> int:
-            if vtype in _GGUF_SCALARS:
-                return pos + struct.calcsize(_GGUF_SCALARS[vtype])
-            if vtype == _GGUF_STRING:
-                (n,) = unpack("<Q", buf, pos)
-                return pos + 8 + n
-            if vtype == _GGUF_ARRAY:
-                etype, count = unpack("<IQ", buf, pos)
-                pos += 12
-                if etype in _GGUF_SCALARS:
-                    return pos + count * struct.calcsize(_GGUF_SCALARS[etype])
-                for _ in range(count):
-                    pos = skip_value(pos, etype)
-                return pos
-            raise ValueError(f"{path}: unknown GGUF value type {vtype}")
-
-        def read_value(pos: int, vtype: int) -> tuple[Any, int]:
-            if vtype in _GGUF_SCALARS:
-                fmt = _GGUF_SCALARS[vtype]
-                return unpack(fmt, buf, pos)[0], pos + struct.calcsize(fmt)
-            if vtype == _GGUF_STRING:
-                return read_str(pos)
-            if vtype == _GGUF_ARRAY:
-                etype, count = unpack("<IQ", buf, pos)
-                pos += 12
-                if etype in _GGUF_SCALARS:
-                    fmt = _GGUF_SCALARS[etype]
-                    size = struct.calcsize(fmt)
-                    values = list(unpack(f"<{count}{fmt[1]}", buf, pos))
-                    return values, pos + count * size
-                if etype == _GGUF_STRING:
-                    values = []
-                    append = values.append
-                    for _ in range(count):
-                        (n,) = unpack("<Q", buf, pos)
-                        pos += 8
-                        append(buf[pos : pos + n].decode("utf-8", errors="replace"))
-                        pos += n
-                    return values, pos
-                values = []
-                for _ in range(count):
-                    value, pos = read_value(pos, etype)
-                    values.append(value)
-                return values, pos
-            raise ValueError(f"{path}: unknown GGUF value type {vtype}")
-
-        for _ in range(kv_count):
-            key, pos = read_str(pos)
-            (vtype,) = unpack("<I", buf, pos)
-            pos += 4
-            if key.startswith(tuple(prefixes)):
-                out[key], pos = read_value(pos, vtype)
-            else:
-                pos = skip_value(pos, vtype)
-        return out
 
 
 # --------------------------------------------------------------------------------------------

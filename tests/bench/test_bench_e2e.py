@@ -3,26 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
+
+from tests.conftest import DEMO_AGGREGATED
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def real_server(tmp_path_factory):
+def real_server(shared_servers):
     try:
         import splitserve.api.serve_cli  # noqa: F401
         from splitserve.models.registry import demo_model_path
@@ -30,36 +20,7 @@ def real_server(tmp_path_factory):
         demo_model_path()
     except Exception as exc:  # noqa: BLE001
         pytest.skip(f"the splitserve server or the demo model is not available yet: {exc}")
-    port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    with open(log, "wb") as fp:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "splitserve.cli", "serve", "--model", "demo", "--port", str(port), "--threads", "1"],
-            stdout=fp, stderr=subprocess.STDOUT,
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(base + "/v1/models", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"server did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+    return shared_servers.get(*DEMO_AGGREGATED).base_url
 
 
 @pytest.mark.parametrize("endpoint", ["chat", "completions"])

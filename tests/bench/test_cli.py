@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from splitserve.bench.cli import main
+from splitserve.bench import report
+from splitserve.bench.cli import build_parser, main
 from splitserve.bench.fakeserver import FakeServerThread, Script
 from splitserve.bench.schema import load_results
 
@@ -88,15 +89,20 @@ def test_sweep_compare_and_plots(server, tmp_path, capsys):
                 "--slo-ttft-ms", "500", "--output", str(sweep), "--plot-dir", str(plots)) == 0
     runs = load_results(str(sweep))
     assert [r.config.rate for r in runs] == [100.0, 200.0]
-    for name in ("rate0_cdf.png", "rate1_latency_over_time.png", "sweep.png"):
+    for name in ("rate100_cdf.png", "rate200_latency_over_time.png", "sweep.png"):  # named by rate, not index
         assert (plots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [report._plot_title(r).split("@ ")[1] for r in runs] == ["rate 100 req/s", "rate 200 req/s"]
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     assert _run(server, "--num-requests", "3", "--output", str(a)) == 0
     assert _run(server, "--num-requests", "3", "--output-len", "6", "--output", str(b)) == 0
     capsys.readouterr()
     assert main(["compare", str(a), str(b)]) == 0
-    table = capsys.readouterr().out
+    captured = capsys.readouterr()
+    table = captured.out
     assert "| metric | a.json | b.json | change |" in table and "TTFT p50" in table
+    assert "workloads differ" in captured.err and "workload.output_len" in captured.err
+    assert main(["compare", str(a), str(a)]) == 0
+    assert "differ" not in capsys.readouterr().err
     assert main(["plot", str(a), "--out", str(tmp_path / "p2")]) == 0
     assert (tmp_path / "p2" / "cdf.png").exists()
     assert main(["compare", str(a), str(sweep)]) == 2
@@ -150,3 +156,10 @@ def test_ctrl_c_writes_partial_results(tmp_path):
     (r,) = load_results(str(out))
     assert r.summary.interrupted
     assert r.summary.completed == 3 and r.summary.errors == {"cancelled": 2}
+
+
+def test_help_states_each_default_once():
+    text = build_parser().format_help()
+    for line in text.replace("\n                       ", " ").splitlines():
+        assert line.count("(default") <= 1, line
+    assert "(default: 600.0)" in text  # a plain default is still shown

@@ -17,6 +17,7 @@ import httpx
 import openai
 import pytest
 
+from tests.conftest import DEMO_AGGREGATED
 from tests.server_utils import ServerProcess, pid_alive
 
 pytestmark = pytest.mark.slow
@@ -31,7 +32,10 @@ MODES = {
 
 
 @pytest.fixture(scope="module", params=sorted(MODES))
-def server(request):
+def server(request, shared_servers):
+    if request.param == "aggregated":  # the session's shared server (tests/bench uses it too)
+        yield shared_servers.get(*DEMO_AGGREGATED)
+        return
     with ServerProcess("--model", "demo", "--max-model-len", "2048", *MODES[request.param]) as s:
         yield s
 
