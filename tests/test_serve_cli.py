@@ -38,3 +38,8 @@ def test_bad_pool_device_is_refused():
 def test_pool_devices_without_disaggregation_are_refused():
     with pytest.raises(ValueError, match="need --disaggregated"):
         pools("--decode-device", "cuda")
+
+
+def test_split_special_tokens_flag_reaches_the_server_state():
+    assert parse_args(["--split-special-tokens"]).split_special_tokens is True
+    assert parse_args([]).split_special_tokens is False

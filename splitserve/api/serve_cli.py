@@ -53,6 +53,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--api-key", default=os.environ.get("SPLITSERVE_API_KEY"),
                     help="require `Authorization: Bearer KEY` (or set SPLITSERVE_API_KEY)")
     ap.add_argument("--served-model-name", default=None)
+    ap.add_argument("--split-special-tokens", action="store_true",
+                    help="tokenize control-token text in user messages and prompts as plain text")
     ap.add_argument("--log-level", default="INFO")
     c = ap.add_argument_group("client connections")
     c.add_argument("--max-connections", type=int, default=2048,
@@ -140,6 +142,7 @@ async def start_cluster(args: argparse.Namespace, config: EngineConfig, started:
         client=cluster, tokenizer=tokenizer, model_name=name, model_aliases=aliases,
         max_model_len=cluster.max_model_len, max_inflight=seats * max(1, args.decode_workers if args.disaggregated else 1),
         api_key=args.api_key, metrics=ServerMetrics(cluster, name), started=time.time(),
+        split_special_tokens=args.split_special_tokens,
     )
     return build_app(state), name, cluster
 
