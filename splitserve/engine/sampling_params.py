@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from splitserve.structured.spec import GrammarSpec
+
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_SEQUENCES = 16
 
@@ -26,6 +28,7 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None  # None: no logprobs; k >= 0: sampled token plus k alternatives
     skip_special_tokens: bool = True
+    grammar: GrammarSpec | None = None  # structured outputs: every token obeys this grammar
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
