@@ -56,6 +56,12 @@ class _SamplingFields(BaseModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # structured outputs (vLLM): one of json / regex / choice / grammar / json_object; or the older guided_* fields
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     def check_unsupported(self) -> None:
         if self.logit_bias:
@@ -100,8 +106,6 @@ class ChatCompletionRequest(_SamplingFields):
 
     def check_unsupported(self) -> None:
         super().check_unsupported()
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise ValueError("response_format other than text is not supported")
         if self.tool_choice not in (None, "none", "auto"):
             raise ValueError("forced tool_choice is not supported")
         if self.top_logprobs is not None and not self.logprobs:

@@ -7,6 +7,7 @@ process turns tokens into text and text into SSE.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -22,6 +23,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from splitserve.cluster.gateway import Cluster, EngineDeadError, EngineRequestError
+from splitserve.api.agent import request_grammar
+from splitserve.structured.grammar import GrammarError
 from splitserve.api.generation import ChoiceState
 from splitserve.api.metrics import ServerMetrics
 from splitserve.api.protocol import ChatCompletionRequest, CompletionRequest
@@ -231,6 +234,10 @@ def build_app(state: ServerState, lifespan=None) -> FastAPI:
 
     def build_subrequests(base_id: str, prompts: list[list[int]], req, requested_max: int | None,
                           logprobs: int | None) -> list[SubRequest]:
+        try:
+            grammar = request_grammar(req)  # every choice obeys it (n > 1 included)
+        except GrammarError as exc:
+            raise APIError(400, str(exc), param=exc.param) from None
         subs = []
         for p_idx, prompt_ids in enumerate(prompts):
             if not prompt_ids:
@@ -246,7 +253,7 @@ def build_app(state: ServerState, lifespan=None) -> FastAPI:
                     f"{max(max_tokens, 1)} for the completion). Please reduce the prompt or max_tokens."),
                     param="max_tokens")
             try:
-                params = req.sampling_params(max_tokens, logprobs)
+                params = dataclasses.replace(req.sampling_params(max_tokens, logprobs), grammar=grammar)
             except ValueError as exc:
                 raise APIError(400, str(exc)) from None
             for j in range(req.n):

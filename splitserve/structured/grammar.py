@@ -36,7 +36,8 @@ def json_schema_spec(schema: Any, param: str) -> GrammarSpec:
     if not isinstance(schema, dict):
         raise GrammarError(f"{param} must be a JSON object (a JSON schema)", param)
     _check_meta_schema(schema, param)
-    spec = GrammarSpec(GrammarKind.JSON_SCHEMA.value, json.dumps(schema, separators=(",", ":"))  # property order is generation order)
+    # Keys keep their order: property order is generation order.
+    spec = GrammarSpec(GrammarKind.JSON_SCHEMA.value, json.dumps(schema, separators=(",", ":")))
     check(spec, param)
     return spec
 

@@ -1,0 +1,77 @@
+"""Agent-facing request options at the HTTP boundary: structured outputs (`response_format`, vLLM's
+`structured_outputs` and older `guided_*` fields) turned into one GrammarSpec, or a GrammarError
+that names the offending field."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from splitserve.structured import grammar as g
+from splitserve.structured.spec import GrammarSpec
+
+_STRUCTURED_KEYS = ("json", "regex", "choice", "grammar", "json_object")
+_GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+
+
+def response_format_grammar(rf: dict[str, Any] | None) -> GrammarSpec | None:
+    if not rf:
+        return None
+    kind = rf.get("type")
+    if kind in (None, "text"):
+        return None
+    if kind == "json_object":
+        return g.json_object_spec()
+    if kind == "json_schema":
+        js = rf.get("json_schema")
+        if not isinstance(js, dict) or "schema" not in js:
+            raise g.GrammarError("response_format.json_schema.schema is required", "response_format.json_schema")
+        return g.json_schema_spec(js["schema"], "response_format.json_schema.schema")
+    raise g.GrammarError(f"response_format.type must be text, json_object or json_schema; got {kind!r}",
+                         "response_format.type")
+
+
+def structured_outputs_grammar(so: dict[str, Any] | None, guided: dict[str, Any]) -> GrammarSpec | None:
+    """vLLM's `structured_outputs` object ({json|regex|choice|grammar|json_object: ...}) or its `guided_*` fields."""
+    given = {}
+    if so:
+        unknown = sorted(set(so) - set(_STRUCTURED_KEYS) - {"disable_fallback", "disable_any_whitespace",
+                                                              "disable_additional_properties", "whitespace_pattern",
+                                                              "structural_tag"})
+        if unknown:
+            raise g.GrammarError(f"structured_outputs has unsupported keys: {', '.join(unknown)}",
+                                 "structured_outputs")
+        given.update({f"structured_outputs.{k}": (k, v) for k, v in so.items()
+                      if k in _STRUCTURED_KEYS and v not in (None, False)})
+    given.update({name: (_GUIDED[name], v) for name, v in guided.items() if v is not None})
+    if not given:
+        return None
+    if len(given) > 1:
+        raise g.GrammarError(f"give one structured output constraint, not {len(given)}: {', '.join(given)}",
+                             next(iter(given)))
+    param, (kind, value) = next(iter(given.items()))
+    if kind == "json":
+        if isinstance(value, str):
+            import json
+
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise g.GrammarError(f"{param} is not valid JSON", param) from None
+        return g.json_schema_spec(value, param)
+    if kind == "json_object":
+        return g.json_object_spec()
+    if kind == "regex":
+        return g.regex_spec(value, param)
+    if kind == "choice":
+        return g.choice_spec(value, param)
+    return g.grammar_spec(value, param)
+
+
+def request_grammar(req) -> GrammarSpec | None:
+    """The one grammar a chat or completion request asks for (GrammarError on conflicts or bad input)."""
+    guided = {name: getattr(req, name, None) for name in _GUIDED}
+    from_so = structured_outputs_grammar(req.structured_outputs, guided)
+    from_rf = response_format_grammar(getattr(req, "response_format", None))
+    if from_so is not None and from_rf is not None:
+        raise g.GrammarError("give either response_format or structured_outputs, not both", "response_format")
+    return from_so or from_rf
