@@ -51,6 +51,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     help="require `Authorization: Bearer KEY` (or set SPLITSERVE_API_KEY)")
     ap.add_argument("--served-model-name", default=None)
     ap.add_argument("--log-level", default="INFO")
+    ap.add_argument("--chat-template", default=None, metavar="FILE", help="a Jinja chat template to use instead "
+                    "of the model's (tools are rendered with a shipped generic template when the model's cannot)")
+    ap.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json", "mistral", "qwen3"],
+                    help="the model's tool-call format (default: inferred from the chat template)")
     d = ap.add_argument_group("disaggregation")
     d.add_argument("--disaggregated", action="store_true", help="separate prefill and decode worker pools")
     d.add_argument("--prefill-workers", type=int, default=1)
@@ -107,6 +111,7 @@ async def serve(args: argparse.Namespace) -> None:
     config = engine_config_from_args(args)
     path = resolve_model_path(config.model)
     tokenizer = load_tokenizer(path)
+    chat_template = open(args.chat_template).read() if args.chat_template else None  # read before workers start
     secret = os.environ.get(SECRET_ENV)
     if args.cluster_listen and not secret:
         raise ValueError(f"--cluster-listen needs the cluster secret in {SECRET_ENV}")
@@ -128,6 +133,8 @@ async def serve(args: argparse.Namespace) -> None:
         client=cluster, tokenizer=tokenizer, model_name=name, model_aliases=aliases,
         max_model_len=cluster.max_model_len, max_inflight=seats * max(1, args.decode_workers if args.disaggregated else 1),
         api_key=args.api_key, metrics=ServerMetrics(cluster, name), started=time.time(),
+        chat_template=chat_template,
+        tool_call_parser=args.tool_call_parser,
     )
 
     @contextlib.asynccontextmanager

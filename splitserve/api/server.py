@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from splitserve.cluster.gateway import Cluster, EngineDeadError, EngineRequestError
-from splitserve.api.agent import request_grammar
+from splitserve.api.agent import ToolCallStream, chat_message, chat_template_for, plan_request_tools, request_grammar
 from splitserve.structured.grammar import GrammarError
 from splitserve.api.generation import ChoiceState
 from splitserve.api.metrics import ServerMetrics
@@ -64,6 +64,8 @@ class ServerState:
     metrics: ServerMetrics
     started: float
     admitted: int = 0  # sub-requests accepted and not yet answered: the bounded queue
+    chat_template: str | None = None  # --chat-template FILE's text
+    tool_call_parser: str | None = None  # --tool-call-parser NAME (None: from the chat template)
 
 
 class Admission:
@@ -233,11 +235,15 @@ def build_app(state: ServerState, lifespan=None) -> FastAPI:
         return req
 
     def build_subrequests(base_id: str, prompts: list[list[int]], req, requested_max: int | None,
-                          logprobs: int | None) -> list[SubRequest]:
+                          logprobs: int | None, forced_grammar=None) -> list[SubRequest]:
         try:
             grammar = request_grammar(req)  # every choice obeys it (n > 1 included)
         except GrammarError as exc:
             raise APIError(400, str(exc), param=exc.param) from None
+        if forced_grammar is not None and grammar is not None:
+            raise APIError(400, "a forced tool_choice cannot be combined with response_format or structured_outputs",
+                           param="tool_choice")
+        grammar = forced_grammar or grammar
         subs = []
         for p_idx, prompt_ids in enumerate(prompts):
             if not prompt_ids:
@@ -402,23 +408,29 @@ def build_app(state: ServerState, lifespan=None) -> FastAPI:
     async def chat(request: Request):
         t0 = time.perf_counter()
         req: ChatCompletionRequest = await parse(request, ChatCompletionRequest)
+        template = chat_template_for(state.chat_template, tok.chat_template, req.tools)
+        try:
+            tool_plan = plan_request_tools(req, state.tool_call_parser, template or tok.chat_template)
+        except (GrammarError, ValueError) as exc:
+            raise APIError(400, str(exc), param=getattr(exc, "param", "tools")) from None
         try:
             messages = req.template_messages()
             kwargs = dict(req.chat_template_kwargs or {})
             prompt_text = tok.apply_chat_template(
                 messages, add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
-                tools=req.tools, continue_final_message=req.continue_final_message, **kwargs)
+                tools=req.tools, continue_final_message=req.continue_final_message, chat_template=template, **kwargs)
         except ValueError as exc:
             raise APIError(400, f"could not apply the chat template: {exc}", param="messages") from None
         # The template already spells BOS where the model wants it.
         prompt_ids = tok.encode(prompt_text, add_special_tokens=False)
         base_id = f"chatcmpl-{uuid.uuid4().hex}"
-        subs = build_subrequests(base_id, [prompt_ids], req, req.requested_max_tokens(), req.requested_logprobs())
+        subs = build_subrequests(base_id, [prompt_ids], req, req.requested_max_tokens(), req.requested_logprobs(),
+                                 tool_plan.grammar if tool_plan else None)
         admission = Admission(state, len(subs))
         created = int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            body = stream_events(chat_stream(base_id, created, subs, include_usage, t0))
+            body = stream_events(chat_stream(base_id, created, subs, include_usage, t0, tool_plan))
             return StreamingResponse(AdmittedStream(body, admission), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         try:
@@ -428,31 +440,43 @@ def build_app(state: ServerState, lifespan=None) -> FastAPI:
         choices = []
         for s in subs:
             c = s.choice
+            message, finish_reason = chat_message(c.text, c.finish_reason, tool_plan)
             choices.append({
                 "index": c.index,
-                "message": {"role": "assistant", "content": c.text},
+                "message": message,
                 "logprobs": {"content": chat_logprobs(c.logprobs)} if s.params.logprobs is not None else None,
-                "finish_reason": c.finish_reason,
+                "finish_reason": finish_reason,
                 "stop_reason": c.stop_reason,
             })
         return {"id": base_id, "object": "chat.completion", "created": created, "model": state.model_name,
                 "choices": choices, "usage": usage(subs)}
 
-    async def chat_stream(base_id, created, subs, include_usage, t0) -> AsyncIterator[str]:
+    async def chat_stream(base_id, created, subs, include_usage, t0, tool_plan=None) -> AsyncIterator[str]:
         head = {"id": base_id, "object": "chat.completion.chunk", "created": created, "model": state.model_name}
         for s in subs:
             yield sse({**head, "choices": [{"index": s.choice.index, "delta": {"role": "assistant", "content": ""},
                                             "logprobs": None, "finish_reason": None}]})
+        tool_streams = ({s.choice.index: ToolCallStream(tool_plan) for s in subs}
+                        if tool_plan is not None and tool_plan.parses_calls else {})
         async for sub, delta, lps in run_subrequests(subs, t0):
             c = sub.choice
             if not delta and not lps and c.finish_reason is None:
                 continue
-            choice = {"index": c.index, "delta": {"content": delta} if delta else {},
-                      "logprobs": {"content": chat_logprobs(lps)} if sub.params.logprobs is not None and lps else None,
-                      "finish_reason": c.finish_reason}
-            if c.finish_reason is not None:
-                choice["stop_reason"] = c.stop_reason
-            yield sse({**head, "choices": [choice]})
+            if tool_streams:  # content until a call may be starting, then tool-call deltas
+                deltas, finish_reason = tool_streams[c.index].deltas(delta, c.finish_reason)
+            else:
+                deltas, finish_reason = ([{"content": delta}] if delta else []), c.finish_reason
+            if not deltas and not lps and finish_reason is None:
+                continue
+            for i, d in enumerate(deltas or [{}]):
+                last = i == max(len(deltas), 1) - 1
+                choice = {"index": c.index, "delta": d,
+                          "logprobs": ({"content": chat_logprobs(lps)}
+                                       if i == 0 and sub.params.logprobs is not None and lps else None),
+                          "finish_reason": finish_reason if last else None}
+                if last and finish_reason is not None:
+                    choice["stop_reason"] = c.stop_reason
+                yield sse({**head, "choices": [choice]})
         if include_usage:
             yield sse({**head, "choices": [], "usage": usage(subs)})
 

@@ -1,0 +1,182 @@
+"""Tool-call formats, by vLLM's `--tool-call-parser` names: how a model writes calls (parsed from its
+output for tool_choice=auto) and the grammar that forces that same format (required / named).
+
+hermes (Hermes, Qwen2.5/Qwen3, and the generic template shipped for the demo model):
+    <tool_call>\n{"name": "f", "arguments": {...}}\n</tool_call>   (one block per call)
+llama3_json (Llama 3.1+ JSON tool calling): {"name": "f", "parameters": {...}}, calls joined by "; "
+mistral: [TOOL_CALLS][{"name": "f", "arguments": {...}}, ...]
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+
+from splitserve.structured.grammar import JSON_OPTIONS
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    name: str
+    arguments: str  # a JSON object, as a string (what OpenAI sends)
+    id: str
+
+    def as_openai(self) -> dict:
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def _call_from_json(obj, args_key: str) -> ToolCall | None:
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    args = obj.get(args_key, obj.get("arguments", obj.get("parameters", {})))
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except ValueError:
+            return None
+    if not isinstance(args, dict):
+        return None
+    return ToolCall(obj["name"], json.dumps(args, ensure_ascii=False), new_call_id())
+
+
+def _json_objects(text: str) -> list:
+    """Every top-level JSON value in `text`, in order (decoding greedily from each '{' or '[')."""
+    dec = json.JSONDecoder()
+    out, i = [], 0
+    while i < len(text):
+        if text[i] in "{[":
+            try:
+                obj, end = dec.raw_decode(text, i)
+                out.append(obj)
+                i = end
+                continue
+            except ValueError:
+                pass
+        i += 1
+    return out
+
+
+def _content_before(text: str, marker: str) -> str | None:
+    """Text before the first call, trailing whitespace dropped; None when there is none."""
+    head = text[: text.index(marker)]
+    return head.rstrip() if head.strip() else None
+
+
+class ToolParser:
+    """One format. `start_marker`: text that opens tool calls in free output ('' = output starts with JSON)."""
+
+    name = ""
+    args_key = "arguments"
+    start_marker = ""
+
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        """Complete output -> (content, tool calls). Output that is not a well-formed call stays content."""
+        raise NotImplementedError
+
+    def call_schema(self, tool: dict) -> dict:
+        fn = tool["function"]
+        return {"type": "object", "properties": {"name": {"const": fn["name"]},
+                                                 self.args_key: fn.get("parameters") or {"type": "object"}},
+                "required": ["name", self.args_key], "additionalProperties": False,
+                "x-guidance": {k: v for k, v in JSON_OPTIONS.items() if k != "lenient"}}
+
+    def forced_grammar(self, tools: list[dict], parallel: bool) -> str:
+        """A Lark grammar (llguidance dialect) admitting exactly calls of these tools in this format."""
+        raise NotImplementedError
+
+    def _one_of(self, tools: list[dict]) -> str:
+        return "\n".join(f"call{i}: %json {json.dumps(self.call_schema(t))}" for i, t in enumerate(tools)) + \
+            "\ncall: " + " | ".join(f"call{i}" for i in range(len(tools))) + "\n"
+
+
+class HermesParser(ToolParser):
+    name = "hermes"
+    start_marker = "<tool_call>"
+    _block = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
+
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        if self.start_marker not in text:
+            return text, []
+        calls = []
+        for body in self._block.findall(text):
+            objs = _json_objects(body)
+            call = _call_from_json(objs[0], self.args_key) if objs else None
+            if call is None:
+                return text, []
+            calls.append(call)
+        return _content_before(text, self.start_marker), calls
+
+    def forced_grammar(self, tools: list[dict], parallel: bool) -> str:
+        rep = "block (\"\\n\" block)*" if parallel else "block"
+        return f'start: {rep}\nblock: "<tool_call>\\n" call "\\n</tool_call>"\n' + self._one_of(tools)
+
+
+class Llama3JsonParser(ToolParser):
+    name = "llama3_json"
+    args_key = "parameters"
+    start_marker = "{"
+    _python_tag = "<|python_tag|>"
+
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        body = text.strip()
+        if body.startswith(self._python_tag):
+            body = body[len(self._python_tag):].lstrip()
+        if not body.startswith("{"):
+            return text, []
+        calls = [_call_from_json(o, self.args_key) for o in _json_objects(body)]
+        if not calls or any(c is None for c in calls):
+            return text, []
+        return None, calls
+
+    def forced_grammar(self, tools: list[dict], parallel: bool) -> str:
+        rep = 'call ("; " call)*' if parallel else "call"
+        return f"start: {rep}\n" + self._one_of(tools)
+
+
+class MistralParser(ToolParser):
+    name = "mistral"
+    start_marker = "[TOOL_CALLS]"
+
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        if self.start_marker not in text:
+            return text, []
+        head, _, rest = text.partition(self.start_marker)
+        objs = _json_objects(rest)
+        items = objs[0] if objs and isinstance(objs[0], list) else objs
+        calls = [_call_from_json(o, self.args_key) for o in items]
+        if not calls or any(c is None for c in calls):
+            return text, []
+        return _content_before(text, self.start_marker), calls
+
+    def forced_grammar(self, tools: list[dict], parallel: bool) -> str:
+        rep = '"[" call (", " call)* "]"' if parallel else '"[" call "]"'
+        return f'start: "[TOOL_CALLS]" {rep}\n' + self._one_of(tools)
+
+
+class Qwen3Parser(HermesParser):
+    """Qwen2.5 / Qwen3 chat templates write Hermes-style <tool_call> JSON blocks."""
+
+    name = "qwen3"
+
+
+PARSERS: dict[str, type[ToolParser]] = {p.name: p for p in (HermesParser, Llama3JsonParser, MistralParser, Qwen3Parser)}
+
+
+def parser_for(name: str | None, chat_template: str | None) -> ToolParser:
+    """The named parser, or the one the chat template's own tool format implies (hermes by default)."""
+    if name:
+        if name not in PARSERS:
+            raise ValueError(f"unknown tool-call parser {name!r}; choose one of {', '.join(sorted(PARSERS))}")
+        return PARSERS[name]()
+    src = chat_template or ""
+    if "[TOOL_CALLS]" in src:
+        return MistralParser()
+    if "<|python_tag|>" in src or "<|eom_id|>" in src:
+        return Llama3JsonParser()
+    return HermesParser()
