@@ -144,3 +144,39 @@ def test_bad_tool_input_is_400(server, extra, needle):
                                               max_tokens=4, **extra)
     assert needle in err.value.body["message"] or needle == err.value.body.get("param"), err.value.body
     server.wait_idle()
+
+
+def test_bench_agent_chains_make_real_tool_round_trips(server):
+    """`splitserve bench --workload agent --tool-calls`: every step but the last is a forced call whose
+    result goes back as a `tool` message; the server accepts each history and every step succeeds."""
+    import asyncio
+
+    from splitserve.bench.client import OpenAIClient
+    from splitserve.bench.runner import run_load
+    from splitserve.bench.workloads import agent_chains
+
+    sent = []
+
+    class Recording(OpenAIClient):
+        def build_body(self, prompt, max_tokens, fields=None):
+            sent.append((prompt if isinstance(prompt, str) else [dict(m) for m in prompt], dict(fields or {})))
+            return super().build_body(prompt, max_tokens, fields)
+
+    async def scenario():
+        async with Recording(server.base_url, model=MODEL, ignore_eos=False, min_tokens=False) as client:
+            specs = agent_chains(num_chains=2, steps=3, tool_tokens=16, answer_tokens=40, tool_calling=True)
+            return await run_load(client, specs, concurrency=2)
+
+    out = asyncio.run(scenario())
+    assert len(out.records) == 6 and all(r.ok for r in out.records), [r.error_detail for r in out.records]
+    assert [f.get("tool_choice") for _, f in sent].count("required") == 4
+    finals = [p for p, f in sent if f.get("tool_choice") == "none"]
+    assert len(finals) == 2
+    for history in finals:  # step 2 carries both earlier round trips: call, then its result
+        roles = [m["role"] for m in history]
+        assert roles == ["user", "assistant", "tool", "assistant", "tool"], roles
+        calls = [m for m in history if m["role"] == "assistant"]
+        assert all(c["tool_calls"][0]["function"]["name"] in ("search", "read_file") for c in calls)
+        assert all(json.loads(c["tool_calls"][0]["function"]["arguments"]) for c in calls)
+        assert history[2]["tool_call_id"] == calls[0]["tool_calls"][0]["id"]
+    server.wait_idle()
