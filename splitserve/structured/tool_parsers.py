@@ -98,9 +98,10 @@ class ToolParser:
 class HermesParser(ToolParser):
     name = "hermes"
     start_marker = "<tool_call>"
-    _block = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
+    _block = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        """Complete <tool_call> blocks; an unclosed last block (cut by max_tokens) is dropped."""
         if self.start_marker not in text:
             return text, []
         calls = []
@@ -110,6 +111,8 @@ class HermesParser(ToolParser):
             if call is None:
                 return text, []
             calls.append(call)
+        if not calls:
+            return text, []
         return _content_before(text, self.start_marker), calls
 
     def forced_grammar(self, tools: list[dict], parallel: bool) -> str:

@@ -29,6 +29,9 @@ def test_hermes_parses_content_and_calls():
     assert len({c.id for c in calls}) == 2
     assert HermesParser().parse("no calls here") == ("no calls here", [])
     assert HermesParser().parse("<tool_call>\nnot json\n</tool_call>")[1] == []  # malformed stays content
+    cut = HERMES + '\n<tool_call>\n{"name": "add", "argu'  # max_tokens cut the last call short
+    assert [c.name for c in HermesParser().parse(cut)[1]] == ["get_weather", "add"]
+    assert HermesParser().parse('<tool_call>\n{"name": "add", "argu')[1] == []
 
 
 def test_llama3_json_and_mistral():
