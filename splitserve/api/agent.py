@@ -8,6 +8,7 @@ from typing import Any
 
 from splitserve.structured import grammar as g
 from splitserve.structured.spec import GrammarSpec
+from splitserve.structured.tool_stream import ToolCallStream, chat_message  # noqa: F401 (the server's hooks)
 
 _STRUCTURED_KEYS = ("json", "regex", "choice", "grammar", "json_object")
 _GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
@@ -102,70 +103,3 @@ def plan_request_tools(req, parser_name: str | None, template: str | None):
     from splitserve.structured.tools import plan_tools
 
     return plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls, parser_for(parser_name, template))
-
-
-def chat_message(text: str, finish_reason: str | None, plan) -> tuple[dict, str | None]:
-    """The assistant message of a finished choice, tool calls parsed out when the plan asks."""
-    if plan is None or not plan.parses_calls:
-        return {"role": "assistant", "content": text}, finish_reason
-    content, calls = plan.parser.parse(text)
-    if not calls:
-        return {"role": "assistant", "content": text}, finish_reason
-    if not plan.parallel:
-        calls = calls[:1]
-    content = content.rstrip() if content and content.strip() else None
-    message = {"role": "assistant", "content": content, "tool_calls": [c.as_openai() for c in calls]}
-    return message, "tool_calls" if finish_reason == "stop" else finish_reason
-
-
-class ToolCallStream:
-    """Streaming for one choice: content passes through until a tool call may be starting; calls
-    go out as OpenAI sends them (a first delta with index, id, type and name, then the arguments)."""
-
-    def __init__(self, plan) -> None:
-        self.plan = plan
-        self.text = ""
-        self.emitted = 0  # characters of text already sent as content
-        self.in_calls = plan.mode in ("required", "named")
-
-    def deltas(self, piece: str, finish_reason: str | None) -> tuple[list[dict], str | None]:
-        """The chunk deltas this piece of text makes (maybe none), and the choice's finish reason."""
-        self.text += piece
-        safe = None if self.in_calls else self._safe_content_end(self.plan.parser.start_marker)
-        self.in_calls = safe is None
-        content = ""
-        if safe is not None and safe > self.emitted:
-            content, self.emitted = self.text[self.emitted : safe], safe
-        if finish_reason is None:
-            return ([{"content": content}] if content else []), None
-        message, reason = chat_message(self.text, finish_reason, self.plan)
-        if "tool_calls" not in message:  # no call after all: what was held back is content
-            content += self.text[self.emitted :]
-            return ([{"content": content}] if content else []), reason
-        content += (message["content"] or "")[self.emitted :]
-        out = [{"content": content}] if content else []
-        for i, call in enumerate(message["tool_calls"]):
-            fn = call["function"]
-            out.append({"tool_calls": [{"index": i, "id": call["id"], "type": "function",
-                                        "function": {"name": fn["name"], "arguments": ""}}]})
-            out.append({"tool_calls": [{"index": i, "function": {"arguments": fn["arguments"]}}]})
-        return out, reason
-
-    def _safe_content_end(self, marker: str) -> int | None:
-        """How much of the text is surely content (None: a tool call has begun). Trailing
-        whitespace and any suffix that could open the marker are held back."""
-        text = self.text
-        if marker == "{":  # llama3_json: the whole output is calls when it opens with JSON
-            head = text.lstrip()
-            if not head or "<|python_tag|>".startswith(head[:14]) or head.startswith(("{", "<|python_tag|>")):
-                return None if head.startswith(("{", "<|python_tag|>")) else self.emitted
-            return len(text.rstrip())
-        i = text.find(marker)
-        if i >= 0:
-            return None
-        end = len(text)
-        for k in range(min(len(marker) - 1, len(text)), 0, -1):
-            if marker.startswith(text[-k:]):
-                end = len(text) - k
-                break
-        return max(self.emitted, len(text[:end].rstrip()))

@@ -86,7 +86,8 @@ async def run_load(
                         convo.append({"role": "user", "content": content})
                     prompt = convo if chat or len(unit) > 1 or spec.system else convo[-1]["content"]
                 calls = []
-                tool_fields = {"tools": list(spec.tools), "tool_choice": spec.tool_choice} if spec.tools else None
+                tool_fields = ({"tools": list(spec.tools), "tool_choice": spec.tool_choice, "parallel_tool_calls": False}
+                               if spec.tools else None)
                 text = await client.request(rec, prompt, spec.output_len, tool_fields, calls)
                 if rec.ok:
                     counters.completed += 1

@@ -391,12 +391,12 @@ def agent_chains(
 AGENT_TOOLS: tuple[dict[str, Any], ...] = (
     {"type": "function", "function": {
         "name": "search", "description": "Search the knowledge base and return the best passages",
-        "parameters": {"type": "object", "properties": {"query": {"type": "string", "maxLength": 80},
+        "parameters": {"type": "object", "properties": {"query": {"type": "string", "maxLength": 40},
                                                         "top_k": {"type": "integer", "minimum": 1, "maximum": 10}},
                        "required": ["query", "top_k"], "additionalProperties": False}}},
     {"type": "function", "function": {
         "name": "read_file", "description": "Read a file of the project",
-        "parameters": {"type": "object", "properties": {"path": {"type": "string", "maxLength": 80}},
+        "parameters": {"type": "object", "properties": {"path": {"type": "string", "maxLength": 40}},
                        "required": ["path"], "additionalProperties": False}}},
 )
 

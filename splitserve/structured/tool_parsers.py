@@ -31,7 +31,51 @@ def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
-def _call_from_json(obj, args_key: str) -> ToolCall | None:
+# The canonical start of a call object, as templates and the forced grammars write it: name first,
+# then the arguments. Streaming sends the arguments' raw text from here on.
+CALL_HEAD = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*(?=\{)')
+
+
+def json_value_end(text: str, start: int) -> int | None:
+    """Where the JSON object starting at text[start] ends (one past its '}'), None while incomplete."""
+    if start >= len(text) or text[start] != "{":
+        return None
+    depth, in_string, escaped = 0, False, False
+    for i in range(start, len(text)):
+        ch = text[i]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    return None
+
+
+def _raw_arguments(source: str, args) -> str | None:
+    """The arguments exactly as written, when the call is in canonical form (what was streamed)."""
+    m = CALL_HEAD.match(source)
+    end = json_value_end(source, m.end()) if m else None
+    if end is None:
+        return None
+    raw = source[m.end() : end]
+    try:
+        return raw if json.loads(raw) == args else None
+    except ValueError:
+        return None
+
+
+def _call_from_json(obj, args_key: str, source: str = "") -> ToolCall | None:
+    """`source`: the object's text, so canonical calls keep their arguments' raw text."""
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         return None
     args = obj.get(args_key, obj.get("arguments", obj.get("parameters", {})))
@@ -42,18 +86,20 @@ def _call_from_json(obj, args_key: str) -> ToolCall | None:
             return None
     if not isinstance(args, dict):
         return None
-    return ToolCall(obj["name"], json.dumps(args, ensure_ascii=False), new_call_id())
+    raw = _raw_arguments(source, args) if source else None
+    return ToolCall(obj["name"], raw if raw is not None else json.dumps(args, ensure_ascii=False), new_call_id())
 
 
-def _json_objects(text: str) -> list:
-    """Every top-level JSON value in `text`, in order (decoding greedily from each '{' or '[')."""
+def _json_objects(text: str) -> list[tuple[object, str]]:
+    """Every top-level JSON value in `text` with its source text, in order (decoding greedily from
+    each '{' or '[')."""
     dec = json.JSONDecoder()
     out, i = [], 0
     while i < len(text):
         if text[i] in "{[":
             try:
                 obj, end = dec.raw_decode(text, i)
-                out.append(obj)
+                out.append((obj, text[i:end]))
                 i = end
                 continue
             except ValueError:
@@ -107,7 +153,7 @@ class HermesParser(ToolParser):
         calls = []
         for body in self._block.findall(text):
             objs = _json_objects(body)
-            call = _call_from_json(objs[0], self.args_key) if objs else None
+            call = _call_from_json(objs[0][0], self.args_key, objs[0][1]) if objs else None
             if call is None:
                 return text, []
             calls.append(call)
@@ -132,7 +178,7 @@ class Llama3JsonParser(ToolParser):
             body = body[len(self._python_tag):].lstrip()
         if not body.startswith("{"):
             return text, []
-        calls = [_call_from_json(o, self.args_key) for o in _json_objects(body)]
+        calls = [_call_from_json(o, self.args_key, src) for o, src in _json_objects(body)]
         if not calls or any(c is None for c in calls):
             return text, []
         return None, calls
@@ -149,10 +195,9 @@ class MistralParser(ToolParser):
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
         if self.start_marker not in text:
             return text, []
-        head, _, rest = text.partition(self.start_marker)
-        objs = _json_objects(rest)
-        items = objs[0] if objs and isinstance(objs[0], list) else objs
-        calls = [_call_from_json(o, self.args_key) for o in items]
+        rest = text.partition(self.start_marker)[2].lstrip()
+        items = _json_objects(rest[1:] if rest.startswith("[") else rest)  # the list's objects, each with its text
+        calls = [_call_from_json(o, self.args_key, src) for o, src in items]
         if not calls or any(c is None for c in calls):
             return text, []
         return _content_before(text, self.start_marker), calls

@@ -87,9 +87,31 @@ def test_plan_errors_name_the_field():
     assert plan_tools(TOOLS, {"type": "function", "function": {"name": "add"}}, True, HermesParser()).parallel is False
 
 
-@pytest.mark.parametrize("text", [HERMES, "Just words, no call.", "<tool", "Text then <tool_call>\n{broken"])
-def test_stream_reassembles_to_the_non_streamed_message(text):
+def test_stream_sends_name_then_argument_fragments_as_they_arrive():
     plan = plan_tools(TOOLS, "auto", True, HermesParser())
+    stream = ToolCallStream(plan)
+    text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par'
+    deltas, reason = stream.deltas(text, None)
+    assert reason is None
+    first, frag = deltas
+    assert first["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": ""}
+    assert first["tool_calls"][0]["id"].startswith("call_") and first["tool_calls"][0]["index"] == 0
+    assert frag["tool_calls"][0]["function"]["arguments"] == '{"city": "Par'
+    deltas, reason = stream.deltas('is"}}\n</tool_call>', "stop")
+    assert [d["tool_calls"][0]["function"]["arguments"] for d in deltas] == ['is"}']
+    assert reason == "tool_calls"
+
+
+LLAMA = '{"name": "add", "parameters": {"a": 1, "b": 2}}; {"parameters": {"city": "Oslo"}, "name": "get_weather"}'
+MISTRAL = 'Sure [TOOL_CALLS][{"name": "add", "arguments": {"a": 1}}, {"name": "get_weather", "arguments": {"city": "X"}}]'
+
+
+@pytest.mark.parametrize("parser,text", [
+    *[(HermesParser(), t) for t in (HERMES, HERMES.replace('"a": 1', '"a":1'), "Just words, no call.", "<tool",
+                                    "Text then <tool_call>\n{broken")],
+    (Llama3JsonParser(), LLAMA), (Llama3JsonParser(), "Plain answer {with a brace"), (MistralParser(), MISTRAL)])
+def test_stream_reassembles_to_the_non_streamed_message(parser, text):
+    plan = plan_tools(TOOLS, "auto", True, parser)
     stream = ToolCallStream(plan)
     content, calls = "", {}
     pieces = [text[i : i + 3] for i in range(0, len(text), 3)]
