@@ -8,7 +8,6 @@ from typing import Any
 
 from splitserve.structured import grammar as g
 from splitserve.structured.spec import GrammarSpec
-from splitserve.structured.tool_stream import ToolCallStream, chat_message  # noqa: F401 (the server's hooks)
 
 _STRUCTURED_KEYS = ("json", "regex", "choice", "grammar", "json_object")
 _GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}

@@ -23,7 +23,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from splitserve.cluster.gateway import Cluster, EngineDeadError, EngineRequestError
-from splitserve.api.agent import ToolCallStream, chat_message, chat_template_for, plan_request_tools, request_grammar
+from splitserve.api.agent import chat_template_for, plan_request_tools, request_grammar
+from splitserve.structured.tool_stream import ToolCallStream, chat_message
 from splitserve.structured.grammar import GrammarError
 from splitserve.api.generation import ChoiceState
 from splitserve.api.metrics import ServerMetrics

@@ -125,6 +125,11 @@ class ToolParser:
         """Complete output -> (content, tool calls). Output that is not a well-formed call stays content."""
         raise NotImplementedError
 
+    def _all_calls(self, items: list[tuple[object, str]]) -> list[ToolCall]:
+        """Every item as a call, or none at all when one is not a well-formed call."""
+        calls = [_call_from_json(o, self.args_key, src) for o, src in items]
+        return calls if calls and all(c is not None for c in calls) else []
+
     def call_schema(self, tool: dict) -> dict:
         fn = tool["function"]
         return {"type": "object", "properties": {"name": {"const": fn["name"]},
@@ -132,9 +137,14 @@ class ToolParser:
                 "required": ["name", self.args_key], "additionalProperties": False,
                 "x-guidance": {k: v for k, v in JSON_OPTIONS.items() if k != "lenient"}}
 
+    # The format in Lark (llguidance's dialect): one call, any number of calls, helper rules.
+    forced_one = "call"
+    forced_many = "call"
+    forced_rules = ""
+
     def forced_grammar(self, tools: list[dict], parallel: bool) -> str:
-        """A Lark grammar (llguidance dialect) admitting exactly calls of these tools in this format."""
-        raise NotImplementedError
+        """A grammar admitting exactly calls of these tools, written in this format."""
+        return f"start: {self.forced_many if parallel else self.forced_one}\n{self.forced_rules}" + self._one_of(tools)
 
     def _one_of(self, tools: list[dict]) -> str:
         return "\n".join(f"call{i}: %json {json.dumps(self.call_schema(t))}" for i, t in enumerate(tools)) + \
@@ -161,9 +171,9 @@ class HermesParser(ToolParser):
             return text, []
         return _content_before(text, self.start_marker), calls
 
-    def forced_grammar(self, tools: list[dict], parallel: bool) -> str:
-        rep = "block (\"\\n\" block)*" if parallel else "block"
-        return f'start: {rep}\nblock: "<tool_call>\\n" call "\\n</tool_call>"\n' + self._one_of(tools)
+    forced_one = "block"
+    forced_many = 'block ("\\n" block)*'
+    forced_rules = 'block: "<tool_call>\\n" call "\\n</tool_call>"\n'
 
 
 class Llama3JsonParser(ToolParser):
@@ -178,14 +188,10 @@ class Llama3JsonParser(ToolParser):
             body = body[len(self._python_tag):].lstrip()
         if not body.startswith("{"):
             return text, []
-        calls = [_call_from_json(o, self.args_key, src) for o, src in _json_objects(body)]
-        if not calls or any(c is None for c in calls):
-            return text, []
-        return None, calls
+        calls = self._all_calls(_json_objects(body))
+        return (None, calls) if calls else (text, [])
 
-    def forced_grammar(self, tools: list[dict], parallel: bool) -> str:
-        rep = 'call ("; " call)*' if parallel else "call"
-        return f"start: {rep}\n" + self._one_of(tools)
+    forced_many = 'call ("; " call)*'
 
 
 class MistralParser(ToolParser):
@@ -196,15 +202,11 @@ class MistralParser(ToolParser):
         if self.start_marker not in text:
             return text, []
         rest = text.partition(self.start_marker)[2].lstrip()
-        items = _json_objects(rest[1:] if rest.startswith("[") else rest)  # the list's objects, each with its text
-        calls = [_call_from_json(o, self.args_key, src) for o, src in items]
-        if not calls or any(c is None for c in calls):
-            return text, []
-        return _content_before(text, self.start_marker), calls
+        calls = self._all_calls(_json_objects(rest[1:] if rest.startswith("[") else rest))  # the list's objects
+        return (_content_before(text, self.start_marker), calls) if calls else (text, [])
 
-    def forced_grammar(self, tools: list[dict], parallel: bool) -> str:
-        rep = '"[" call (", " call)* "]"' if parallel else '"[" call "]"'
-        return f'start: "[TOOL_CALLS]" {rep}\n' + self._one_of(tools)
+    forced_one = '"[TOOL_CALLS]" "[" call "]"'
+    forced_many = '"[TOOL_CALLS]" "[" call (", " call)* "]"'
 
 
 class Qwen3Parser(HermesParser):

@@ -17,12 +17,9 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from tests.server_utils import ServerProcess
 
 pytestmark = pytest.mark.slow
 
-COMMON = ("--model", "demo", "--dtype", "float32", "--max-model-len", "1024", "--threads", "1")
-MODES = {"aggregated": (), "disaggregated": ("--disaggregated",)}
 MODEL = "SmolLM2-135M-Instruct"
 
 NESTED = {
@@ -50,14 +47,6 @@ class Pet(BaseModel):
 
 def _chat(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
-
-
-@pytest.fixture(scope="module", params=list(MODES))
-def server(request):
-    with ServerProcess(*COMMON, *MODES[request.param]) as s:
-        s.mode = request.param
-        s.client = openai.OpenAI(base_url=s.base_url + "/v1", api_key="unused", max_retries=0, timeout=300)
-        yield s
 
 
 SEEDED: dict[str, dict[str, list[str]]] = {}  # mode -> scenario -> texts, compared across modes

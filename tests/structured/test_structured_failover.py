@@ -13,6 +13,7 @@ import httpx
 import jsonschema
 import pytest
 
+from tests.e2e.test_disaggregated import _sse_texts
 from tests.server_utils import ServerProcess, pid_alive
 
 pytestmark = pytest.mark.slow
@@ -23,31 +24,18 @@ SCHEMA = {"type": "object", "properties": {"items": {"type": "array", "minItems"
     "required": ["id", "word"], "additionalProperties": False}}}, "required": ["items"], "additionalProperties": False}
 
 
-def _stream(http, base_url, body):
-    with http.stream("POST", base_url + "/v1/completions", json=body) as r:
-        assert r.status_code == 200
-        for line in r.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                chunk = json.loads(line[6:])
-                assert "error" not in chunk, chunk
-                if chunk["choices"]:
-                    yield chunk["choices"][0]["text"], chunk["choices"][0]["finish_reason"]
-
-
 def test_kill_decode_worker_mid_constrained_stream():
     with ServerProcess("--model", "demo", "--dtype", "float32", "--max-model-len", "1024", "--threads", "1",
                        "--disaggregated") as s:
         body = {"prompt": "Twelve items as JSON:", "max_tokens": 400, "temperature": 1.0, "seed": 42, "stream": True,
                 "structured_outputs": {"json": SCHEMA}}
         with httpx.Client(timeout=300) as http:
-            pieces = list(_stream(http, s.base_url, body))
-        expected = "".join(t for t, _ in pieces)
-        assert pieces[-1][1] == "stop"
+            expected = "".join(_sse_texts(http, s.base_url, body))
         jsonschema.validate(json.loads(expected), SCHEMA)
         victim = [w for w in s.cluster()["workers"] if w["role"] == "decode"][0]
         texts = []
         with httpx.Client(timeout=300) as http:
-            for i, (t, _) in enumerate(_stream(http, s.base_url, body)):
+            for i, t in enumerate(_sse_texts(http, s.base_url, body)):
                 texts.append(t)
                 if i == 15:
                     os.kill(victim["pid"], signal.SIGKILL)

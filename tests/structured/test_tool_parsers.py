@@ -7,7 +7,7 @@ import json
 import llguidance
 import pytest
 
-from splitserve.api.agent import ToolCallStream, chat_message
+from splitserve.structured.tool_stream import ToolCallStream, chat_message
 from splitserve.structured.grammar import GrammarError, to_llguidance
 from splitserve.structured.tool_parsers import HermesParser, Llama3JsonParser, MistralParser, parser_for
 from splitserve.structured.tools import plan_tools

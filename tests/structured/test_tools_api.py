@@ -10,12 +10,9 @@ import jsonschema
 import openai
 import pytest
 
-from tests.server_utils import ServerProcess
 
 pytestmark = pytest.mark.slow
 
-COMMON = ("--model", "demo", "--dtype", "float32", "--max-model-len", "1024", "--threads", "1")
-MODES = {"aggregated": (), "disaggregated": ("--disaggregated",)}
 MODEL = "SmolLM2-135M-Instruct"
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
                                             "unit": {"enum": ["celsius", "fahrenheit"]}},
@@ -37,14 +34,6 @@ def _history_call(i: int, city: str) -> dict:
 FEW_SHOT = [{"role": "user", "content": "What's the weather in Rome?"}, _history_call(1, "Rome"),
             {"role": "user", "content": "What's the weather in Oslo?"}, _history_call(2, "Oslo"),
             {"role": "user", "content": "What's the weather in Paris?"}]
-
-
-@pytest.fixture(scope="module", params=list(MODES))
-def server(request):
-    with ServerProcess(*COMMON, *MODES[request.param]) as s:
-        s.mode = request.param
-        s.client = openai.OpenAI(base_url=s.base_url + "/v1", api_key="unused", max_retries=0, timeout=300)
-        yield s
 
 
 SEEN: dict[str, dict[str, list]] = {}
