@@ -102,3 +102,27 @@ def plan_request_tools(req, parser_name: str | None, template: str | None):
     from splitserve.structured.tools import plan_tools
 
     return plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls, parser_for(parser_name, template))
+
+
+def request_grammar_or_400(req, tool_plan) -> GrammarSpec | None:
+    """The grammar every choice obeys: the request's own, or its forced tool calls' (never both)."""
+    from splitserve.api.errors import APIError
+
+    try:
+        grammar = request_grammar(req)
+    except g.GrammarError as exc:
+        raise APIError(400, str(exc), param=exc.param) from None
+    forced = tool_plan.grammar if tool_plan is not None else None
+    if forced is not None and grammar is not None:
+        raise APIError(400, "a forced tool_choice cannot be combined with response_format or structured_outputs",
+                       param="tool_choice")
+    return forced or grammar
+
+
+def tool_plan_or_400(req, parser_name: str | None, template: str | None):
+    from splitserve.api.errors import APIError
+
+    try:
+        return plan_request_tools(req, parser_name, template)
+    except (g.GrammarError, ValueError) as exc:
+        raise APIError(400, str(exc), param=getattr(exc, "param", "tools")) from None

@@ -8,6 +8,10 @@ from splitserve.cluster.messages import TokenOut
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.models.tokenizer import Tokenizer
 
+# Whether the workers' TokenOut carries prompt logprobs ((position, logprob, top) per prompt token,
+# with the first token): `echo` with `logprobs` needs it and is refused without it.
+PROMPT_LOGPROBS_TRANSPORTED = "prompt_logprobs" in TokenOut.__struct_fields__
+
 
 @dataclass
 class LogprobEntry:
@@ -29,6 +33,7 @@ class ChoiceState:
     stop_reason: str | int | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    prompt_logprobs: list[LogprobEntry] | None = None  # positions 1..n-1 of the prompt
 
     def __post_init__(self) -> None:
         self._decoder = self.tokenizer.incremental_decoder(self.params.skip_special_tokens)
@@ -39,6 +44,9 @@ class ChoiceState:
         self.num_prompt_tokens = out.num_prompt_tokens or self.num_prompt_tokens
         self.num_cached_tokens = out.num_cached_tokens or self.num_cached_tokens
         stopped_by_string = False
+        prompt_lps = getattr(out, "prompt_logprobs", None)
+        if prompt_lps and self.prompt_logprobs is None and not self.token_ids:  # a re-placement's repeat is dropped
+            self.prompt_logprobs = [LogprobEntry(-1, lp, list(top or [])) for _, lp, top in prompt_lps]
         if out.token is not None:
             self.token_ids.append(out.token)
             if out.logprob is not None:
@@ -78,9 +86,6 @@ class ChoiceState:
         delta = self.text[self.emitted : limit]
         self.emitted = limit
         return delta
-
-    def take_logprobs(self, start: int) -> list[LogprobEntry]:
-        return self.logprobs[start:]
 
     @property
     def num_output_tokens(self) -> int:

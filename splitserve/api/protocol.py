@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -11,6 +11,36 @@ from splitserve.engine.sampling_params import SamplingParams
 MAX_N = 16
 MAX_MESSAGES = 4096
 VALID_ROLES = ("system", "developer", "user", "assistant", "tool")
+MAX_TOKEN_ID = 2**31 - 1  # ids past the vocabulary are refused later, against the model's size
+
+# Template variables a request may set through `chat_template_kwargs`, with their accepted types.
+# Only switches that model templates document: `enable_thinking` (Qwen3, SmolLM3, Granite, ...),
+# `thinking` (DeepSeek-V3.1) and `reasoning_effort` (gpt-oss). Anything else - above all
+# `chat_template`, which would let a client run its own template - is refused.
+TEMPLATE_KWARGS: dict[str, tuple[type, ...]] = {"enable_thinking": (bool,), "thinking": (bool,),
+                                                 "reasoning_effort": (str,)}
+REASONING_EFFORTS = ("low", "medium", "high")
+# Names the server itself passes to the template: a kwarg may not override them.
+RESERVED_TEMPLATE_NAMES = ("messages", "tools", "documents", "add_generation_prompt", "continue_final_message",
+                           "special_tokens", "chat_template", "tokenize", "bos_token", "eos_token", "unk_token",
+                           "pad_token")
+
+
+def check_template_kwargs(kwargs: dict[str, Any]) -> None:
+    """Raise ValueError naming the first key that is not an allowed template variable of the right type."""
+    for key, value in kwargs.items():
+        if key in RESERVED_TEMPLATE_NAMES:
+            raise ValueError(f"chat_template_kwargs.{key} is not allowed: `{key}` is set by the server"
+                             + (" (a request cannot supply a chat template)" if key == "chat_template" else
+                                " from the request itself"))
+        if key not in TEMPLATE_KWARGS:
+            raise ValueError(f"chat_template_kwargs.{key} is not a supported template variable; "
+                             f"allowed: {', '.join(sorted(TEMPLATE_KWARGS))}")
+        if not isinstance(value, TEMPLATE_KWARGS[key]):
+            raise ValueError(f"chat_template_kwargs.{key} must be of type "
+                             f"{' or '.join(t.__name__ for t in TEMPLATE_KWARGS[key])}")
+        if key == "reasoning_effort" and value not in REASONING_EFFORTS:
+            raise ValueError(f"chat_template_kwargs.reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}")
 
 
 class StreamOptions(BaseModel):
@@ -48,12 +78,12 @@ class _SamplingFields(BaseModel):
     user: str | None = None
     logit_bias: dict[str, float] | None = None
     # extensions
-    top_k: int | None = None
+    top_k: int | None = Field(None, ge=-1, le=MAX_TOKEN_ID)
     min_p: float | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # structured outputs (vLLM): one of json / regex / choice / grammar / json_object; or the older guided_* fields
@@ -62,6 +92,8 @@ class _SamplingFields(BaseModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    # Tokenize control-token text in user content as plain text (see README, security).
+    split_special_tokens: bool = False
 
     def check_unsupported(self) -> None:
         if self.logit_bias:
@@ -87,8 +119,12 @@ class _SamplingFields(BaseModel):
             ignore_eos=self.ignore_eos,
             min_tokens=min(self.min_tokens, max_tokens),
             logprobs=logprobs,
+            prompt_logprobs=self.requested_prompt_logprobs(),
             skip_special_tokens=self.skip_special_tokens,
         )
+
+    def requested_prompt_logprobs(self) -> int | None:
+        return None
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -104,9 +140,13 @@ class ChatCompletionRequest(_SamplingFields):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: Any = None  # vLLM's field: refused, the model's own template is used
 
     def check_unsupported(self) -> None:
         super().check_unsupported()
+        if self.chat_template is not None:
+            raise ValueError("chat_template is not accepted: the server renders the model's own chat template")
+        check_template_kwargs(self.chat_template_kwargs or {})
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
         for i, msg in enumerate(self.messages):
@@ -152,7 +192,15 @@ class CompletionRequest(_SamplingFields):
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of other than n is not supported")
         if self.echo and self.logprobs is not None:
-            raise ValueError("echo with logprobs (prompt logprobs) is not supported")
+            from splitserve.api.generation import PROMPT_LOGPROBS_TRANSPORTED
+
+            if not PROMPT_LOGPROBS_TRANSPORTED:
+                raise ValueError("echo with logprobs (prompt logprobs) is not supported by this server yet")
+            if self.stream:
+                raise ValueError("echo with logprobs (prompt logprobs) is not supported with stream")
+
+    def requested_prompt_logprobs(self) -> int | None:
+        return self.logprobs if self.echo else None
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt

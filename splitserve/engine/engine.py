@@ -41,6 +41,8 @@ class StepOutput:
     num_prompt_tokens: int
     num_cached_tokens: int
     remote: bool = False  # prefill worker: first token out, decode continues elsewhere
+    # with the first token of a request that asked for them: [(position, logprob)], positions 1..n-1
+    prompt_logprobs: list[tuple[int, TokenLogprobs]] | None = None
 
 
 def resolve_dtype(name: str, device: torch.device, config_dtype: str | None) -> torch.dtype:
@@ -106,6 +108,7 @@ class LLMEngine:
         self.kv_sender = None  # set by a prefill worker (splitserve.kv.connector.KVSender)
         self.kv_receiver = None  # set by a decode worker (splitserve.kv.connector.KVReceiver)
         self.grammars = GrammarGate(self.model_path, self.arch.vocab_size, self.eos_token_ids)
+        self._prompt_logprobs: dict[str, dict[int, TokenLogprobs]] = {}  # until the first token
         self._rng = random.Random(config.seed)
         self.num_steps = 0
         self.step_seconds = 0.0  # wall time inside step(), summed
@@ -184,14 +187,16 @@ class LLMEngine:
             raise ValueError(error)
 
     def abort_request(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> bool:
-        found = self.grammars.drop(request_id)
+        self._prompt_logprobs.pop(request_id, None)
+        found = False
+        parked = self.grammars.drop(request_id)  # waiting for its grammar
         if self.kv_receiver is not None:
             found = self.kv_receiver.drop(request_id)
             if request_id in self.kv_receiver.fenced:
                 return True  # its blocks stay until the prefill worker can no longer write them
         if self.kv_sender is not None:
             self.kv_sender.abort(request_id)
-        return self.scheduler.finish(request_id, status) is not None or found
+        return self.scheduler.finish(request_id, status) is not None or found or parked
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self.grammars.waiting)
@@ -217,16 +222,20 @@ class LLMEngine:
                 sender.end_step()
         events = self.scheduler.update(plan, result.sampled)
         self.num_steps += 1
+        for rid, entries in result.prompt_logprobs.items():
+            self._prompt_logprobs.setdefault(rid, {}).update(entries)
         outputs = []
         for e in events:
             req = e.request
             remote = req.status == RequestStatus.FINISHED_REMOTE
             if e.finished and req.prefill_only and sender is not None:
                 sender.finish(req.request_id, e.new_token if remote else None)
+            prompt_lps = self._prompt_logprobs.pop(req.request_id, None)
             outputs.append(StepOutput(
                 req.request_id, e.new_token, result.logprobs.get(req.request_id), e.finished,
                 req.finish_reason if e.finished else None, req.stop_reason,
                 req.num_prompt_tokens, max(req.num_cached_tokens, 0), remote,
+                sorted(prompt_lps.items()) if prompt_lps else None,
             ))
         dt = time.perf_counter() - t0
         self.step_seconds += dt  # busy time: what a simulated step models
@@ -260,7 +269,8 @@ class LLMEngine:
     def is_idle(self) -> bool:
         busy_transfers = (self.kv_sender is not None and self.kv_sender.num_pending) or (
             self.kv_receiver is not None and self.kv_receiver.busy)
-        return self.scheduler.is_idle() and not busy_transfers and not self.grammars.waiting
+        return (self.scheduler.is_idle() and not busy_transfers and not self._prompt_logprobs
+                and not self.grammars.waiting)
 
     def close(self) -> None:
         """Remove the shared KV cache segment (the mapping goes with the last tensor view)."""

@@ -7,21 +7,26 @@ Token order within a step: every single-token chunk (decode) first, then multi-t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from splitserve.engine.request import Request
-from splitserve.engine.sampler import TokenLogprobs, sample
+from splitserve.engine.sampler import TokenLogprobs, sample, target_logprobs
 from splitserve.engine.scheduler import ScheduledChunk, StepPlan
 from splitserve.models.attention import AttentionMetadata, PrefillChunk
 from splitserve.models.llama import LlamaModel
+
+
+PROMPT_LOGPROB_ROWS = 256  # logits rows per slice: 256 x vocabulary floats at a time
 
 
 @dataclass
 class StepResult:
     sampled: dict[str, int]
     logprobs: dict[str, TokenLogprobs]
+    # request id -> [(prompt position p, logprob of prompt token p given tokens [0, p))], p >= 1
+    prompt_logprobs: dict[str, list[tuple[int, TokenLogprobs]]] = field(default_factory=dict)
 
 
 def kv_bytes_per_token(model: LlamaModel) -> int:
@@ -55,9 +60,12 @@ class ModelRunner:
         table = torch.tensor(block_ids, dtype=torch.long)
         return table[pos // self.block_size] * self.block_size + pos % self.block_size
 
+    @staticmethod
+    def _ordered(plan: StepPlan) -> tuple[list[ScheduledChunk], list[ScheduledChunk]]:
+        return [c for c in plan.chunks if c.num_tokens == 1], [c for c in plan.chunks if c.num_tokens > 1]
+
     def prepare(self, plan: StepPlan, block_tables: dict[str, list[int]]):
-        decodes = [c for c in plan.chunks if c.num_tokens == 1]
-        prefills = [c for c in plan.chunks if c.num_tokens > 1]
+        decodes, prefills = self._ordered(plan)
         ordered: list[ScheduledChunk] = decodes + prefills
         ids: list[int] = []
         positions: list[int] = []
@@ -156,11 +164,33 @@ class ModelRunner:
             return StepResult({}, {})
         input_ids, positions, meta, sample_rows, sample_reqs = self.prepare(plan, block_tables)
         hidden = self.model.forward(input_ids, positions, meta, self.kv_caches, layer_hook)
+        prompt_lps = self._prompt_logprobs(plan, hidden)
         if not sample_rows:
-            return StepResult({}, {})
+            return StepResult({}, {}, prompt_lps)
         rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
         logits = self.model.compute_logits(hidden.index_select(0, rows))
         tokens, logprobs = sample(logits, sample_reqs, constrain(sample_reqs) if constrain is not None else None)
         sampled = {r.request_id: t for r, t in zip(sample_reqs, tokens)}
         lps = {r.request_id: lp for r, lp in zip(sample_reqs, logprobs) if lp is not None}
-        return StepResult(sampled, lps)
+        return StepResult(sampled, lps, prompt_lps)
+
+    def _prompt_logprobs(self, plan: StepPlan, hidden: torch.Tensor) -> dict[str, list[tuple[int, TokenLogprobs]]]:
+        """For requests that ask for prompt logprobs: each prompt position this step computes
+        predicts the next prompt token; its log-softmax there is that token's prompt logprob."""
+        out: dict[str, list[tuple[int, TokenLogprobs]]] = {}
+        decodes, prefills = self._ordered(plan)
+        row = 0
+        for c in decodes + prefills:  # the rows' order in `hidden` (a 1-token chunk may be prompt too)
+            req, k = c.request, c.request.sampling_params.prompt_logprobs
+            last = min(c.end, req.num_prompt_tokens - 1)  # positions [c.start, last) predict p + 1
+            # once a token is out the prompt's logprobs have gone with it (a preempted request recomputes)
+            if k is not None and last > c.start and req.num_output_tokens == 0:
+                entries = out.setdefault(req.request_id, [])
+                for s in range(c.start, last, PROMPT_LOGPROB_ROWS):
+                    e = min(s + PROMPT_LOGPROB_ROWS, last)
+                    rows = torch.arange(row + s - c.start, row + e - c.start, device=self.device)
+                    logits = self.model.compute_logits(hidden.index_select(0, rows))
+                    targets = list(req.token_ids[s + 1 : e + 1])
+                    entries += zip(range(s + 1, e + 1), target_logprobs(logits, targets, k))
+            row += c.num_tokens
+        return out

@@ -107,6 +107,16 @@ def sample(logits: torch.Tensor, requests: list[Request],
     return token_list, logprob_list
 
 
+def target_logprobs(logits: torch.Tensor, targets: list[int], k: int) -> list[TokenLogprobs]:
+    """Row r's log-softmax at `targets[r]`, with the row's `k` most likely tokens (prompt logprobs)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(targets, device=logits.device).unsqueeze(1)).squeeze(1).tolist()
+    if not k:
+        return [TokenLogprobs(lp, []) for lp in chosen]
+    vals, ids = torch.topk(logprobs, k, dim=-1)
+    return [TokenLogprobs(lp, list(zip(i, v))) for lp, i, v in zip(chosen, ids.tolist(), vals.tolist())]
+
+
 def _inverse_cdf_draw(probs: torch.Tensor, uniforms: list[float]) -> torch.Tensor:
     """Row r's token: the first index whose cumulative probability exceeds u_r x the row's total
     (a token of probability 0 is never picked: its cumulative sum does not rise)."""

@@ -289,7 +289,10 @@ class Scheduler:
             waiting = self.waiting
             while waiting and budget > 0 and len(running) < max_seqs:
                 req = waiting[0]
-                computed_blocks, num_cached = bm.get_computed_blocks(req)
+                if req.sampling_params.prompt_logprobs is None:
+                    computed_blocks, num_cached = bm.get_computed_blocks(req)
+                else:  # prompt logprobs need every prompt position computed here: no prefix-cache reuse
+                    computed_blocks, num_cached = [], 0
                 num_new = min(req.num_tokens - num_cached, budget)
                 if not bm.allocate_slots(req, num_cached + num_new, computed_blocks):
                     break

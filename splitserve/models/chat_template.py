@@ -7,7 +7,8 @@ body, `raise_exception`, `strftime_now`, a JSON `tojson` that does not escape HT
 `dict`/`namespace` helpers that refuse dunder names).
 
 Everything a template sees is first rebuilt from plain JSON types, so no object with methods the
-sandbox does not know about ever reaches it.
+sandbox does not know about ever reaches it. Rendering is bounded in work, size and time
+(`template_limits`): a template, the model's own included, cannot exhaust memory or run forever.
 """
 
 from __future__ import annotations
@@ -22,7 +23,15 @@ import jinja2
 import jinja2.ext
 import jinja2.nodes
 import jinja2.utils
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from splitserve.models.template_limits import (
+    BoundedSandbox,
+    LimitKind,
+    RenderLimitError,
+    RenderLimits,
+    bounded,
+    render_bounded,
+)
 
 __all__ = [
     "ChatTemplateError",
@@ -38,7 +47,12 @@ _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 
 
 class ChatTemplateError(ValueError):
-    """The template could not be rendered (including a template's own `raise_exception`)."""
+    """The template could not be rendered (including a template's own `raise_exception`).
+    `limit` says which bound stopped it, if one did."""
+
+    def __init__(self, message: str, limit: LimitKind | None = None) -> None:
+        super().__init__(message)
+        self.limit = limit
 
 
 class _GenerationTag(jinja2.ext.Extension):
@@ -106,17 +120,17 @@ class _TemplateNamespace(jinja2.utils.Namespace):
 @lru_cache(maxsize=32)
 def compile_chat_template(source: str) -> jinja2.Template:
     """Compile a template once; the same source is served from a cache afterwards."""
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
-    )
+    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
+    env.install_filters()
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     env.globals["dict"] = _TemplateDict()
     env.globals["namespace"] = _TemplateNamespace
     try:
-        return env.from_string(source)
-    except jinja2.exceptions.TemplateError as exc:
+        with bounded(RenderLimits()):  # constant folding runs filters at compile time
+            return env.from_string(source)
+    except (jinja2.exceptions.TemplateError, RecursionError, ValueError, TypeError, OverflowError) as exc:
         raise ChatTemplateError(f"the chat template does not compile: {exc}") from exc
 
 
@@ -228,9 +242,10 @@ def render_chat_template(
     documents: Any = None,
     special_tokens: Mapping[str, Any] | None = None,
     continue_final_message: bool = False,
+    limits: RenderLimits | None = None,
     **kwargs: Any,
 ) -> str:
-    """Render `source` for a conversation.
+    """Render `source` for a conversation, within `limits` (default: `RenderLimits()`).
 
     `special_tokens` (bos_token, eos_token, ...) are passed as template variables; `kwargs`
     (e.g. `enable_thinking`) override them, as in transformers. `continue_final_message` renders
@@ -250,16 +265,17 @@ def render_chat_template(
         final_message = chat[-1]["content"]
         chat[-1]["content"] = final_message + _CONTINUE_TAG
     variables = {**(special_tokens or {}), **kwargs}
+    variables = {**_plain(variables), "messages": chat, "tools": _plain(tools), "documents": _plain(documents),
+                 "add_generation_prompt": bool(add_generation_prompt)}
     try:
-        rendered = template.render(
-            messages=chat,
-            tools=_plain(tools),
-            documents=_plain(documents),
-            add_generation_prompt=bool(add_generation_prompt),
-            **_plain(variables),
-        )
+        rendered = render_bounded(template, variables, limits or RenderLimits())
+    except RenderLimitError as exc:
+        raise ChatTemplateError(str(exc), exc.kind) from exc
     except jinja2.exceptions.TemplateError as exc:
         raise ChatTemplateError(str(exc)) from exc
+    except (RecursionError, ArithmeticError, LookupError, TypeError, ValueError, AttributeError) as exc:
+        # the template's own failure on this input (e.g. a macro recursing without end)
+        raise ChatTemplateError(f"the chat template failed: {type(exc).__name__}: {exc}") from exc
     if final_message is not None:
         # cut the render right after the final message, as transformers does
         tag = _CONTINUE_TAG.strip()

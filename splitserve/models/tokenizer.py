@@ -524,6 +524,8 @@ class Tokenizer:
         added = backend.get_added_tokens_decoder()
         self.special_token_ids = frozenset(i for i, t in added.items() if t.special)
         self._token_bytes: dict[int, bytes] = {}
+        self._plain_backend: tokenizers.Tokenizer | None = None
+        self._max_token_bytes: int | None = None
 
     # -- construction ------------------------------------------------------------------------
 
@@ -544,6 +546,29 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_plain(self, text: str) -> list[int]:
+        """`text` as plain text: control-token spellings in it (`<|im_end|>`) become ordinary
+        tokens, never the control token itself. No BOS/EOS is added."""
+        if self._plain_backend is None:
+            # a copy, so the shared backend's setting never flips under a concurrent encode
+            plain = tokenizers.Tokenizer.from_str(self.backend.to_str())
+            plain.encode_special_tokens = True
+            self._plain_backend = plain
+        return self._plain_backend.encode(text, add_special_tokens=False).ids
+
+    @property
+    def max_token_bytes(self) -> int:
+        """The most bytes of text any one token stands for: a text of N bytes needs at least
+        N / max_token_bytes tokens, which bounds a prompt's length before tokenizing it."""
+        if self._max_token_bytes is None:
+            self._max_token_bytes = max(1, max(len(self._raw_bytes(i) or b"") for i in range(self.vocab_size)))
+        return self._max_token_bytes
+
+    @property
+    def may_shrink_text(self) -> bool:
+        """Whether a normalizer may make the text shorter before tokenizing (NFKC, ...)."""
+        return self.backend.normalizer is not None
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
