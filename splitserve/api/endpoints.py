@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from splitserve.api.agent import chat_template_for, request_grammar_or_400, tool_plan_or_400
 from splitserve.api.errors import APIError
 from splitserve.api.protocol import ChatCompletionRequest, CompletionRequest
 from splitserve.api.request_path import SubRequest
+from splitserve.structured.tool_stream import ToolCallStream, chat_message
 
 if TYPE_CHECKING:
     from splitserve.api.server import ServerState
@@ -44,27 +46,43 @@ class ChatEndpoint:
         self.state, self.req = state, req
         self.requested_max_tokens = req.requested_max_tokens()
         self.requested_logprobs = req.requested_logprobs()
+        # Structured outputs and tools (api/agent.py): the template, the tool plan, one grammar.
+        self.template = chat_template_for(state.chat_template, state.tokenizer.chat_template, req.tools)
+        self.tool_plan = tool_plan_or_400(req, state.tool_call_parser, self.template or state.tokenizer.chat_template)
+        self.grammar = request_grammar_or_400(req, self.tool_plan)
+        self.tool_streams: dict[int, ToolCallStream] = {}
 
     async def prompts(self) -> list[list[int]]:
         plain = self.state.split_special_tokens or self.req.split_special_tokens
-        return [await self.state.prompt_builder.run(self.state.prompt_builder.chat_prompt, self.req, plain)]
+        builder = self.state.prompt_builder
+        return [await builder.run(builder.chat_prompt, self.req, plain, self.template)]
 
     def opening_choices(self, subs: list[SubRequest]) -> list[dict]:
         return [{"index": s.choice.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                  "finish_reason": None} for s in subs]
 
-    def delta_choice(self, sub: SubRequest, delta: str, logprobs: list) -> dict:
+    def delta_choice(self, sub: SubRequest, delta: str, logprobs: list) -> dict | list[dict]:
+        """One chunk's choice; with tools, the list of choices this piece makes (tool-call deltas)."""
         lp = None
         if sub.params.logprobs is not None and logprobs:
             lp = {"content": chat_logprobs(self.state.tokenizer, logprobs)}
-        return {"index": sub.choice.index, "delta": {"content": delta} if delta else {}, "logprobs": lp,
-                "finish_reason": sub.choice.finish_reason}
+        if self.tool_plan is None or not self.tool_plan.parses_calls:
+            return {"index": sub.choice.index, "delta": {"content": delta} if delta else {}, "logprobs": lp,
+                    "finish_reason": sub.choice.finish_reason}
+        stream = self.tool_streams.setdefault(sub.choice.index, ToolCallStream(self.tool_plan))
+        deltas, finish_reason = stream.deltas(delta, sub.choice.finish_reason)
+        if not deltas and lp is None and finish_reason is None:
+            return []
+        deltas = deltas or [{}]
+        return [{"index": sub.choice.index, "delta": d, "logprobs": lp if i == 0 else None,
+                 "finish_reason": finish_reason if i == len(deltas) - 1 else None} for i, d in enumerate(deltas)]
 
     def final_choice(self, sub: SubRequest) -> dict:
         c = sub.choice
         lp = {"content": chat_logprobs(self.state.tokenizer, c.logprobs)} if sub.params.logprobs is not None else None
-        return {"index": c.index, "message": {"role": "assistant", "content": c.text}, "logprobs": lp,
-                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+        message, finish_reason = chat_message(c.text, c.finish_reason, self.tool_plan)
+        return {"index": c.index, "message": message, "logprobs": lp,
+                "finish_reason": finish_reason, "stop_reason": c.stop_reason}
 
 
 class CompletionEndpoint:
@@ -76,6 +94,7 @@ class CompletionEndpoint:
         self.state, self.req = state, req
         self.requested_max_tokens = req.max_tokens
         self.requested_logprobs = req.logprobs
+        self.grammar = request_grammar_or_400(req, None)  # vLLM's structured_outputs / guided_*
         self.echo_text: dict[int, str] = {}
         self.offsets: dict[int, int] = {}  # characters streamed so far per choice, for text_offset
 

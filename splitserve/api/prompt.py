@@ -120,7 +120,8 @@ class PromptBuilder:
         return list(prompt)
 
     # ---- chat --------------------------------------------------------------------------------------
-    def chat_prompt(self, req: ChatCompletionRequest, plain: bool) -> list[int]:
+    def chat_prompt(self, req: ChatCompletionRequest, plain: bool, chat_template: str | None = None) -> list[int]:
+        """`chat_template`: a template to render instead of the model's (--chat-template, tools)."""
         try:
             messages = req.template_messages()
         except ValueError as exc:
@@ -137,7 +138,7 @@ class PromptBuilder:
             text = self.tokenizer.apply_chat_template(
                 messages, add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
                 tools=req.tools, continue_final_message=req.continue_final_message, limits=limits,
-                **(req.chat_template_kwargs or {}))
+                chat_template=chat_template, **(req.chat_template_kwargs or {}))
         except ChatTemplateError as exc:
             if exc.limit is LimitKind.OUTPUT:
                 raise self.too_long(limits.max_output_chars, "messages") from None

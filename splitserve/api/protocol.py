@@ -86,6 +86,12 @@ class _SamplingFields(BaseModel):
     stop_token_ids: list[Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # structured outputs (vLLM): one of json / regex / choice / grammar / json_object; or the older guided_* fields
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     # Tokenize control-token text in user content as plain text (see README, security).
     split_special_tokens: bool = False
 
@@ -129,6 +135,7 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
@@ -140,10 +147,6 @@ class ChatCompletionRequest(_SamplingFields):
         if self.chat_template is not None:
             raise ValueError("chat_template is not accepted: the server renders the model's own chat template")
         check_template_kwargs(self.chat_template_kwargs or {})
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise ValueError("response_format other than text is not supported")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise ValueError("forced tool_choice is not supported")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
         for i, msg in enumerate(self.messages):

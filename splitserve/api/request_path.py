@@ -5,6 +5,7 @@ prompts are built and how a choice, a chunk and the opening chunks look."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import random
 import time
@@ -42,6 +43,7 @@ class Endpoint(Protocol):
     chunk_object: str  # of a streamed chunk
     requested_max_tokens: int | None
     requested_logprobs: int | None
+    grammar: object  # a structured.spec.GrammarSpec every choice obeys, or None
 
     async def prompts(self) -> list[list[int]]: ...
     def opening_choices(self, subs: list[SubRequest]) -> list[dict]: ...
@@ -122,7 +124,8 @@ def build_subrequests(state: ServerState, base_id: str, prompts: list[list[int]]
                 f"{max(max_tokens, 1)} for the completion). Please reduce the prompt or max_tokens."),
                 param="max_tokens")
         try:
-            params = req.sampling_params(max_tokens, endpoint.requested_logprobs)
+            params = dataclasses.replace(req.sampling_params(max_tokens, endpoint.requested_logprobs),
+                                         grammar=endpoint.grammar)
         except ValueError as exc:
             raise APIError(400, str(exc)) from None
         for j in range(req.n):
@@ -261,9 +264,10 @@ async def stream_chunks(state: ServerState, endpoint: Endpoint, head: dict, subs
         c = sub.choice
         if not delta and not lps and c.finish_reason is None:
             continue
-        choice = endpoint.delta_choice(sub, delta, lps)
-        if c.finish_reason is not None:
-            choice["stop_reason"] = c.stop_reason
-        yield sse({**head, "choices": [choice]})
+        made = endpoint.delta_choice(sub, delta, lps)
+        for choice in made if isinstance(made, list) else [made]:  # tool calls: several deltas, or none yet
+            if choice["finish_reason"] is not None:
+                choice["stop_reason"] = c.stop_reason
+            yield sse({**head, "choices": [choice]})
     if include_usage:
         yield sse({**head, "choices": [], "usage": usage(subs)})

@@ -56,6 +56,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--split-special-tokens", action="store_true",
                     help="tokenize control-token text in user messages and prompts as plain text")
     ap.add_argument("--log-level", default="INFO")
+    ap.add_argument("--chat-template", default=None, metavar="FILE", help="a Jinja chat template to use instead "
+                    "of the model's (tools are rendered with a shipped generic template when the model's cannot)")
+    ap.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json", "mistral", "qwen3"],
+                    help="the model's tool-call format (default: inferred from the chat template)")
     c = ap.add_argument_group("client connections")
     c.add_argument("--max-connections", type=int, default=2048,
                    help="open client connections; at the cap a new one displaces the oldest idle one")
@@ -122,6 +126,7 @@ async def start_cluster(args: argparse.Namespace, config: EngineConfig, started:
     from splitserve.models.registry import resolve_model_path, served_model_name
     from splitserve.models.tokenizer import load_tokenizer
 
+    chat_template = open(args.chat_template).read() if args.chat_template else None  # read before workers start
     secret = os.environ.get(SECRET_ENV)
     if args.cluster_listen and not secret:
         raise ValueError(f"--cluster-listen needs the cluster secret in {SECRET_ENV}")
@@ -143,6 +148,8 @@ async def start_cluster(args: argparse.Namespace, config: EngineConfig, started:
         max_model_len=cluster.max_model_len, max_inflight=seats * max(1, args.decode_workers if args.disaggregated else 1),
         api_key=args.api_key, metrics=ServerMetrics(cluster, name), started=time.time(),
         split_special_tokens=args.split_special_tokens,
+        chat_template=chat_template,
+        tool_call_parser=args.tool_call_parser,
     )
     return build_app(state), name, cluster
 

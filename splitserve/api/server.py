@@ -43,6 +43,8 @@ class ServerState:
     # may also ask for it with `split_special_tokens`).
     split_special_tokens: bool = False
     admitted: int = 0  # sub-requests accepted and not yet answered: the bounded queue
+    chat_template: str | None = None  # --chat-template FILE's text
+    tool_call_parser: str | None = None  # --tool-call-parser NAME (None: from the chat template)
     prompt_builder: PromptBuilder = field(init=False)
 
     def __post_init__(self) -> None:

@@ -93,6 +93,9 @@ def add_workload_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     g.add_argument("--tool-tokens", type=int, default=256, help="agent: tool-result tokens per step")
     g.add_argument("--answer-tokens", type=int, default=128, help="agent: answer tokens per step")
     g.add_argument("--system-len", type=int, default=0, help="agent: shared system prompt tokens")
+    g.add_argument("--tool-calls", action="store_true",
+                   help="agent: every step but the last is a real tool call (tool_choice required) whose result "
+                        "the next step sends back as a `tool` message (chat endpoint)")
     g.add_argument("--trace", default=None, help="trace: JSONL file (timestamp, input_length or messages, output_length)")
     g.add_argument("--trace-time-scale", type=float, default=1.0, help="trace: speed-up factor")
     g.add_argument("--trace-time-unit", choices=("s", "ms"), default="s", help="trace: unit of numeric timestamps")
@@ -177,14 +180,16 @@ def _make_specs(args: argparse.Namespace, rate: float | None, text: Any) -> tupl
         info = {"name": name, "prefix_len": args.prefix_len, "num_prefixes": args.num_prefixes,
                 "input_len": in_d.describe(), "output_len": out_d.describe()}
     elif name == "agent":
+        if args.tool_calls and args.endpoint != "chat":
+            raise UsageError("agent: --tool-calls needs the chat endpoint")
         if args.input_len is not None and in_d.kind != "fixed":
             raise UsageError("agent: --input-len must be a fixed number")
         first = in_d.value if args.input_len is not None else None
         specs = wl.agent_chains(num_chains=n, steps=args.steps, tool_tokens=args.tool_tokens,
                                 answer_tokens=args.answer_tokens, input_len=first,
-                                system_len=args.system_len, **common)
+                                system_len=args.system_len, tool_calling=args.tool_calls, **common)
         info = {"name": name, "sessions": args.sessions, "steps": args.steps, "tool_tokens": args.tool_tokens,
-                "answer_tokens": args.answer_tokens, "system_len": args.system_len,
+                "answer_tokens": args.answer_tokens, "system_len": args.system_len, "tool_calls": args.tool_calls,
                 "input_len": first if first is not None else args.tool_tokens}
         if conc is None and rate is None:
             conc = args.sessions

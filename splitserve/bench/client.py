@@ -21,9 +21,21 @@ from splitserve.bench.http import BufferSink, ConnectError, DisconnectError, HTT
 from splitserve.bench.schema import RequestRecord
 
 
+class _Function(msgspec.Struct):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class _ToolCallDelta(msgspec.Struct):
+    index: int = 0
+    id: str | None = None
+    function: _Function | None = None
+
+
 class _Delta(msgspec.Struct):
     content: str | None = None
     reasoning_content: str | None = None
+    tool_calls: list[_ToolCallDelta] | None = None
 
 
 class _Choice(msgspec.Struct):
@@ -123,7 +135,7 @@ class OpenAIClient:
 
     # ----------------------------------------------------------------------------------------
 
-    def build_body(self, prompt: str | list[dict[str, str]], max_tokens: int) -> bytes:
+    def build_body(self, prompt: str | list[dict[str, Any]], max_tokens: int, fields: dict | None = None) -> bytes:
         body: dict[str, Any] = {"model": self.model}
         if self.endpoint == "chat":
             body["messages"] = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
@@ -136,26 +148,29 @@ class OpenAIClient:
             body["ignore_eos"] = True
         if self.min_tokens and "min_tokens" not in self.dropped_fields:
             body["min_tokens"] = max_tokens
+        body.update(fields or {})
         body.update(self.extra_body)
         if body.get("model") is None:
             del body["model"]
         return json.dumps(body, ensure_ascii=False).encode()
 
     async def request(
-        self, rec: RequestRecord, prompt: str | list[dict[str, str]], max_tokens: int
+        self, rec: RequestRecord, prompt: str | list[dict[str, Any]], max_tokens: int,
+        fields: dict | None = None, tool_calls: list | None = None,
     ) -> str:
-        """Send one streaming request, fill `rec` in, return the generated text ('' on error)."""
-        text = await self._request_once(rec, self.build_body(prompt, max_tokens))
+        """Send one streaming request, fill `rec` in, return the generated text ('' on error).
+        `fields`: more body fields (tools); `tool_calls`: filled with the streamed tool calls."""
+        text = await self._request_once(rec, self.build_body(prompt, max_tokens, fields), tool_calls)
         if rec.http_status == 400 and rec.error_detail:
             # A server that rejects the vLLM extensions (a cloud API): drop them and retry once.
             rejected = [f for f in ("ignore_eos", "min_tokens") if f in rec.error_detail and f not in self.dropped_fields]
             if rejected:
                 self.dropped_fields.extend(rejected)
                 _reset(rec)
-                text = await self._request_once(rec, self.build_body(prompt, max_tokens))
+                text = await self._request_once(rec, self.build_body(prompt, max_tokens, fields), tool_calls)
         return text
 
-    async def _request_once(self, rec: RequestRecord, body: bytes) -> str:
+    async def _request_once(self, rec: RequestRecord, body: bytes, tool_calls: list | None = None) -> str:
         headers = dict(self.headers)
         headers["X-Request-Id"] = f"splitserve-bench-{rec.request_id}"
         sink = _SSESink(self.endpoint == "chat", self.max_response_bytes)
@@ -191,6 +206,8 @@ class OpenAIClient:
         rec.e2e_ms = (end - t0) * 1000.0
         rec.itl_ms = sink.itl
         text = "".join(sink.pieces)
+        if tool_calls is not None:
+            tool_calls.extend(sink.calls[i] for i in sorted(sink.calls))
         if not (sink.done or sink.finished):
             rec.error = "disconnect"
             rec.error_detail = "stream ended before [DONE] or a finish_reason"
@@ -224,7 +241,7 @@ class _SSESink:
     """
 
     __slots__ = ("chat", "limit", "status", "nbytes", "tail", "pending", "pieces", "itl", "first", "last",
-                 "got_first", "done", "finished", "usage", "error_body")
+                 "got_first", "done", "finished", "usage", "error_body", "calls")
 
     def __init__(self, chat: bool, limit: int):
         self.chat = chat
@@ -234,6 +251,7 @@ class _SSESink:
         self.tail = b""
         self.pending: list[bytes] = []
         self.pieces: list[str] = []
+        self.calls: dict[int, dict] = {}  # streamed tool calls by index, reassembled
         self.itl: list[float] = []
         self.first = self.last = 0.0
         self.got_first = self.done = self.finished = False
@@ -274,6 +292,10 @@ class _SSESink:
             self.pending.clear()
             self._event(payload, perf_counter())
 
+    def _tool_call_pieces(self, deltas: list[_ToolCallDelta]) -> str:
+        """Fold tool-call deltas in; their text counts as output for the timing."""
+        return "".join(_fill_call(self.calls, tc) for tc in deltas)
+
     def _event(self, payload: bytes, now: float) -> None:
         if payload == b"[DONE]":
             self.done = True
@@ -289,6 +311,8 @@ class _SSESink:
             if self.chat:
                 d = choice.delta
                 piece = (d.content or d.reasoning_content) if d is not None else None
+                if d is not None and d.tool_calls:
+                    piece = piece or self._tool_call_pieces(d.tool_calls)
             else:
                 piece = choice.text
             if piece:
@@ -301,6 +325,18 @@ class _SSESink:
                 self.pieces.append(piece)
             if choice.finish_reason:
                 self.finished = True
+
+
+def _fill_call(calls: dict[int, dict], tc: _ToolCallDelta) -> str:
+    slot = calls.setdefault(tc.index, {"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+    if tc.id:
+        slot["id"] = tc.id
+    fn = tc.function
+    if fn is not None:
+        slot["function"]["name"] += fn.name or ""
+        slot["function"]["arguments"] += fn.arguments or ""
+        return (fn.name or "") + (fn.arguments or "")
+    return ""
 
 
 def _http_fail(rec: RequestRecord, t0: float, sink: _SSESink) -> str:

@@ -13,10 +13,11 @@ import asyncio
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from time import perf_counter
+from typing import Any
 
 from splitserve.bench.client import OpenAIClient
 from splitserve.bench.schema import RequestRecord
-from splitserve.bench.workloads import RequestSpec, iter_units
+from splitserve.bench.workloads import RequestSpec, iter_units, tool_round_trip
 
 
 @dataclass
@@ -59,7 +60,8 @@ async def run_load(
 
     async def run_unit(unit: list[RequestSpec]) -> None:
         try:
-            convo: list[dict[str, str]] = []
+            convo: list[dict[str, Any]] = []
+            calls: list[dict[str, Any]] = []  # tool-calling chains: the last step's calls
             for spec in unit:
                 rec = RequestRecord(
                     request_id=spec.request_id,
@@ -77,9 +79,16 @@ async def run_load(
                 else:
                     if spec.system and not convo:
                         convo.append({"role": "system", "content": spec.system})
-                    convo.append({"role": "user", "content": spec.prompt if spec.prompt is not None else _filler(spec.input_len)})
+                    content = spec.prompt if spec.prompt is not None else _filler(spec.input_len)
+                    if calls:  # the chunk is the result of the calls the model just made
+                        convo.extend(tool_round_trip(calls, content))
+                    else:
+                        convo.append({"role": "user", "content": content})
                     prompt = convo if chat or len(unit) > 1 or spec.system else convo[-1]["content"]
-                text = await client.request(rec, prompt, spec.output_len)
+                calls = []
+                tool_fields = ({"tools": list(spec.tools), "tool_choice": spec.tool_choice, "parallel_tool_calls": False}
+                               if spec.tools else None)
+                text = await client.request(rec, prompt, spec.output_len, tool_fields, calls)
                 if rec.ok:
                     counters.completed += 1
                     counters.output_tokens += rec.output_tokens or 0
@@ -89,7 +98,7 @@ async def run_load(
                     on_record(rec)
                 if not rec.ok:
                     break  # a chain stops at its first failed step
-                if len(unit) > 1:
+                if len(unit) > 1 and not calls:
                     convo.append({"role": "assistant", "content": text})
         finally:
             if sem is not None:

@@ -49,6 +49,8 @@ class RequestSpec:
     num_steps: int = 1
     prefix_group: int | None = None  # requests sharing a system prompt share this id
     shared_prefix_len: int = 0  # tokens of that shared prefix
+    tools: tuple[dict[str, Any], ...] | None = None  # agent chains in tool-calling mode: the tools offered
+    tool_choice: str | None = None  # "required" (a call is forced) or "none" (the chain's final answer)
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,6 +334,7 @@ def agent_chains(
     arrival: Arrival | None = None,
     seed: int = 0,
     text: TextSource | None = None,
+    tool_calling: bool = False,
 ) -> Iterator[RequestSpec]:
     """Agent sessions: chains of `steps` sequential requests.
 
@@ -342,6 +345,11 @@ def agent_chains(
     step k: system_len + input_len + k * (answer_tokens + tool_tokens).
     Step 0 of each chain carries the chain's arrival (None = closed loop: --concurrency chains at
     a time); later steps have arrival_s=None, meaning "right after the previous step".
+
+    `tool_calling`: every step offers AGENT_TOOLS; steps before the last force a call
+    (tool_choice "required"), the runner sends the model's call back as an assistant message
+    and the next step's chunk as that call's `tool` result; the last step answers in text
+    (tool_choice "none"). `answer_tokens` is then a cap: a call ends when its JSON does.
     """
     _check_count(num_chains, duration_s)
     if not 1 <= steps <= 10_000 or tool_tokens < 1 or answer_tokens < 1 or system_len < 0:
@@ -370,10 +378,36 @@ def agent_chains(
                     num_steps=steps,
                     prefix_group=0 if system_len else None,
                     shared_prefix_len=system_len,
+                    tools=AGENT_TOOLS if tool_calling else None,
+                    tool_choice=("required" if k < steps - 1 else "none") if tool_calling else None,
                 )
                 rid += 1
 
     return _bounded(gen(), num_chains, duration_s)
+
+
+# The tools an agent chain offers in tool-calling mode: a search and a file read, the two calls
+# coding and research agents make most.
+AGENT_TOOLS: tuple[dict[str, Any], ...] = (
+    {"type": "function", "function": {
+        "name": "search", "description": "Search the knowledge base and return the best passages",
+        "parameters": {"type": "object", "properties": {"query": {"type": "string", "maxLength": 40},
+                                                        "top_k": {"type": "integer", "minimum": 1, "maximum": 10}},
+                       "required": ["query", "top_k"], "additionalProperties": False}}},
+    {"type": "function", "function": {
+        "name": "read_file", "description": "Read a file of the project",
+        "parameters": {"type": "object", "properties": {"path": {"type": "string", "maxLength": 40}},
+                       "required": ["path"], "additionalProperties": False}}},
+)
+
+
+def tool_round_trip(calls: list[dict[str, Any]], result: str) -> list[dict[str, Any]]:
+    """The messages one tool step adds to a conversation: the assistant's calls, then one `tool`
+    result per call (the step's chunk answers the first; the others get a short acknowledgement)."""
+    msgs: list[dict[str, Any]] = [{"role": "assistant", "content": None, "tool_calls": calls}]
+    for i, call in enumerate(calls):
+        msgs.append({"role": "tool", "tool_call_id": call["id"], "content": result if i == 0 else "ok"})
+    return msgs
 
 
 # --------------------------------------------------------------------------------------------

@@ -141,6 +141,8 @@ class Worker:
                 outs = engine.step()
                 if outs:
                     self.to_gateway(m.Outputs(self.worker_id, [self._token_out(o) for o in outs]))
+            for rid, message in engine.grammars.take_failures():  # a grammar that failed to compile here
+                self.to_gateway(m.RequestError(rid, message, self.worker_id, False))
             self._maybe_send_stats()
             if not busy and self.parent_pid is not None and os.getppid() != self.parent_pid:
                 log.warning("parent gone; exiting")

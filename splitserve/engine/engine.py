@@ -22,6 +22,7 @@ from splitserve.engine.scheduler import Scheduler
 from splitserve.models.llama import LlamaModel
 from splitserve.models.loader import iter_weights, load_arch_config
 from splitserve.models.registry import resolve_model_path
+from splitserve.structured.gate import GrammarGate
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,7 @@ class LLMEngine:
         self.eos_token_ids = frozenset(self.arch.eos_token_ids) | tokenizer_eos
         self.kv_sender = None  # set by a prefill worker (splitserve.kv.connector.KVSender)
         self.kv_receiver = None  # set by a decode worker (splitserve.kv.connector.KVReceiver)
+        self.grammars = GrammarGate(self.model_path, self.arch.vocab_size, self.eos_token_ids)
         self._prompt_logprobs: dict[str, dict[int, TokenLogprobs]] = {}  # until the first token
         self._rng = random.Random(config.seed)
         self.num_steps = 0
@@ -145,13 +147,15 @@ class LLMEngine:
             raise ValueError(f"token ids must be in [0, {vocab})")
         if seed is None:
             seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
-        return Request(request_id, prompt_token_ids, params, self.eos_token_ids, seed=seed,
-                       output_token_ids=output_token_ids, prefill_only=prefill_only)
+        req = Request(request_id, prompt_token_ids, params, self.eos_token_ids, seed=seed,
+                      output_token_ids=output_token_ids, prefill_only=prefill_only)
+        self.grammars.attach(req)
+        return req
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     seed: int | None = None, output_token_ids: list[int] | None = None) -> Request:
         req = self.make_request(request_id, prompt_token_ids, params, seed, output_token_ids)
-        self.scheduler.add_request(req)
+        self.grammars.admit_when_ready(req, lambda: self.scheduler.add_request(req))
         return req
 
     def add_prefill_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, seed: int,
@@ -161,8 +165,12 @@ class LLMEngine:
         req = self.make_request(request_id, prompt_token_ids, params, seed, output_token_ids, prefill_only=True)
         if not 0 <= send_from < req.num_tokens:
             raise ValueError("send_from must be inside the prompt")
-        self.scheduler.add_request(req)
-        self.kv_sender.add(request_id, dest_addr, send_from, transport, req.num_tokens, data_addr)
+
+        def admit() -> None:
+            self.scheduler.add_request(req)
+            self.kv_sender.add(request_id, dest_addr, send_from, transport, req.num_tokens, data_addr)
+
+        self.grammars.admit_when_ready(req, admit)
         return req
 
     def reserve_kv(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, seed: int,
@@ -181,20 +189,23 @@ class LLMEngine:
     def abort_request(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> bool:
         self._prompt_logprobs.pop(request_id, None)
         found = False
+        parked = self.grammars.drop(request_id)  # waiting for its grammar
         if self.kv_receiver is not None:
             found = self.kv_receiver.drop(request_id)
             if request_id in self.kv_receiver.fenced:
                 return True  # its blocks stay until the prefill worker can no longer write them
         if self.kv_sender is not None:
             self.kv_sender.abort(request_id)
-        return self.scheduler.finish(request_id, status) is not None or found
+        return self.scheduler.finish(request_id, status) is not None or found or parked
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self.grammars.waiting)
 
     # ---- stepping --------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
         t0 = time.perf_counter()
+        if self.grammars.waiting:
+            self.grammars.admit_ready()
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return []
@@ -205,7 +216,7 @@ class LLMEngine:
             sender.begin_step(plan, tables)
             hook = sender.on_layer if sender.active else None
         try:
-            result = self.runner.execute(plan, tables, layer_hook=hook)
+            result = self.runner.execute(plan, tables, layer_hook=hook, constrain=self.grammars.constrain)
         finally:
             if sender is not None:
                 sender.end_step()
@@ -238,7 +249,7 @@ class LLMEngine:
         return self.kv_receiver.poll() if self.kv_receiver is not None else []
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self.grammars.waiting)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
         """Offline convenience: run prompts to completion, return output token ids in order."""
@@ -258,10 +269,12 @@ class LLMEngine:
     def is_idle(self) -> bool:
         busy_transfers = (self.kv_sender is not None and self.kv_sender.num_pending) or (
             self.kv_receiver is not None and self.kv_receiver.busy)
-        return self.scheduler.is_idle() and not busy_transfers and not self._prompt_logprobs
+        return (self.scheduler.is_idle() and not busy_transfers and not self._prompt_logprobs
+                and not self.grammars.waiting)
 
     def close(self) -> None:
         """Remove the shared KV cache segment (the mapping goes with the last tensor view)."""
+        self.grammars.close()
         if self.kv_segment is not None:
             self.kv_segment.unlink()
             self.kv_segment.close()

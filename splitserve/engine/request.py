@@ -47,7 +47,7 @@ class Request:
     __slots__ = (
         "request_id", "token_ids", "num_prompt_tokens", "sampling_params", "num_computed_tokens",
         "num_cached_tokens", "status", "stop_reason", "block_hashes", "arrival_index",
-        "num_preemptions", "eos_token_ids", "seed", "prefill_only", "stop_check_len",
+        "num_preemptions", "eos_token_ids", "seed", "prefill_only", "stop_check_len", "grammar",
     )
 
     def __init__(
@@ -93,6 +93,9 @@ class Request:
         if seed is None:
             seed = sampling_params.seed if sampling_params.seed is not None else 0
         self.seed = seed
+        # A structured-output matcher (splitserve.structured.matcher.RequestGrammar) when the
+        # sampling params carry a grammar; set by the engine.
+        self.grammar: Any = None
 
     @property
     def num_tokens(self) -> int:

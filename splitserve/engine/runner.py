@@ -157,7 +157,9 @@ class ModelRunner:
 
     # ---- execution -------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, plan: StepPlan, block_tables: dict[str, list[int]], layer_hook=None) -> StepResult:
+    def execute(self, plan: StepPlan, block_tables: dict[str, list[int]], layer_hook=None,
+                constrain=None) -> StepResult:
+        """`constrain(requests)`: the grammar rows and their token bitmask for this step's samples, or None."""
         if plan.is_empty:
             return StepResult({}, {})
         input_ids, positions, meta, sample_rows, sample_reqs = self.prepare(plan, block_tables)
@@ -167,7 +169,7 @@ class ModelRunner:
             return StepResult({}, {}, prompt_lps)
         rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
         logits = self.model.compute_logits(hidden.index_select(0, rows))
-        tokens, logprobs = sample(logits, sample_reqs)
+        tokens, logprobs = sample(logits, sample_reqs, constrain(sample_reqs) if constrain is not None else None)
         sampled = {r.request_id: t for r, t in zip(sample_reqs, tokens)}
         lps = {r.request_id: lp for r, lp in zip(sample_reqs, logprobs) if lp is not None}
         return StepResult(sampled, lps, prompt_lps)

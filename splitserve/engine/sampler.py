@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from splitserve.engine.request import Request
@@ -54,13 +55,31 @@ def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> None:
             logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
 
 
-def sample(logits: torch.Tensor, requests: list[Request]) -> tuple[list[int], list[TokenLogprobs | None]]:
-    """logits: [R, V] float32, one row per request that samples this step."""
+def apply_token_bitmask(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> None:
+    """Grammar constraints for the whole batch in one call: bit t of bitmask[i] set means token t
+    is allowed in row rows[i]; every other token's logit becomes -inf (in place)."""
+    vocab = logits.shape[1]
+    allowed = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little", count=vocab)
+    banned = torch.from_numpy(allowed).view(torch.bool).logical_not_().to(logits.device)
+    if len(rows) == logits.shape[0]:
+        logits.masked_fill_(banned, _MASK)
+    else:
+        index = torch.tensor(rows, dtype=torch.long, device=logits.device)
+        logits[index] = logits[index].masked_fill_(banned, _MASK)
+
+
+def sample(logits: torch.Tensor, requests: list[Request],
+           token_bitmask: tuple[list[int], torch.Tensor] | None = None) -> tuple[list[int], list[TokenLogprobs | None]]:
+    """logits: [R, V] float32, one row per request that samples this step. `token_bitmask`: the
+    rows under a grammar and their allowed tokens (see apply_token_bitmask); logprobs stay those
+    of the unconstrained distribution, as in vLLM."""
     want_logprobs = [r.sampling_params.logprobs is not None for r in requests]
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
     if any(r.sampling_params.needs_penalties for r in requests):
         logits = logits.clone()
         apply_penalties(logits, requests)
+    if token_bitmask is not None:
+        apply_token_bitmask(logits, *token_bitmask)
 
     random_rows = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
     if len(random_rows) < len(requests):

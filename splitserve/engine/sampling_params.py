@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from splitserve.structured.spec import GrammarSpec
+
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_SEQUENCES = 16
 # Below this temperature sampling is greedy (as vLLM does): dividing logits by 1e-300 overflows
@@ -34,6 +36,7 @@ class SamplingParams:
     # alternatives. Such a request computes its whole prompt (no prefix-cache reuse).
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    grammar: GrammarSpec | None = None  # structured outputs: every token obeys this grammar
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
