@@ -12,6 +12,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -62,6 +64,15 @@ def joinable():
             os.environ.pop(SECRET_ENV, None)
         else:
             os.environ[SECRET_ENV] = old
+
+
+def test_serve_refuses_a_one_character_secret():
+    env = dict(os.environ, **{SECRET_ENV: "x"})
+    r = subprocess.run([sys.executable, "-m", "splitserve", "serve", *COMMON, "--disaggregated", "--port",
+                        str(free_port()), "--cluster-listen", "127.0.0.1:0"], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 1
+    assert "cluster secret is too weak" in r.stderr and "at least 32 characters" in r.stderr
 
 
 def test_a_flood_on_the_cluster_port_is_bounded(joinable):
