@@ -19,6 +19,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 
 from splitserve.cluster import messages as m
@@ -64,7 +65,6 @@ class Worker:
         self.keys = security.derive_keys(secret)
         self.parent_pid = parent_pid
         self.ctx = ctx
-        self.gateway_addr = gateway_addr
         self.heartbeat = None  # started once Ready is sent (run_worker)
         self.inbox = security.secure_server(ctx.socket(zmq.PULL), self.keys, security.MAX_WORKER_MSG_BYTES)
         self.inbox.setsockopt(zmq.LINGER, 0)
@@ -314,6 +314,9 @@ def run_worker(worker_id: str, role: str, engine_config: dict, eos_token_ids: li
     except security.WeakSecretError as exc:
         log.error("%s", exc)
         return 2
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM: the gateway died (PDEATHSIG) or an operator asks. Segments first, then out.
+        signal.signal(signal.SIGTERM, lambda *_: exit_removing_segments(cluster_id))
     ctx = zmq.Context()
     auth = security.start_authenticator(ctx, keys)
     try:
@@ -367,8 +370,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parent-pid", type=int, default=None)
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)
-    # SIGTERM: the gateway died (PDEATHSIG) or an operator asks. Segments first, then out.
-    signal.signal(signal.SIGTERM, lambda *_: exit_removing_segments(args.cluster_id))
     if args.parent_pid is not None:
         _die_with_parent()
         if os.getppid() != args.parent_pid:  # it died before PDEATHSIG was armed
