@@ -192,7 +192,8 @@ def test_data_channel_proves_the_key_both_ways_and_never_sends_the_secret():
     tx = tcp.DataSender(f"127.0.0.1:{tap.port}", SECRET)
     tx.send(_chunk())  # queued until the data port proved the key
     _pump(rx, lambda: landed, sender=tx)
-    assert [(h.request_id, bytes(k), bytes(v)) for h, (k, v) in landed] == [("r", bytes(range(32)), bytes(range(32, 64)))]
+    got = [(h.request_id, bytes(k), bytes(v)) for h, (k, v) in landed]
+    assert got == [("r", bytes(range(32)), bytes(range(32, 64)))]
     assert tx.authed and not tx.broken and rx.rejected == 0
     assert SECRET not in tap.seen and tcp.data_key(SECRET) not in tap.seen
     tx.close()

@@ -116,7 +116,7 @@ def test_a_flood_on_the_cluster_port_is_bounded(joinable):
     s.wait_idle()
 
 
-def _fake_worker(ctx, secret: str, worker_id: str):
+def _fake_worker(ctx, secret: str):
     """A process posing as a worker: an inbox, and a Ready sent to the cluster port."""
     keys = security.derive_keys(secret.encode())
     inbox = security.secure_server(ctx.socket(zmq.PULL), keys, 1 << 20)
@@ -143,14 +143,15 @@ def test_fake_workers_get_nothing(joinable):
     ctx = zmq.Context()
     auth = security.start_authenticator(ctx, security.derive_keys(SECRET.encode()))
     real = [w for w in s.cluster()["workers"] if w["role"] == "decode"][0]
-    outsider_inbox, outsider_addr, outsider_keys = _fake_worker(ctx, WRONG, "decode-77")
-    insider_inbox, insider_addr, insider_keys = _fake_worker(ctx, SECRET, real["id"])
+    outsider_inbox, outsider_addr, outsider_keys = _fake_worker(ctx, WRONG)
+    insider_inbox, insider_addr, insider_keys = _fake_worker(ctx, SECRET)
     sockets = [outsider_inbox, insider_inbox]
     try:
-        sockets.append(_announce(ctx, s.join_addr, outsider_keys,
-                                 m.Ready("decode-77", os.getpid(), "decode", outsider_addr, 64, 16, 1024, 49152, 0.0, "x")))
-        sockets.append(_announce(ctx, s.join_addr, insider_keys,
-                                 m.Ready(real["id"], os.getpid(), "decode", insider_addr, 64, 16, 1024, 49152, 0.0, "x")))
+        def ready(worker_id, address):
+            return m.Ready(worker_id, os.getpid(), "decode", address, 64, 16, 1024, 49152, 0.0, "x")
+
+        sockets.append(_announce(ctx, s.join_addr, outsider_keys, ready("decode-77", outsider_addr)))
+        sockets.append(_announce(ctx, s.join_addr, insider_keys, ready(real["id"], insider_addr)))
         for i in range(4):
             _complete(s.base_url, f"Request number {i} says")
         workers = {w["id"]: w for w in s.cluster()["workers"]}
