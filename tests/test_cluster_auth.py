@@ -345,3 +345,16 @@ def test_a_flood_of_bad_frames_costs_a_few_log_lines(caplog):
         for i in range(100_000):
             warn("dropped frame %d", i)
     assert warn.total == 100_000 and len(caplog.records) == 1
+
+
+def test_a_connection_flood_on_the_data_port_costs_a_few_log_lines(caplog):
+    rx = _receiver(SECRET, [])
+    with caplog.at_level(logging.WARNING, logger="splitserve.kv.tcp"):
+        for _ in range(200):
+            with socket.create_connection(tcp.parse_addr(rx.address)) as junk:
+                junk.sendall(b"GET / HTTP/1.1\r\n\r\n")
+                _pump(rx, lambda: False, seconds=0.01)
+        _pump(rx, lambda: rx.rejected >= 200)
+    assert rx.rejected == 200 and not rx.conns
+    assert len(caplog.records) <= 2
+    rx.close()

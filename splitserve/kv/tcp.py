@@ -34,6 +34,7 @@ import struct
 from typing import Callable
 
 from splitserve.cluster import messages as m
+from splitserve.cluster.logthrottle import ThrottledWarning
 from splitserve.cluster.security import derive_keys
 
 log = logging.getLogger("splitserve.kv.tcp")
@@ -241,6 +242,7 @@ class DataReceiver:
         self.conns: dict[int, _Conn] = {}
         self.bytes_direct = 0
         self.rejected = 0
+        self._warn = ThrottledWarning(log)  # a connection flood must not become a log flood
 
     def fds(self) -> list[int]:
         return [self.listener.fileno(), *self.conns]
@@ -260,7 +262,7 @@ class DataReceiver:
             self._read(conn)
         except (ValueError, ConnectionError, OSError) as exc:
             if not isinstance(exc, ConnectionError) or conn.state != "header" or conn.buf:
-                log.warning("closing KV data connection from %s: %s", conn.peer, exc)
+                self._warn("closing KV data connection from %s: %s", conn.peer, exc)
             self._close(fd)
 
     def expire(self) -> None:
@@ -269,7 +271,7 @@ class DataReceiver:
         for fd, conn in list(self.conns.items()):
             if conn.state in ("auth", "proof") and now - conn.born > AUTH_TIMEOUT_S:
                 self.rejected += 1
-                log.warning("closing KV data connection from %s: no handshake in %.0fs", conn.peer, AUTH_TIMEOUT_S)
+                self._warn("closing KV data connection from %s: no handshake in %.0fs", conn.peer, AUTH_TIMEOUT_S)
                 self._close(fd)
 
     def pump_all(self) -> None:
@@ -283,7 +285,7 @@ class DataReceiver:
             except (BlockingIOError, InterruptedError):
                 return
             if len(self.conns) >= MAX_CONNECTIONS:
-                log.warning("KV data port: %d connections open, refusing %s", len(self.conns), peer)
+                self._warn("KV data port: %d connections open, refusing %s", len(self.conns), peer)
                 sock.close()
                 continue
             sock.setblocking(False)
