@@ -425,13 +425,22 @@ def test_data_channel_late_reservation_block_sizes_and_a_full_socket(tiny, expec
     pair.assert_clean()
 
 
-def _raw_client(addr, secret=b"s3cret", magic=None):
+def _raw_client(addr, secret=b"s3cret", magic=None, rx=None):
+    """A hand-made data channel client: the challenge-response with `secret` (pumping `rx`, the
+    receiver, for its answer), or, with `magic`, a greeting of another protocol."""
+    import os as oslib
     import socket as socketlib
 
     from splitserve.kv import tcp
 
     s = socketlib.create_connection(tcp.parse_addr(addr))
-    s.sendall((magic or tcp.MAGIC) + tcp._U16.pack(len(secret)) + secret)
+    nonce = oslib.urandom(tcp.NONCE_BYTES)
+    s.sendall((magic or tcp.MAGIC) + nonce)
+    if magic is None:
+        _pump_for(rx, 0.1)
+        challenge = s.recv(tcp.CHALLENGE_BYTES, socketlib.MSG_WAITALL)
+        server_nonce = challenge[len(tcp.MAGIC): len(tcp.MAGIC) + tcp.NONCE_BYTES]
+        s.sendall(tcp.proof(tcp.data_key(secret), b"client", nonce, server_nonce))
     return s
 
 
@@ -450,7 +459,7 @@ def _pump_for(rx, seconds=0.3):
 def test_data_channel_rejects_a_wrong_secret_or_protocol(tiny, secret, magic):
     pair = Pair(tiny, transport="tcp-data")
     rx = pair.D.kv_receiver.data
-    client = _raw_client(pair.data_addr, secret, magic)
+    client = _raw_client(pair.data_addr, secret, magic, rx)
     _pump_for(rx)
     assert rx.rejected == 1 and not rx.conns
     try:
@@ -479,7 +488,7 @@ def test_data_channel_drop_mid_chunk_never_writes_into_freed_blocks(tiny):
     heads, dim = k_cache.shape[1:]
     hdr = m.KVChunk("h", 0, 0, len(prompt), heads, dim, "float32")
     payload = torch.ones(2 * len(prompt) * heads * dim, dtype=torch.float32).view(torch.uint8).numpy().tobytes()
-    client = _raw_client(pair.data_addr)
+    client = _raw_client(pair.data_addr, rx=rx.data)
     head = tcp.frame_buffers(hdr, [], [])[0]
     half = len(payload) // 4  # half of K
     client.sendall(head + payload[:half])
@@ -603,7 +612,7 @@ def test_data_channel_chunk_after_a_hole_fails_the_transfer(tiny):
     heads, dim = k0.shape[1:]
     hdr = m.KVChunk("gap", 0, 16, 16, heads, dim, "float32")  # tokens [0, 16) never came
     payload = torch.zeros(2 * 16 * heads * dim, dtype=torch.float32).view(torch.uint8).numpy().tobytes()
-    client = _raw_client(pair.data_addr)
+    client = _raw_client(pair.data_addr, rx=rx.data)
     client.sendall(tcp.frame_buffers(hdr, [], [])[0] + payload)
     _pump_for(rx.data)
     assert pair.D.poll_transfers() == ["gap"]

@@ -8,7 +8,9 @@ the first token streams straight from the prefill worker.
 Failover: the gateway remembers the tokens each request has streamed. When a worker dies (or a
 transfer fails), every request it touched is placed again with prompt + streamed tokens, so the
 client's stream continues with no gap and no duplicate; sampling is seeded per token index, so
-even sampled output continues as if nothing happened. A supervisor restarts dead local workers.
+even sampled output continues as if nothing happened. A supervisor restarts dead local workers;
+a worker whose heartbeats stop is taken out of routing and its requests re-placed the same way
+(cluster/liveness.py). Every socket is CURVE-authenticated and encrypted (cluster/security.py).
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ from typing import AsyncIterator
 import zmq
 import zmq.asyncio
 
+from splitserve.cluster import liveness, security
 from splitserve.cluster import messages as m
+from splitserve.cluster.logthrottle import ThrottledWarning
 from splitserve.cluster.router import NoWorkerAvailable, Placement, Router, RouterConfig, WorkerView
 from splitserve.cluster.worker import SECRET_ENV
 from splitserve.config import EngineConfig
@@ -40,7 +44,6 @@ from splitserve.kv import shm
 log = logging.getLogger("splitserve.gateway")
 
 MAX_ATTEMPTS = 4
-HEARTBEAT_TIMEOUT_S = 10.0
 WAIT_FOR_WORKER_S = 60.0
 
 
@@ -77,7 +80,7 @@ class WorkerHandle:
     process: subprocess.Popen | None = None
     ready: m.Ready | None = None
     stats: m.Stats | None = None
-    state: str = "starting"  # starting | ready | dead
+    state: str = "starting"  # starting | ready | silent (no heartbeat: out of routing) | dead
     restarts: int = 0
     last_seen: float = field(default_factory=time.monotonic)
     push: object = None
@@ -112,11 +115,14 @@ class Cluster:
         self.log_level = log_level
         self.restart_workers = restart_workers
         self.cluster_id = secrets.token_hex(4)
-        self.secret = (secret or secrets.token_hex(16)).encode()
+        self.secret = security.check_secret_strength(secret) if secret else secrets.token_hex(16).encode()
+        self.keys = security.derive_keys(self.secret)
         self.ctx = zmq.asyncio.Context()
+        self._auth = security.start_authenticator(self.ctx, self.keys)
         self._dir = tempfile.mkdtemp(prefix="splitserve-")
         os.chmod(self._dir, 0o700)
-        self.collector = self.ctx.socket(zmq.PULL)
+        self.collector = security.secure_server(self.ctx.socket(zmq.PULL), self.keys, security.MAX_CONTROL_MSG_BYTES,
+                                                security.CONTROL_RCVHWM)
         self.collector.setsockopt(zmq.LINGER, 0)
         self.collector_addr = f"ipc://{self._dir}/gateway.sock"
         self.collector.bind(self.collector_addr)
@@ -134,6 +140,9 @@ class Cluster:
         self._closing = False
         self._changed = asyncio.Event()
         self.startup_error: str | None = None
+        self._silence = liveness.SilenceClock()
+        self._warn_dropped = ThrottledWarning(log)
+        self._warn_refused = ThrottledWarning(log)
         n = 0
         for pool in pools:
             for _ in range(pool.count):
@@ -197,7 +206,7 @@ class Cluster:
         for w in self.workers.values():
             if w.push is not None and w.process and w.process.poll() is None:
                 try:
-                    await w.push.send_multipart([self.secret, m.encode(m.Shutdown())])
+                    await w.push.send(m.encode(m.Shutdown()))
                 except zmq.ZMQError:
                     pass
         deadline = time.monotonic() + 5
@@ -214,6 +223,7 @@ class Cluster:
             if w.push is not None:
                 w.push.close(0)
         self.collector.close(0)
+        self._auth.stop()
         self.ctx.term()
         removed = shm.remove_segments(self.cluster_id)
         shutil.rmtree(self._dir, ignore_errors=True)
@@ -223,13 +233,12 @@ class Cluster:
     async def _read_loop(self) -> None:
         while True:
             frames = await self.collector.recv_multipart()
-            if len(frames) != 2 or not m.check_secret(frames[0], self.secret):
-                log.warning("dropped a frame without the cluster secret")
-                continue
             try:
-                msg = m.decode_from_worker(frames[1])
+                if len(frames) != 1:
+                    raise ValueError(f"{len(frames)} frames")
+                msg = m.decode_from_worker(frames[0])
             except Exception as exc:
-                log.warning("dropped an undecodable worker message: %s", exc)
+                self._warn_dropped("dropped an undecodable worker message: %s", exc)
                 continue
             try:
                 self._on_message(msg)
@@ -264,11 +273,34 @@ class Cluster:
             if a is not None:
                 exc = _Retry(msg.message, reuse_prefix=False) if msg.retryable else EngineRequestError(msg.message)
                 a.queue.put_nowait(exc)
+        elif isinstance(msg, m.Heartbeat):
+            w = self.workers.get(msg.worker_id)
+            if w is not None and w.ready is not None and w.ready.pid == msg.pid:
+                w.last_seen = time.monotonic()
+                if w.state == "silent":
+                    self._on_worker_back(w)
         elif isinstance(msg, m.Ready):
             self._on_ready(msg)
 
+    def _post(self, w: WorkerHandle, msg: m.Msg) -> None:
+        """Queue a message for a worker without waiting (from sync code; dropped if its queue is full)."""
+        try:
+            fut = w.push.send(m.encode(msg), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            return
+        if isinstance(fut, asyncio.Future):
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+
     def _on_ready(self, msg: m.Ready) -> None:
         w = self.workers.get(msg.worker_id)
+        if w is not None and w.ready is not None and (w.ready.pid, w.ready.address) == (msg.pid, msg.address):
+            self._post(w, m.Welcome(msg.worker_id))  # it announced itself again before our welcome arrived
+            return
+        refusal = security.join_refusal(msg, w.process.pid if w and w.process else None, w.role if w else None,
+                                        w.state if w else None)
+        if refusal:
+            self._warn_refused("refused worker %s (pid %d on %s): %s", msg.worker_id, msg.pid, msg.host, refusal)
+            return
         if w is None:  # a worker joining from another host
             w = WorkerHandle(msg.worker_id, msg.role, None, msg.address)
             self.workers[msg.worker_id] = w
@@ -278,9 +310,10 @@ class Cluster:
         w.ready = msg
         w.state = "ready"
         w.last_seen = time.monotonic()
-        w.push = self.ctx.socket(zmq.PUSH)
+        w.push = security.secure_client(self.ctx.socket(zmq.PUSH), self.keys, security.MAX_CONTROL_MSG_BYTES)
         w.push.setsockopt(zmq.LINGER, 0)
         w.push.connect(msg.address)
+        self._post(w, m.Welcome(msg.worker_id))
         self.router.remove_worker(msg.worker_id)
         self.router.add_worker(WorkerView(msg.worker_id, msg.role, msg.block_size, msg.num_blocks))
         w.ready_event.set()
@@ -290,13 +323,43 @@ class Cluster:
         while True:
             await asyncio.sleep(0.1)
             now = time.monotonic()
+            judging = self._silence.tick(now)
             for w in list(self.workers.values()):
                 if w.state == "dead":
                     continue
-                exited = w.process is not None and w.process.poll() is not None
-                silent = w.process is None and w.state == "ready" and now - w.last_seen > HEARTBEAT_TIMEOUT_S
-                if exited or silent:
-                    self._on_worker_death(w, f"exit code {w.process.returncode}" if exited else "no heartbeat")
+                if w.process is not None and w.process.poll() is not None:
+                    self._on_worker_death(w, f"exit code {w.process.returncode}")
+                    continue
+                over = self._silence.silent_for(w.last_seen, now)
+                if not judging or over <= 0:
+                    continue
+                if w.state == "ready":
+                    self._on_worker_silent(w, over + self._silence.timeout_s)
+                elif w.state == "silent" and over > liveness.SILENT_GIVE_UP_S:
+                    if w.process is not None:  # wedged: kill it; the next round restarts it
+                        log.error("worker %s silent for %.0fs; killing it", w.worker_id, over)
+                        w.process.kill()
+                    else:
+                        self._on_worker_death(w, "no heartbeat")
+
+    def _on_worker_silent(self, w: WorkerHandle, seconds: float) -> None:
+        """No heartbeat: out of routing, its requests placed again. It is aborted there too (queued,
+        it reads them if it wakes up), and routed to again when its heartbeats come back."""
+        log.error("worker %s silent for %.1fs: out of routing, its requests re-placed", w.worker_id, seconds)
+        w.state = "silent"
+        self.router.set_health(w.worker_id, False)
+        touched = [a for a in self.attempts.values() if w.worker_id in a.workers]
+        if touched and w.push is not None:
+            self._post(w, m.AbortRequests([a.sub_id for a in touched]))
+        for a in touched:
+            a.queue.put_nowait(_Retry(f"worker {w.worker_id} is silent"))
+        self._changed.set()
+
+    def _on_worker_back(self, w: WorkerHandle) -> None:
+        log.warning("worker %s is beating again: back in routing", w.worker_id)
+        w.state = "ready"
+        self.router.set_health(w.worker_id, True)
+        self._changed.set()
 
     def _on_worker_death(self, w: WorkerHandle, why: str) -> None:
         was_ready = w.ready is not None
@@ -339,7 +402,11 @@ class Cluster:
         w = self.workers.get(worker_id)
         if w is None or w.push is None or w.state != "ready":
             raise _Retry(f"worker {worker_id} is not available")
-        await w.push.send_multipart([self.secret, m.encode(msg)])
+        try:
+            data = m.encode(msg)
+        except (TypeError, ValueError, OverflowError) as exc:  # msgspec.EncodeError is a ValueError
+            raise EngineRequestError(f"the request cannot be encoded for a worker: {exc}") from None
+        await w.push.send(data)
 
     def _transport(self, prefill: str, decode: str) -> str:
         if self.kv_transport != "auto":
@@ -353,7 +420,8 @@ class Cluster:
             try:
                 return self.router.place(tokens)
             except NoWorkerAvailable:
-                restarting = any(w.state == "starting" and w.role in ("decode", "both") for w in self.workers.values())
+                restarting = any(w.state in ("starting", "silent") and w.role in ("decode", "both")
+                                 for w in self.workers.values())
                 if not restarting or time.monotonic() > deadline:
                     raise EngineDeadError("no decode worker is available") from None
                 self._changed.clear()
@@ -372,6 +440,18 @@ class Cluster:
         attempt = Attempt(sub_id, request_id, queue, placement, workers, time.perf_counter())
         self.attempts[sub_id] = attempt
         self.current[request_id] = sub_id
+        try:
+            await self._send_attempt(attempt, prompt, emitted, params, seed)
+        except BaseException:  # nobody would ever collect it: forget it, and free what was reserved
+            await asyncio.shield(self._abort_attempt(attempt))
+            raise
+        self.router.on_dispatch(placement, len(prompt) + len(emitted))
+        return attempt
+
+    async def _send_attempt(self, attempt: Attempt, prompt: list[int], emitted: list[int], params: SamplingParams,
+                            seed: int) -> None:
+        sub_id, placement = attempt.sub_id, attempt.placement
+        d, p = placement.decode_worker, placement.prefill_worker
         outs = list(emitted)
         if p is None:
             await self._send(d, m.AddRequest(sub_id, prompt, params, seed, outs))
@@ -386,8 +466,6 @@ class Cluster:
             data_addr = dw.ready.kv_data_addr if transport == "tcp" and dw.ready else ""
             await self._send(p, m.PrefillRequest(sub_id, prompt, params, seed, d, dw.address, reuse, transport, outs,
                                                  data_addr))
-        self.router.on_dispatch(placement, len(prompt) + len(emitted))
-        return attempt
 
     async def _abort_attempt(self, a: Attempt, stopped: bool = False) -> None:
         self.attempts.pop(a.sub_id, None)

@@ -1,13 +1,11 @@
 """Typed messages between the gateway and workers: msgspec structs over ZeroMQ, never pickle.
 
 Every message is a tagged struct, so a socket decodes into exactly these types or fails. Every
-frame travels as [cluster secret, message (, payload)]; a receiver drops frames whose secret
-does not match, so a stray or hostile peer on the network cannot drive a worker.
+frame travels as [message (, payload)] over ZeroMQ CURVE connections that only holders of the
+cluster secret can open (cluster/security.py), so a stray or hostile peer cannot drive a worker.
 """
 
 from __future__ import annotations
-
-import hmac
 
 import msgspec
 
@@ -65,6 +63,12 @@ class AbortRequests(Msg):
 
 class Shutdown(Msg):
     pass
+
+
+class Welcome(Msg):
+    """The gateway took this worker's Ready: it stops announcing itself."""
+
+    worker_id: str
 
 
 # ---- prefill worker -> decode worker ----------------------------------------------------------
@@ -149,6 +153,13 @@ class Ready(Msg):
     kv_data_addr: str = ""  # HOST:PORT of its raw TCP KV data port
 
 
+class Heartbeat(Msg):
+    """Sent by a worker's heartbeat thread every HEARTBEAT_INTERVAL_S, also during long steps."""
+
+    worker_id: str
+    pid: int
+
+
 class TokenOut(Msg):
     request_id: str
     token: int | None
@@ -199,8 +210,8 @@ class Stats(Msg):
 
 
 ToWorker = (AddRequest | PrefillRequest | ReserveKV | AbortRequests | Shutdown | KVChunk | PrefillDone | KVRelease
-            | KVPlacement | KVStopped)
-FromWorker = Ready | Outputs | RequestError | Stats
+            | KVPlacement | KVStopped | Welcome)
+FromWorker = Ready | Outputs | RequestError | Stats | Heartbeat
 
 _encoder = msgspec.msgpack.Encoder()
 _to_worker = msgspec.msgpack.Decoder(ToWorker)
@@ -218,6 +229,3 @@ def decode_to_worker(data: bytes) -> ToWorker:
 def decode_from_worker(data: bytes) -> FromWorker:
     return _from_worker.decode(data)
 
-
-def check_secret(frame: bytes, secret: bytes) -> bool:
-    return hmac.compare_digest(bytes(frame), secret)

@@ -4,9 +4,11 @@ Roles are routing hints: every worker can prefill and decode locally, prefill fo
 (shipping KV layer by layer) and decode a request whose KV a peer sends. The gateway spawns
 workers, or a worker joins a running gateway from another host (`splitserve worker --join`).
 
-Every frame is [cluster secret, message (, payload)]; frames without the secret are dropped and
-logged. Nothing is unpickled. A spawned worker dies with its parent (PDEATHSIG plus a parent
-check), so a crashed gateway leaves no orphan holding memory.
+Every socket is a ZeroMQ CURVE socket keyed from the cluster secret (cluster/security.py): only
+cluster members connect, every message is encrypted, every frame size is bounded. Nothing is
+unpickled. A heartbeat thread beats to the gateway (cluster/liveness.py). A spawned worker dies
+with its parent (PDEATHSIG plus a parent check from the heartbeat thread) and removes its
+shared-memory segments first, so a crashed gateway leaves no orphan and no /dev/shm file.
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 
 from splitserve.cluster import messages as m
+from splitserve.cluster import security
+from splitserve.cluster.logthrottle import ThrottledWarning
 from splitserve.config import EngineConfig
 
 log = logging.getLogger("splitserve.worker")
@@ -28,6 +33,17 @@ STATS_INTERVAL_S = 0.25
 IDLE_POLL_MS = 50
 TRANSFER_POLL_MS = 2
 SECRET_ENV = "SPLITSERVE_CLUSTER_SECRET"
+
+
+def exit_removing_segments(segment_owner: str) -> None:
+    """Remove this worker's shared-memory segments (arena, KV cache, per-request), then exit now.
+    Safe from any thread or signal handler: unlinking leaves live mappings intact."""
+    from splitserve.kv import shm
+
+    try:
+        shm.remove_segments(segment_owner)
+    finally:
+        os._exit(0)
 
 
 def _die_with_parent() -> None:
@@ -46,15 +62,17 @@ class Worker:
         from splitserve.kv.connector import KVReceiver, KVSender
 
         self.worker_id, self.role, self.engine, self.secret = worker_id, role, engine, secret
+        self.keys = security.derive_keys(secret)
         self.parent_pid = parent_pid
         self.ctx = ctx
-        self.inbox = ctx.socket(zmq.PULL)
+        self.heartbeat = None  # started once Ready is sent (run_worker)
+        self.inbox = security.secure_server(ctx.socket(zmq.PULL), self.keys, security.MAX_WORKER_MSG_BYTES)
         self.inbox.setsockopt(zmq.LINGER, 0)
         self.inbox.bind(inbox_bind)
         self.address = self.inbox.getsockopt(zmq.LAST_ENDPOINT).decode()
         if self.address.startswith("tcp://0.0.0.0:"):
             self.address = self.address.replace("0.0.0.0", socket.gethostname())
-        self.gateway = ctx.socket(zmq.PUSH)
+        self.gateway = security.secure_client(ctx.socket(zmq.PUSH), self.keys)
         self.gateway.setsockopt(zmq.LINGER, 2000)
         self.gateway.connect(gateway_addr)
         self.peers: dict[str, object] = {}
@@ -79,22 +97,23 @@ class Worker:
         self.running = True
         self._last_stats = 0.0
         self.dropped_frames = 0
+        self._warn_dropped = ThrottledWarning(log)
 
     # ---- sockets -------------------------------------------------------------------------
     def to_gateway(self, msg: m.Msg) -> None:
-        self.gateway.send_multipart([self.secret, m.encode(msg)])
+        self.gateway.send(m.encode(msg))
 
     def send_peer(self, addr: str, frames: list) -> None:
         import zmq
 
         sock = self.peers.get(addr)
         if sock is None:
-            sock = self.ctx.socket(zmq.PUSH)
+            sock = security.secure_client(self.ctx.socket(zmq.PUSH), self.keys, security.MAX_WORKER_MSG_BYTES)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, 100_000)
             sock.connect(addr)
             self.peers[addr] = sock
-        sock.send_multipart([self.secret, *frames], copy=len(frames) == 1)
+        sock.send_multipart(frames, copy=len(frames) == 1)
 
     def ready_message(self, load_seconds: float) -> m.Ready:
         e = self.engine
@@ -173,9 +192,9 @@ class Worker:
                 frames = self.inbox.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            if len(frames) >= 2 and m.check_secret(frames[0].bytes, self.secret):
+            if frames:
                 try:
-                    msg = m.decode_to_worker(frames[1].bytes)
+                    msg = m.decode_to_worker(frames[0].bytes)
                 except Exception:
                     msg = None
                 if isinstance(msg, m.KVPlacement):
@@ -184,19 +203,16 @@ class Worker:
             self.deferred.append(frames)
 
     def handle(self, frames: list) -> None:
-        if len(frames) < 2 or not m.check_secret(frames[0].bytes, self.secret):
-            self.dropped_frames += 1
-            log.warning("dropped a frame without the cluster secret (%d so far)", self.dropped_frames)
-            return
         try:
-            msg = m.decode_to_worker(frames[1].bytes)
+            msg = m.decode_to_worker(frames[0].bytes)
         except Exception as exc:  # malformed: drop it, never crash
-            log.warning("dropped an undecodable message: %s", exc)
+            self.dropped_frames += 1
+            self._warn_dropped("dropped an undecodable message: %s", exc)
             return
         e = self.engine
         try:
             if isinstance(msg, m.KVChunk):
-                e.kv_receiver.on_chunk(msg, tuple(f.buffer for f in frames[2:]))
+                e.kv_receiver.on_chunk(msg, tuple(f.buffer for f in frames[1:]))
             elif isinstance(msg, m.KVRelease):
                 e.kv_sender.release(msg.request_id)
             elif isinstance(msg, m.KVPlacement):
@@ -226,6 +242,9 @@ class Worker:
                     e.abort_request(rid, status)
             elif isinstance(msg, m.Shutdown):
                 self.running = False
+            elif isinstance(msg, m.Welcome):
+                if self.heartbeat is not None:
+                    self.heartbeat.welcomed.set()
         except ValueError as exc:
             rid = getattr(msg, "request_id", "")
             self.to_gateway(m.RequestError(rid, str(exc), self.worker_id, False))
@@ -273,6 +292,8 @@ class Worker:
         )
 
     def close(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         self.engine.kv_sender.close()
         self.engine.kv_receiver.close()
         self.engine.close()
@@ -286,13 +307,22 @@ def run_worker(worker_id: str, role: str, engine_config: dict, eos_token_ids: li
                gateway_addr: str, cluster_id: str, secret: bytes, parent_pid: int | None) -> int:
     import zmq
 
+    from splitserve.cluster.liveness import HeartbeatThread
     from splitserve.engine.engine import LLMEngine
+    from splitserve.kv import shm
 
+    try:
+        keys = security.derive_keys(security.check_secret_strength(secret))
+    except security.WeakSecretError as exc:
+        log.error("%s", exc)
+        return 2
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM: the gateway died (PDEATHSIG) or an operator asks. Segments first, then out.
+        signal.signal(signal.SIGTERM, lambda *_: exit_removing_segments(cluster_id))
     ctx = zmq.Context()
-    gateway = None
+    auth = security.start_authenticator(ctx, keys)
     try:
         t0 = time.perf_counter()
-        from splitserve.kv import shm
 
         # A decode worker keeps its CPU KV cache in shared memory: same-host prefill workers write
         # each request's KV straight into its blocks (KVPlacement), one copy instead of two.
@@ -302,19 +332,26 @@ def run_worker(worker_id: str, role: str, engine_config: dict, eos_token_ids: li
         worker = Worker(worker_id, role, engine, secret, ctx, inbox, gateway_addr, cluster_id, parent_pid)
     except Exception as exc:  # report, then exit: the gateway turns this into a clear startup error
         log.exception("worker failed to start")
-        gateway = ctx.socket(zmq.PUSH)
+        shm.remove_segments(cluster_id)
+        gateway = security.secure_client(ctx.socket(zmq.PUSH), keys)
         gateway.setsockopt(zmq.LINGER, 2000)
         gateway.connect(gateway_addr)
-        gateway.send_multipart([secret, m.encode(m.RequestError("", f"{worker_id} failed to start: {exc}", worker_id))])
+        gateway.send(m.encode(m.RequestError("", f"{worker_id} failed to start: {exc}", worker_id)))
         gateway.close()
+        auth.stop()
         ctx.term()
         return 1
-    worker.to_gateway(worker.ready_message(time.perf_counter() - t0))
+    ready = worker.ready_message(time.perf_counter() - t0)
+    worker.to_gateway(ready)
+    worker.heartbeat = HeartbeatThread(ctx, keys, gateway_addr, ready, parent_pid,
+                                       on_orphaned=lambda: exit_removing_segments(cluster_id))
+    worker.heartbeat.start()
     log.info("%s (%s) ready at %s", worker_id, role, worker.address)
     try:
         worker.run()
     finally:
         worker.close()
+        auth.stop()
         ctx.term()
     return 0
 
@@ -341,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.parent_pid is not None:
         _die_with_parent()
+        if os.getppid() != args.parent_pid:  # it died before PDEATHSIG was armed
+            return 1
     signal.signal(signal.SIGTERM, exit_on_sigterm)  # once, quietly (see process_signals)
     logging.basicConfig(level=args.log_level, format=f"%(asctime)s {args.id} %(levelname)s %(message)s")
     secret = os.environ.get(SECRET_ENV, "").encode()

@@ -11,26 +11,39 @@ after receiving). This channel moves the bytes between the caches and the kernel
     worker's reserved slots) and `recv_into`s those slots directly. Chunks whose blocks are not
     reserved yet, or that need a dtype conversion, land in a scratch buffer instead.
 
-Wire: on connect, MAGIC + u16 secret length + the cluster secret (checked with compare_digest;
-a wrong one closes the connection). Then per chunk: u32 header length, the msgpack KVChunk
-header, K bytes, V bytes; sizes come from the header and are bounded. Nothing is unpickled.
+Wire: a mutual HMAC-SHA256 challenge-response with a key derived from the cluster secret (the
+secret never travels): the client sends MAGIC + its nonce; the server answers MAGIC + its nonce
++ HMAC(key, "server" | both nonces); the client checks that, then sends HMAC(key, "client" |
+both nonces) and its chunks. A wrong magic, proof or a silent peer closes the connection; the
+sender queues chunks (bounded) until the server has proven itself, so no call blocks on it.
+Then per chunk: u32 header length, the msgpack KVChunk header, K bytes, V bytes; sizes come from
+the header and are bounded. Nothing is unpickled. The channel is authenticated, not encrypted:
+KV bytes cross the network in the clear (SECURITY.md).
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
 import hmac
 import logging
+import os
 import socket
 import time
 import struct
 from typing import Callable
 
 from splitserve.cluster import messages as m
+from splitserve.cluster.logthrottle import ThrottledWarning
+from splitserve.cluster.security import derive_keys
 
 log = logging.getLogger("splitserve.kv.tcp")
 
-MAGIC = b"SSKV0001"
+MAGIC = b"SSKV0002"
+NONCE_BYTES = 32
+PROOF_BYTES = 32
+HELLO_BYTES = len(MAGIC) + NONCE_BYTES  # client -> server
+CHALLENGE_BYTES = len(MAGIC) + NONCE_BYTES + PROOF_BYTES  # server -> client
 MAX_HEADER = 4096
 MAX_CHUNK_BYTES = 1 << 30
 MAX_QUEUED_BYTES = 512 << 20  # a receiver this far behind is treated as gone
@@ -39,7 +52,15 @@ AUTH_TIMEOUT_S = 5.0
 IOV_MAX = 512
 CONNECT_TIMEOUT_S = 5.0
 _U32 = struct.Struct("<I")
-_U16 = struct.Struct("<H")
+
+
+def data_key(secret: bytes) -> bytes:
+    return derive_keys(secret).data_key
+
+
+def proof(key: bytes, who: bytes, client_nonce: bytes, server_nonce: bytes) -> bytes:
+    """HMAC-SHA256 over the role and both nonces: proves the key without revealing it."""
+    return hmac.new(key, who + client_nonce + server_nonce, hashlib.sha256).digest()
 
 
 def chunk_bytes(hdr: m.KVChunk) -> int:
@@ -64,10 +85,15 @@ class DataSender:
 
     def __init__(self, addr: str, secret: bytes) -> None:
         self.addr = addr
+        self.key = data_key(secret)
         self.sock = socket.create_connection(parse_addr(addr), timeout=CONNECT_TIMEOUT_S)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock.sendall(MAGIC + _U16.pack(len(secret)) + secret)
+        self.nonce = os.urandom(NONCE_BYTES)
+        self.sock.sendall(MAGIC + self.nonce)
         self.sock.setblocking(False)
+        self.authed = False  # the server has not proven the key yet: chunks wait in the queue
+        self.challenge = bytearray()
+        self.born = time.monotonic()
         self.queue: collections.deque = collections.deque()  # views of owned bytes not yet sent
         self.broken = False
         self.bytes_copied = 0  # what had to be queued because the socket was full
@@ -82,9 +108,9 @@ class DataSender:
         if self.broken:
             return
         views = [memoryview(b).cast("B") for b in buffers]
-        if self.queue:
+        if self.queue or not self.authed:
             self.flush()  # the socket may have drained since: then this chunk goes without a copy
-        if not self.queue:
+        if not self.queue and self.authed:
             sent = self._sendmsg(views)
             while views and sent >= len(views[0]):
                 sent -= len(views.pop(0))
@@ -100,7 +126,41 @@ class DataSender:
             self.broken = True
             self.queue.clear()
 
+    def _authenticate(self) -> bool:
+        """Read the server's challenge; once it proves the key, queue our proof first. Never blocks."""
+        while len(self.challenge) < CHALLENGE_BYTES:
+            try:
+                data = self.sock.recv(CHALLENGE_BYTES - len(self.challenge))
+            except (BlockingIOError, InterruptedError):
+                data = None
+            except OSError as exc:
+                return self._fail(f"handshake failed: {exc}")
+            if data == b"":
+                return self._fail("closed during the handshake")
+            if data is None:
+                if time.monotonic() - self.born > AUTH_TIMEOUT_S:
+                    return self._fail(f"no handshake answer in {AUTH_TIMEOUT_S:.0f}s")
+                return False
+            self.challenge += data
+        c = bytes(self.challenge)
+        server_nonce = c[len(MAGIC): len(MAGIC) + NONCE_BYTES]
+        expected = proof(self.key, b"server", self.nonce, server_nonce)
+        if c[: len(MAGIC)] != MAGIC or not hmac.compare_digest(c[len(MAGIC) + NONCE_BYTES:], expected):
+            return self._fail("the data port did not prove the cluster secret")
+        self.queue.appendleft(memoryview(proof(self.key, b"client", self.nonce, server_nonce)))
+        self.queued_bytes += PROOF_BYTES
+        self.authed = True
+        return True
+
+    def _fail(self, why: str) -> bool:
+        log.warning("KV data connection to %s: %s", self.addr, why)
+        self.broken = True
+        self.queue.clear()
+        return False
+
     def flush(self) -> None:
+        if not self.authed and not self._authenticate():
+            return
         while self.queue and not self.broken:
             batch = [self.queue[i] for i in range(min(IOV_MAX, len(self.queue)))]
             sent = self._sendmsg(batch)
@@ -157,8 +217,10 @@ class _Conn:
         self.born = time.monotonic()
         self.authed = False
         self.buf = bytearray()  # auth / header bytes gathered so far
-        self.need = len(MAGIC) + _U16.size  # bytes wanted into buf
-        self.state = "auth"
+        self.need = len(MAGIC)  # bytes wanted into buf: the magic is checked first, alone
+        self.state = "auth"  # auth (hello) -> proof (the client's answer) -> header <-> payload
+        self.server_nonce = os.urandom(NONCE_BYTES)
+        self.client_nonce = b""
         self.hdr: m.KVChunk | None = None
         self.targets: list = []  # memoryviews still to fill, in order
         self.placed = False
@@ -170,7 +232,7 @@ class DataReceiver:
 
     def __init__(self, host: str, secret: bytes, placer: Placer, landed: Landed,
                  still_placed: Callable[[m.KVChunk], bool]) -> None:
-        self.secret = secret
+        self.key = data_key(secret)
         self.placer = placer
         self.landed = landed
         self.still_placed = still_placed
@@ -180,6 +242,7 @@ class DataReceiver:
         self.conns: dict[int, _Conn] = {}
         self.bytes_direct = 0
         self.rejected = 0
+        self._warn = ThrottledWarning(log)  # a connection flood must not become a log flood
 
     def fds(self) -> list[int]:
         return [self.listener.fileno(), *self.conns]
@@ -199,16 +262,16 @@ class DataReceiver:
             self._read(conn)
         except (ValueError, ConnectionError, OSError) as exc:
             if not isinstance(exc, ConnectionError) or conn.state != "header" or conn.buf:
-                log.warning("closing KV data connection from %s: %s", conn.peer, exc)
+                self._warn("closing KV data connection from %s: %s", conn.peer, exc)
             self._close(fd)
 
     def expire(self) -> None:
         """Close connections that did not authenticate in time (bounded: no idle squatters)."""
         now = time.monotonic()
         for fd, conn in list(self.conns.items()):
-            if conn.state == "auth" and now - conn.born > AUTH_TIMEOUT_S:
+            if conn.state in ("auth", "proof") and now - conn.born > AUTH_TIMEOUT_S:
                 self.rejected += 1
-                log.warning("closing KV data connection from %s: no handshake in %.0fs", conn.peer, AUTH_TIMEOUT_S)
+                self._warn("closing KV data connection from %s: no handshake in %.0fs", conn.peer, AUTH_TIMEOUT_S)
                 self._close(fd)
 
     def pump_all(self) -> None:
@@ -222,7 +285,7 @@ class DataReceiver:
             except (BlockingIOError, InterruptedError):
                 return
             if len(self.conns) >= MAX_CONNECTIONS:
-                log.warning("KV data port: %d connections open, refusing %s", len(self.conns), peer)
+                self._warn("KV data port: %d connections open, refusing %s", len(self.conns), peer)
                 sock.close()
                 continue
             sock.setblocking(False)
@@ -254,19 +317,23 @@ class DataReceiver:
             if not self._fill_buf(conn):
                 return
             if conn.state == "auth":
-                if conn.need == len(MAGIC) + _U16.size:
-                    if bytes(conn.buf[: len(MAGIC)]) != MAGIC:
+                if conn.need == len(MAGIC):
+                    if bytes(conn.buf) != MAGIC:
                         self.rejected += 1
-                        raise ValueError("not a splitserve KV connection")
-                    size = _U16.unpack_from(conn.buf, len(MAGIC))[0]
-                    if not size or size != len(self.secret):
-                        self.rejected += 1
-                        raise ValueError("wrong cluster secret")
-                    conn.need += size
+                        raise ValueError("not a splitserve KV connection (or another protocol version)")
+                    conn.need = HELLO_BYTES
                     continue
-                if not hmac.compare_digest(bytes(conn.buf[len(MAGIC) + _U16.size:]), self.secret):
+                conn.client_nonce = bytes(conn.buf[len(MAGIC):])
+                answer = MAGIC + conn.server_nonce + proof(self.key, b"server", conn.client_nonce, conn.server_nonce)
+                if conn.sock.send(answer) != len(answer):  # 72 bytes into an empty socket buffer
+                    raise ConnectionError("could not send the challenge")
+                conn.state, conn.buf, conn.need = "proof", bytearray(), PROOF_BYTES
+            elif conn.state == "proof":
+                expected = proof(self.key, b"client", conn.client_nonce, conn.server_nonce)
+                if not hmac.compare_digest(bytes(conn.buf), expected):
                     self.rejected += 1
                     raise ValueError("wrong cluster secret")
+                conn.authed = True
                 conn.state, conn.buf, conn.need = "header", bytearray(), _U32.size
             elif conn.state == "header" and conn.need == _U32.size:
                 size = _U32.unpack(conn.buf)[0]
