@@ -8,10 +8,6 @@ from splitserve.cluster.messages import TokenOut
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.models.tokenizer import Tokenizer
 
-# Whether the workers' TokenOut carries prompt logprobs ((position, logprob, top) per prompt token,
-# with the first token): `echo` with `logprobs` needs it and is refused without it.
-PROMPT_LOGPROBS_TRANSPORTED = "prompt_logprobs" in TokenOut.__struct_fields__
-
 
 @dataclass
 class LogprobEntry:
@@ -44,7 +40,7 @@ class ChoiceState:
         self.num_prompt_tokens = out.num_prompt_tokens or self.num_prompt_tokens
         self.num_cached_tokens = out.num_cached_tokens or self.num_cached_tokens
         stopped_by_string = False
-        prompt_lps = getattr(out, "prompt_logprobs", None)
+        prompt_lps = out.prompt_logprobs
         if prompt_lps and self.prompt_logprobs is None and not self.token_ids:  # a re-placement's repeat is dropped
             self.prompt_logprobs = [LogprobEntry(-1, lp, list(top or [])) for _, lp, top in prompt_lps]
         if out.token is not None:

@@ -192,10 +192,6 @@ class CompletionRequest(_SamplingFields):
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of other than n is not supported")
         if self.echo and self.logprobs is not None:
-            from splitserve.api.generation import PROMPT_LOGPROBS_TRANSPORTED
-
-            if not PROMPT_LOGPROBS_TRANSPORTED:
-                raise ValueError("echo with logprobs (prompt logprobs) is not supported by this server yet")
             if self.stream:
                 raise ValueError("echo with logprobs (prompt logprobs) is not supported with stream")
 

@@ -516,7 +516,8 @@ class Cluster:
                                 self.phase["prefill_s"] += attempt.t_first - attempt.t_dispatch
                                 self.phase["prefill_n"] += 1
                         out = m.TokenOut(request_id, item.token, item.logprob, item.top_logprobs, item.finish_reason,
-                                         item.stop_reason, item.num_prompt_tokens, item.num_cached_tokens)
+                                         item.stop_reason, item.num_prompt_tokens, item.num_cached_tokens,
+                                         prompt_logprobs=item.prompt_logprobs)
                         if item.finish_reason is not None:
                             done = True
                             if attempt.t_first is not None:

@@ -170,6 +170,8 @@ class TokenOut(Msg):
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     remote: bool = False  # a prefill worker's first token; decode continues elsewhere
+    # echo + logprobs: (position, logprob, top) for prompt positions 1..n-1, with the first token
+    prompt_logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
 
 
 class Outputs(Msg):

@@ -267,6 +267,7 @@ class Worker:
             num_prompt_tokens=o.num_prompt_tokens,
             num_cached_tokens=o.num_cached_tokens,
             remote=o.remote,
+            prompt_logprobs=[(p, e.token_logprob, e.top) for p, e in o.prompt_logprobs] if o.prompt_logprobs else None,
         )
 
     def _maybe_send_stats(self) -> None:

@@ -8,7 +8,6 @@ import openai
 import pytest
 import torch
 
-from splitserve.api.generation import PROMPT_LOGPROBS_TRANSPORTED
 from tests.e2e.test_hostile_model_template import write_model_with_template
 from tests.server_utils import ServerProcess
 
@@ -23,10 +22,11 @@ def model_dir(tmp_path_factory):
     return write_model_with_template(str(tmp_path_factory.mktemp("models")), TEMPLATE)
 
 
-@pytest.fixture(scope="module")
-def server(model_dir):
+@pytest.fixture(scope="module", params=["aggregated", "disaggregated"])
+def server(model_dir, request):
+    mode = ["--disaggregated"] if request.param == "disaggregated" else []
     with ServerProcess("--model", model_dir, "--max-model-len", "256", "--threads", "1", "--dtype", "float32",
-                       "--served-model-name", "tiny") as s:
+                       "--served-model-name", "tiny", *mode) as s:
         yield s
 
 
@@ -53,13 +53,6 @@ def test_models_retrieve(client):
 PROMPT = "The quick brown fox jumps over the lazy dog, twice."
 
 
-@pytest.mark.skipif(PROMPT_LOGPROBS_TRANSPORTED, reason="the workers send prompt logprobs")
-def test_echo_with_logprobs_is_a_clear_400_until_workers_send_them(client):
-    with pytest.raises(openai.BadRequestError, match="prompt logprobs"):
-        client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2, echo=True, logprobs=2)
-
-
-@pytest.mark.skipif(not PROMPT_LOGPROBS_TRANSPORTED, reason="the workers do not send prompt logprobs yet")
 def test_echo_with_logprobs_matches_transformers(client, model_dir):
     from transformers import AutoModelForCausalLM
 
