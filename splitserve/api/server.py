@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
+from starlette.requests import ClientDisconnect
 
 from splitserve.api.endpoints import ChatEndpoint, CompletionEndpoint
 from splitserve.api.errors import APIError, error_body, install_error_handlers
@@ -138,7 +139,10 @@ def build_app(state: ServerState, lifespan=None) -> FastAPI:
 
     async def parse(request: Request, cls):
         authorize(request)
-        raw = await request.body()
+        try:
+            raw = await request.body()
+        except ClientDisconnect:  # gone mid-body (or cut by --body-timeout): nobody reads an answer
+            raise APIError(400, "the client disconnected before sending the whole body") from None
         try:
             req = await state.prompt_builder.run(parse_body, raw, cls)
         except ValidationError as exc:

@@ -82,7 +82,7 @@ def test_a_flood_on_the_cluster_port_is_bounded(joinable):
     expected = _complete(s.base_url, "The capital of France is")
     gateway = s.proc.pid
     peak_before = _peak_rss_mb(gateway)
-    log_before = os.path.getsize(s.log.name)
+    log_before = os.path.getsize(s.log_path)
     answer: list[str] = []
     concurrent = threading.Thread(target=lambda: answer.append(_complete(s.base_url, "The capital of France is")))
     concurrent.start()
@@ -112,7 +112,7 @@ def test_a_flood_on_the_cluster_port_is_bounded(joinable):
     ctx.term()
     assert answer == [expected]
     assert _peak_rss_mb(gateway) - peak_before < 64, "the gateway took the flood into memory"
-    assert os.path.getsize(s.log.name) - log_before < 64 << 10, "the flood grew the log"
+    assert os.path.getsize(s.log_path) - log_before < 64 << 10, "the flood grew the log"
     s.wait_idle()
 
 

@@ -187,6 +187,7 @@ def test_idle_and_slow_connections_do_not_block_a_request(watched_start):
         assert _read_until_closed(idle[-1], 15), "an idle connection stays open"
         assert httpx.get(server.base_url + "/health", timeout=10).status_code == 200
         server.wait_idle()
+        assert "Traceback" not in server.read_log(), "a connection cut mid-body logged a traceback"
     finally:
         for s in idle + slow_header + [slow_body]:
             s.close()
