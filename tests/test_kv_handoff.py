@@ -14,7 +14,8 @@ from splitserve.config import EngineConfig
 from splitserve.engine.engine import LLMEngine
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.kv import shm
-from splitserve.kv.connector import KVReceiver, KVSender
+from splitserve.kv.connector import KVPorts
+from splitserve.kv.handoff import HandoffTimeouts
 from tests.hf_models import write_tiny_model
 from tests.test_model_vs_hf import prompts_for
 
@@ -41,20 +42,24 @@ class Pair:
     live: list["Pair"] = []
 
     def __init__(self, path, p_kw=None, d_kw=None, transport="shm", arena_bytes=1 << 20, direct=False,
-                 hold_placements=False):
-        """transport "tcp-data": TCP on the raw data channel (real loopback sockets)."""
+                 hold_placements=False, timeouts=HandoffTimeouts()):
+        """transport "tcp-data": TCP on the raw data channel (real loopback sockets). Both engines
+        run on a fake clock (`self.now`), advanced by hand."""
         self.cluster = f"test{uuid.uuid4().hex[:8]}"
-        self.P = engine(path, **(p_kw or {}))
-        segment = shm.segment_name(self.cluster, "D-kvcache-1") if direct else None
-        self.D = LLMEngine(EngineConfig(**_engine_kw(path, **(d_kw or {}))), kv_cache_segment=segment)
+        self.now = 0.0
         data = transport == "tcp-data"
+
+        def ports(name, data_host=None):
+            return KVPorts(self.cluster, self._deliver, reply_to=name, arena_bytes=arena_bytes, secret=b"s3cret",
+                           data_host=data_host, timeouts=timeouts, clock=lambda: self.now)
+
+        self.P = LLMEngine(EngineConfig(**_engine_kw(path, **(p_kw or {}))), kv=ports("P"))
+        segment = shm.segment_name(self.cluster, "D-kvcache-1") if direct else None
+        self.D = LLMEngine(EngineConfig(**_engine_kw(path, **(d_kw or {}))), kv_cache_segment=segment,
+                           kv=ports("D", "127.0.0.1" if data else None))
         self.transport = "tcp" if data else transport
         self.direct = direct
-        self.P.kv_sender = KVSender(self.cluster, self.P.runner.kv_caches, self.P.config.block_size, self._deliver,
-                                    reply_to="P", arena_bytes=arena_bytes, secret=b"s3cret")
-        self.D.kv_receiver = KVReceiver(self.D.scheduler, self.D.runner.kv_caches, self.D.config.block_size,
-                                        send=self._deliver, shared_cache=segment, reply_to="D",
-                                        data_host="127.0.0.1" if data else None, secret=b"s3cret")
+        self.failures = []
         self.data_addr = self.D.kv_receiver.data.address if data else ""
         self.in_flight: list[tuple[str, list]] = []
         self.hold_placements = hold_placements
@@ -98,12 +103,7 @@ class Pair:
     def flush(self):
         self.pump_data()
         for msg, payload in self.in_flight:
-            if isinstance(msg, m.KVChunk):
-                self.D.kv_receiver.on_chunk(msg, payload)
-            elif isinstance(msg, m.KVStopped):
-                self.D.kv_receiver.on_stopped(msg.request_id)
-            else:
-                self.D.kv_receiver.on_done(msg)
+            self.failures += self.D.on_kv_message(msg, payload)
         self.in_flight.clear()
 
     def reserve(self, rid, prompt, params, seed=11, reuse_tokens=0):
@@ -139,13 +139,12 @@ class Pair:
             e.check_integrity()
             assert e.is_idle()
         assert shm.list_segments(self.cluster, arenas=False) == []
-        assert not self.P.kv_sender.early_placements and not self.D.kv_receiver.fenced
+        assert not self.P.kv_sender.early_placements and not self.D.handoff.fenced()
         self.close()
         assert shm.list_segments(self.cluster) == []
 
     def close(self):
-        self.P.kv_sender.close()
-        self.D.kv_receiver.close()
+        self.P.close()
         self.D.close()
 
 
@@ -245,11 +244,11 @@ def test_abort_mid_transfer_frees_both_sides(tiny):
 
 
 def test_stalled_transfer_times_out(tiny):
-    pair = Pair(tiny)
-    pair.D.kv_receiver.timeout_s = 0.0
+    pair = Pair(tiny, timeouts=HandoffTimeouts(queued_s=0.0))
     p = prompts_for(384)[2]
     pair.reserve("stall", p, GREEDY, seed=1)
-    assert pair.D.poll_transfers() == ["stall"]
+    pair.now += 0.001
+    assert pair.D.poll_transfers() == [("stall", m.FailureReason.TRANSFER_STALLED)]
     assert pair.D.kv_receiver.num_failed == 1
     pair.assert_clean()
 
@@ -315,9 +314,9 @@ def test_direct_writes_into_the_decode_cache(tiny, expected, p_kw, d_kw):
 def test_direct_after_a_late_placement_and_when_fragmented(tiny, expected, monkeypatch):
     """The first step goes through the arena (placement not there yet), later ones direct; a
     single allowed run forces the gather/scatter path for direct writes."""
-    from splitserve.kv import connector
+    from splitserve.kv import layout
 
-    monkeypatch.setattr(connector, "MAX_RUNS", 1)
+    monkeypatch.setattr(layout, "MAX_RUNS", 1)
     pair = Pair(tiny, p_kw=dict(max_num_batched_tokens=16), direct=True, hold_placements=True)
     assert pair.generate(prompts_for(384), GREEDY) == expected
     tx = pair.P.kv_sender
@@ -343,7 +342,7 @@ def _mid_transfer(pair, rid="x"):
     pair.P.step()
     pair.P.step()
     pair.flush()
-    assert pair.P.kv_sender.transfers[rid].dest is not None
+    assert pair.P.kv_sender.transfers[rid].path.dest is not None
     return p
 
 
@@ -356,7 +355,7 @@ def test_decode_abort_first_keeps_blocks_until_the_writer_stops(tiny):
     held = list(bm.blocks_of("x"))
     pair.D.abort_request("x")
     pair.D.poll_transfers()
-    assert "x" in pair.D.kv_receiver.fenced and bm.blocks_of("x") == held and not pair.D.is_idle()
+    assert pair.D.handoff.is_fenced("x") and bm.blocks_of("x") == held and not pair.D.is_idle()
     # Another request cannot be given those blocks meanwhile.
     other = pair.D.add_request("y", prompts_for(384)[0], GREEDY)
     pair.D.step()
@@ -364,7 +363,7 @@ def test_decode_abort_first_keeps_blocks_until_the_writer_stops(tiny):
     pair.P.step()  # the writer writes once more, into blocks still reserved for x
     pair.P.abort_request("x")
     pair.flush()  # KVStopped arrives
-    assert "x" not in pair.D.kv_receiver.fenced
+    assert not pair.D.handoff.is_fenced("x")
     while pair.D.has_unfinished():
         pair.D.step()
     pair.assert_clean()
@@ -375,11 +374,11 @@ def test_fence_lifts_when_the_writer_process_is_gone(tiny):
     _mid_transfer(pair)
     dead = subprocess.Popen(["true"])
     dead.wait()
-    pair.D.kv_receiver.transfers["x"].writer_pid = dead.pid  # as if the prefill worker were killed
+    pair.D.kv_receiver.landing["x"].writer_pid = dead.pid  # as if the prefill worker were killed
     pair.D.abort_request("x")
-    assert "x" in pair.D.kv_receiver.fenced
+    assert pair.D.handoff.is_fenced("x")
     pair.D.poll_transfers()
-    assert not pair.D.kv_receiver.fenced
+    assert not pair.D.handoff.fenced()
     pair.P.abort_request("x")
     pair.flush()
     pair.assert_clean()
@@ -398,10 +397,10 @@ def test_placement_that_loses_the_race_with_the_prefill(tiny, expected):
     pair.flush()  # its KVStopped reaches D before D even heard of the request
     pair.reserve("late", prompt, GREEDY)
     pair.D.abort_request("late")
-    assert "late" in pair.D.kv_receiver.fenced  # D's placement is out: it must hear that P stopped
+    assert pair.D.handoff.is_fenced("late")  # D's placement is out: it must hear that P stopped
     pair.release_placements()
     pair.flush()
-    assert not pair.D.kv_receiver.fenced
+    assert not pair.D.handoff.fenced()
     pair.assert_clean()
 
 
@@ -515,7 +514,7 @@ def test_placement_arriving_between_layers_switches_the_rest_of_the_step(tiny, e
         if len(calls) == arrives_at_layer + 1:
             pair.release_placements()
 
-    pair.P.kv_sender.fetch_placements = fetch
+    pair.P.kv_sender.poll_inbox = fetch
     prompt = prompts_for(384)[1]
     assert pair.generate([prompt], GREEDY) == expected[1:2]
     tx = pair.P.kv_sender
@@ -556,8 +555,8 @@ def test_decode_worker_restart_mid_step_does_not_break_the_prefill_side(tiny):
         pair.P.add_prefill_request("other", short, GREEDY, 1, "D2", 0, "shm")
         tx.place(m.KVPlacement("other", reborn, tx.num_layers, slots, k0.shape[1], k0.shape[2], "float32", 4,
                                [0, 1, 2], "D2"))
-        assert tx.transfers["other"].dest is not None
-        assert tx.transfers["x"].dest is None  # the old cache is gone
+        assert tx.transfers["other"].path.dest is not None
+        assert tx.transfers["x"].path.dest is None  # the old cache is gone
         direct_before = tx.bytes_direct
         while pair.P.has_unfinished():
             pair.P.step()
@@ -567,7 +566,7 @@ def test_decode_worker_restart_mid_step_does_not_break_the_prefill_side(tiny):
         pair.P.abort_request("other")
         pair.D.abort_request("x")
         pair.flush()
-        pair.D.kv_receiver.drop("other")  # its chunks were meant for the reborn worker, not D
+        pair.D.abort_request("other")  # its chunks were meant for the reborn worker, not D
         pair.D.poll_transfers()
         seg.close()
         seg.unlink()
@@ -582,9 +581,9 @@ def test_fence_lifts_on_a_prefill_done_that_crossed_the_abort(tiny):
     while pair.P.has_unfinished():
         pair.P.step()
     pair.D.abort_request("x")
-    assert "x" in pair.D.kv_receiver.fenced
+    assert pair.D.handoff.is_fenced("x")
     pair.flush()
-    assert not pair.D.kv_receiver.fenced
+    assert not pair.D.handoff.fenced()
     pair.assert_clean()
 
 
@@ -606,7 +605,7 @@ def test_data_channel_chunk_after_a_hole_fails_the_transfer(tiny):
     client = _raw_client(pair.data_addr)
     client.sendall(tcp.frame_buffers(hdr, [], [])[0] + payload)
     _pump_for(rx.data)
-    assert pair.D.poll_transfers() == ["gap"]
+    assert pair.D.poll_transfers() == [("gap", m.FailureReason.KV_LOST)]
     client.close()
     pair.assert_clean()
 
