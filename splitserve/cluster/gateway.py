@@ -31,6 +31,7 @@ import zmq
 import zmq.asyncio
 
 from splitserve.cluster import messages as m
+from splitserve.cluster.orchestrator import Outcome, RequestOrchestration
 from splitserve.cluster.router import NoWorkerAvailable, Placement, Router, RouterConfig, WorkerView
 from splitserve.cluster.worker import SECRET_ENV
 from splitserve.config import EngineConfig
@@ -39,7 +40,6 @@ from splitserve.kv import shm
 
 log = logging.getLogger("splitserve.gateway")
 
-MAX_ATTEMPTS = 4
 HEARTBEAT_TIMEOUT_S = 10.0
 WAIT_FOR_WORKER_S = 60.0
 
@@ -52,10 +52,12 @@ class EngineRequestError(ValueError):
     """A worker rejected the request (its message is safe to show to the client)."""
 
 
-class _Retry(Exception):
-    def __init__(self, reason: str, reuse_prefix: bool = True) -> None:
-        super().__init__(reason)
-        self.reuse_prefix = reuse_prefix
+class _Failed(Exception):
+    """An attempt failed; the orchestrator (cluster/orchestrator.py) decides on its reason."""
+
+    def __init__(self, message: str, reason: m.FailureReason) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 _END = object()
@@ -101,7 +103,7 @@ class Attempt:
 
 class Cluster:
     def __init__(self, pools: list[PoolSpec], eos_token_ids: frozenset[int], *, router_config: RouterConfig = RouterConfig(),
-                 kv_transport: str = "auto", log_level: str = "INFO", restart_workers: bool = True,
+                 kv_transport: str = "auto", log_level: str = "INFO",
                  join_address: str | None = None, secret: str | None = None) -> None:
         if kv_transport not in ("auto", "shm", "tcp"):
             raise ValueError("kv_transport must be auto, shm or tcp")
@@ -110,7 +112,6 @@ class Cluster:
         self.router = Router(router_config)
         self.kv_transport = kv_transport
         self.log_level = log_level
-        self.restart_workers = restart_workers
         self.cluster_id = secrets.token_hex(4)
         self.secret = (secret or secrets.token_hex(16)).encode()
         self.ctx = zmq.asyncio.Context()
@@ -262,8 +263,7 @@ class Cluster:
                 return
             a = self.attempts.get(msg.request_id)
             if a is not None:
-                exc = _Retry(msg.message, reuse_prefix=False) if msg.retryable else EngineRequestError(msg.message)
-                a.queue.put_nowait(exc)
+                a.queue.put_nowait(_Failed(msg.message, msg.reason))
         elif isinstance(msg, m.Ready):
             self._on_ready(msg)
 
@@ -310,12 +310,12 @@ class Cluster:
             if w.worker_id in a.workers:
                 if a.placement.prefill_worker is not None:
                     shm.unlink(shm.segment_name(self._segment_owner(a.placement.prefill_worker), a.sub_id))
-                a.queue.put_nowait(_Retry(f"worker {w.worker_id} died ({why})"))
+                a.queue.put_nowait(_Failed(f"worker {w.worker_id} died ({why})", m.FailureReason.WORKER_DIED))
         if not was_ready and w.restarts == 0 and not self.num_restarts:
             self.startup_error = self.startup_error or f"{w.worker_id} exited during startup ({why})"
             w.ready_event.set()
             return
-        if w.process is not None and self.restart_workers and not self._closing:
+        if w.process is not None and not self._closing:
             w.restarts += 1
             self.num_restarts += 1
             self._spawn(w)
@@ -338,7 +338,7 @@ class Cluster:
     async def _send(self, worker_id: str, msg: m.Msg) -> None:
         w = self.workers.get(worker_id)
         if w is None or w.push is None or w.state != "ready":
-            raise _Retry(f"worker {worker_id} is not available")
+            raise _Failed(f"worker {worker_id} is not available", m.FailureReason.WORKER_DIED)
         await w.push.send_multipart([self.secret, m.encode(msg)])
 
     def _transport(self, prefill: str, decode: str) -> str:
@@ -362,30 +362,33 @@ class Cluster:
                 except asyncio.TimeoutError:
                     pass
 
-    async def _dispatch(self, sub_id: str, prompt: list[int], emitted: list[int], params: SamplingParams,
-                        seed: int, reuse_prefix: bool, queue: asyncio.Queue, request_id: str) -> Attempt:
+    async def _dispatch(self, orch: RequestOrchestration, prompt: list[int], emitted: list[int],
+                        params: SamplingParams, seed: int, queue: asyncio.Queue) -> Attempt:
         placement = await self._place(prompt + emitted)
-        if not reuse_prefix:
-            placement = Placement(placement.decode_worker, placement.prefill_worker, 0, 0)
-        d, p = placement.decode_worker, placement.prefill_worker
-        workers = (d,) if p is None else (d, p)
-        attempt = Attempt(sub_id, request_id, queue, placement, workers, time.perf_counter())
-        self.attempts[sub_id] = attempt
-        self.current[request_id] = sub_id
+        d = placement.decode_worker
+        plan = orch.plan(placement, self.workers[d].ready.block_size if self.workers[d].ready else 1)
+        p = plan.prefill_worker
+        if not orch.reuse_prefix:
+            placement = Placement(d, p, 0, 0)
+        attempt = Attempt(plan.sub_id, orch.request_id, queue, placement, (d,) if p is None else (d, p),
+                          time.perf_counter())
+        self.attempts[plan.sub_id] = attempt
+        self.current[orch.request_id] = plan.sub_id
         outs = list(emitted)
-        if p is None:
-            await self._send(d, m.AddRequest(sub_id, prompt, params, seed, outs))
-        else:
-            bs = self.workers[d].ready.block_size
-            reuse = placement.decode_cached_tokens // bs * bs
-            transport = self._transport(p, d)
-            pw = self.workers[p]
-            await self._send(d, m.ReserveKV(sub_id, prompt, params, seed, reuse, outs, pw.address,
-                                            pw.ready.pid if pw.ready else 0, transport))
-            dw = self.workers[d]
-            data_addr = dw.ready.kv_data_addr if transport == "tcp" and dw.ready else ""
-            await self._send(p, m.PrefillRequest(sub_id, prompt, params, seed, d, dw.address, reuse, transport, outs,
-                                                 data_addr))
+        try:
+            if p is None:
+                await self._send(d, m.AddRequest(plan.sub_id, prompt, params, seed, outs, plan.resumed))
+            else:
+                transport = self._transport(p, d)
+                pw, dw = self.workers[p], self.workers[d]
+                await self._send(d, m.ReserveKV(plan.sub_id, prompt, params, seed, plan.reuse_tokens, outs, pw.address,
+                                                pw.ready.pid if pw.ready else 0, transport))
+                data_addr = dw.ready.kv_data_addr if transport == "tcp" and dw.ready else ""
+                await self._send(p, m.PrefillRequest(plan.sub_id, prompt, params, seed, d, dw.address, plan.reuse_tokens,
+                                                     transport, outs, data_addr, plan.resumed))
+        except BaseException:
+            await self._abort_attempt(attempt)  # never leave an attempt recorded that nobody waits for
+            raise
         self.router.on_dispatch(placement, len(prompt) + len(emitted))
         return attempt
 
@@ -394,7 +397,7 @@ class Cluster:
         for wid in a.workers:
             try:
                 await self._send(wid, m.AbortRequests([a.sub_id], stopped))
-            except _Retry:
+            except _Failed:
                 pass
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -407,27 +410,19 @@ class Cluster:
         queue: asyncio.Queue = asyncio.Queue()
         emitted: list[int] = []
         attempt: Attempt | None = None
-        reuse_prefix = True
+        orch = RequestOrchestration(request_id)
         done = False
-        tries = 0
         self.current[request_id] = ""
         try:
             while not done:
-                tries += 1
-                if tries > MAX_ATTEMPTS:
-                    raise EngineDeadError(f"request failed on {MAX_ATTEMPTS} placements")
                 try:
-                    attempt = await self._dispatch(f"{request_id}@{tries}", prompt_token_ids, emitted, params, seed,
-                                                   reuse_prefix, queue, request_id)
+                    attempt = await self._dispatch(orch, prompt_token_ids, emitted, params, seed, queue)
                     while True:
                         item = await queue.get()
                         if item is _END:
                             done = True
                             break
-                        if isinstance(item, _Retry):
-                            raise item
                         if isinstance(item, Exception):
-                            done = True
                             raise item
                         if item.request_id != attempt.sub_id:
                             continue  # a late message from an abandoned attempt
@@ -441,6 +436,7 @@ class Cluster:
                                          item.stop_reason, item.num_prompt_tokens, item.num_cached_tokens)
                         if item.finish_reason is not None:
                             done = True
+                            orch.on_done()
                             if attempt.t_first is not None:
                                 self.phase["decode_s"] += time.perf_counter() - attempt.t_first
                                 self.phase["decode_n"] += 1
@@ -449,13 +445,17 @@ class Cluster:
                         yield out
                         if done:
                             break
-                except _Retry as r:
-                    log.warning("re-placing %s after %d streamed tokens: %s", request_id, len(emitted), r)
-                    self.num_replaced += 1
-                    reuse_prefix = r.reuse_prefix
+                except _Failed as f:
                     if attempt is not None:
                         await self._abort_attempt(attempt)
                         attempt = None
+                    decision = orch.on_failure(f.reason)
+                    if decision.outcome is Outcome.CLIENT_ERROR:
+                        raise EngineRequestError(str(f)) from None
+                    if decision.outcome is Outcome.UNAVAILABLE:
+                        raise EngineDeadError(f"request failed after {orch.attempts} placement(s): {f}") from None
+                    log.warning("re-placing %s after %d streamed tokens: %s", request_id, len(emitted), f)
+                    self.num_replaced += 1
                     queue = asyncio.Queue()
         finally:
             self.current.pop(request_id, None)

@@ -24,6 +24,7 @@ class FailureReason(enum.Enum):
     KV_LOST = "kv_lost"  # some KV never arrived (a broken data connection)
     WRITER_STOPPED = "writer_stopped"  # the prefill side ended without finishing the transfer
     WORKER_ERROR = "worker_error"  # an unexpected error on the worker
+    WORKER_DIED = "worker_died"  # (gateway) a worker of the attempt died or could not be reached
     QUEUE_FULL = "queue_full"  # the worker's bounded waiting queue is full
 
 

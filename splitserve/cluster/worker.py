@@ -264,7 +264,7 @@ class Worker:
         rx, tx = e.kv_receiver, e.kv_sender
         events, bm.events = bm.events, []
         return m.Stats(
-            self.worker_id, s.num_waiting + len(s.kv_ready), s.num_running, len(s.waiting_for_kv),
+            self.worker_id, s.num_waiting + len(s.kv_ready), s.num_running, len(s.waiting_for_kv) + e.handoff.num_reserving,
             bm.num_used_blocks, bm.num_free_blocks, s.num_waiting_tokens, bm.num_queried_tokens, bm.num_hit_tokens,
             s.num_preemptions, e.num_steps, tx.bytes_sent, rx.bytes_received, rx.transfer_seconds, rx.num_done,
             rx.num_failed, rx.num_active + tx.num_pending, events,

@@ -181,7 +181,11 @@ class LLMEngine:
         req = self.make_request(request_id, prompt_token_ids, params, seed, output_token_ids, prefill_only=True)
         if not 0 <= send_from < req.num_tokens:
             raise ValueError("send_from must be inside the prompt")
-        self.scheduler.add_request(req, resumed)
+        try:
+            self.scheduler.add_request(req, resumed)
+        except ValueError:
+            self.kv_sender.abort(request_id)  # its decode side may have offered blocks: it hears KVStopped
+            raise
         self.kv_sender.add(request_id, dest_addr, send_from, transport, req.num_tokens, data_addr)
         return req
 

@@ -39,7 +39,7 @@ from splitserve.engine.request import Request, RequestStatus
 
 
 class QueueFull(ValueError):
-    """The waiting queue holds `max_waiting` requests already (the server answers 503)."""
+    """The scheduler holds max_num_seqs + max_waiting requests already (the server answers 503)."""
 
 
 @dataclass(slots=True)
@@ -128,15 +128,17 @@ class Scheduler:
 
     # ---- admission -----------------------------------------------------------------------
     def add_request(self, request: Request, resumed: bool = False) -> None:
-        """Queue a request. `resumed`: placed again after a fault elsewhere; it waited its turn
-        once already, so it goes to the front of the queue (and past the queue bound)."""
+        """Queue a request. At most max_num_seqs + max_waiting requests are held (running,
+        waiting, or holding KV from elsewhere); beyond, QueueFull. `resumed`: placed again after a
+        fault elsewhere; it waited its turn once already, so it goes to the front of the queue
+        (and past the bound: the server admitted it already)."""
         if request.request_id in self.requests:
             raise ValueError(f"duplicate request id {request.request_id!r}")
         limit = self.config.max_model_len
         if request.num_tokens >= limit:
             raise ValueError(f"prompt of {request.num_tokens} tokens does not fit max_model_len={limit}")
-        if not resumed and len(self.waiting) >= self.config.max_waiting:
-            raise QueueFull(f"{len(self.waiting)} requests are waiting already (max_waiting)")
+        if not resumed and len(self.requests) >= self.config.max_num_seqs + self.config.max_waiting:
+            raise QueueFull(f"{len(self.requests)} requests are held already (max_num_seqs + max_waiting)")
         request.arrival_index = self._arrivals
         self._arrivals += 1
         request.status = RequestStatus.WAITING

@@ -204,6 +204,11 @@ class DecodeHandoff:
         return [rid for rid, t in self.transfers.items() if t.state is RxState.FENCED]
 
     @property
+    def num_reserving(self) -> int:
+        """Transfers waiting for blocks (not in the scheduler's queues yet)."""
+        return sum(1 for t in self.transfers.values() if t.state is RxState.RESERVING)
+
+    @property
     def num_active(self) -> int:
         return sum(1 for t in self.transfers.values() if t.state in _LIVE)
 

@@ -248,6 +248,7 @@ class KVSender:
         early = self.early_placements.pop(request_id, None)
         if early is not None:
             self.send(early[1].reply_to, [m.encode(m.KVStopped(request_id))])
+        if request_id not in self.ended:  # a placement still on its way gets KVStopped at once
             self.ended[request_id] = (self.clock(), True)
         # A region already handed over stays until the decode side releases it or it times out:
         # freeing it now could hand the bytes to another transfer while the decode side reads.
