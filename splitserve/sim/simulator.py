@@ -291,7 +291,7 @@ class Simulation:
         self.num_steps += 1
         if w.role == "prefill":
             for r in finished:
-                self.disagg.prefill_done(r)
+                cast(SimDisaggregation, self.disagg).prefill_done(r)
         else:
             if self.cfg.record_itl:
                 now_d = array("d", (now,))  # += copies 8 bytes; array.append parses its argument
@@ -309,7 +309,7 @@ class Simulation:
         if self.router is not None:
             self._report(w)
             if w.handoff is not None:
-                self.disagg.tick(w)
+                cast(SimDisaggregation, self.disagg).tick(w)
         self._start_step(w)
 
     def _report(self, w: SimWorker) -> None:
@@ -404,7 +404,7 @@ class Simulation:
             elif kind == ARRIVE:
                 arrive(obj)
             elif kind == KV:
-                self.disagg.kv_landed(obj)
+                cast(SimDisaggregation, self.disagg).kv_landed(obj)
             else:
                 self._submit(obj)
         self.num_events = n
