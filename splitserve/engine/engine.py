@@ -6,10 +6,9 @@ Everything asynchronous (HTTP, worker processes) wraps this object; tests drive 
 from __future__ import annotations
 
 import logging
-import os
 import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
