@@ -7,6 +7,9 @@ over runs of adjacent slots, so these helpers turn token ranges into such runs.
 
 from __future__ import annotations
 
+import time
+from typing import Callable
+
 import torch
 
 MAX_RUNS = 16  # beyond this many runs a chunk is "fragmented": one gather/scatter instead
@@ -80,3 +83,23 @@ def process_alive(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state not in ("Z", "X")
+
+
+class KVSide:
+    """What both halves of the connector know: the local cache's geometry and how to reach peers."""
+
+    def __init__(self, kv_caches, block_size: int, send, reply_to: str = "", secret: bytes = b"",
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.send = send  # (peer inbox address, frames)
+        self.reply_to = reply_to  # this worker's inbox
+        self.secret = secret  # the raw TCP data channel's
+        self.clock = clock
+        k0 = kv_caches[0][0]
+        self.num_layers = len(kv_caches)
+        self.num_kv_heads, self.head_dim = k0.shape[1], k0.shape[2]
+        self.dtype = k0.dtype
+        self.device = k0.device
+        self.row_bytes = self.num_kv_heads * self.head_dim * k0.element_size()  # one token, K or V
+        self.token_bytes = 2 * self.row_bytes

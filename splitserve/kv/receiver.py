@@ -22,7 +22,7 @@ import torch
 from splitserve.cluster import messages as m
 from splitserve.kv import shm, tcp
 from splitserve.kv.handoff import Act, Action, Chunk, DecodeHandoff, Done, RxState, Stopped
-from splitserve.kv.layout import dtype_name, process_alive, slot_runs, token_slots, wire_dtype
+from splitserve.kv.layout import KVSide, dtype_name, process_alive, slot_runs, token_slots, wire_dtype
 
 log = logging.getLogger("splitserve.kv")
 # Received payloads are read-only buffers that we only ever read from.
@@ -47,7 +47,7 @@ class _Landing:
     send_seconds: float = 0.0  # the sender's share, from PrefillDone
 
 
-class KVReceiver:
+class KVReceiver(KVSide):
     def __init__(self, handoff: DecodeHandoff, blocks_of: Callable[[str], list[int]], kv_caches, block_size: int,
                  send: SendFn | None = None, shared_cache: str | None = None, reply_to: str = "",
                  data_host: str | None = None, secret: bytes = b"",
@@ -55,17 +55,10 @@ class KVReceiver:
         """`blocks_of`: a request's reserved blocks (read only); `shared_cache`: the shared-memory
         segment holding `kv_caches` (CPU), offered to same-host prefill workers as a write target;
         `reply_to`: this worker's inbox; `data_host`: open a raw TCP data port there (CPU caches)."""
+        super().__init__(kv_caches, block_size, send, reply_to, secret, clock)
         self.handoff = handoff
         self.blocks_of = blocks_of
         self.shared_cache = shared_cache
-        self.reply_to = reply_to
-        self.kv_caches = kv_caches
-        self.block_size = block_size
-        self.send = send
-        self.clock = clock
-        self.num_layers = len(kv_caches)
-        self.dtype = kv_caches[0][0].dtype
-        self.device = kv_caches[0][0].device
         self.landing: dict[str, _Landing] = {}
         self.mapped: dict[str, shm.Segment] = {}  # arenas (kept mapped) and one-off segments in use
         self.data: tcp.DataReceiver | None = None

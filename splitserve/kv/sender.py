@@ -22,7 +22,7 @@ import torch
 from splitserve.cluster import messages as m
 from splitserve.kv import shm, tcp
 from splitserve.kv.handoff import HandoffTimeouts
-from splitserve.kv.layout import dtype_name, process_alive
+from splitserve.kv.layout import KVSide, dtype_name, process_alive
 from splitserve.kv.transports import DataPath, FramesPath, RemoteCache, ShmPath, StepSend
 
 log = logging.getLogger("splitserve.kv")
@@ -49,24 +49,19 @@ class OutgoingTransfer:
     send_seconds: float = 0.0  # time spent moving its KV (copies, socket sends)
 
 
-class KVSender:
+class KVSender(KVSide):
     def __init__(self, owner: str, kv_caches, block_size: int, send: SendFn, reply_to: str = "",
                  arena_bytes: int = DEFAULT_ARENA_BYTES, timeouts: HandoffTimeouts = HandoffTimeouts(),
                  secret: bytes = b"", poll_inbox: Callable[[], None] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         """`poll_inbox`: read the inbox between layers and apply KVPlacements that arrived since
         the step began (so a one-step prefill still writes most layers directly)."""
+        super().__init__(kv_caches, block_size, send, reply_to, secret, clock)
         self.owner = owner
-        self.secret = secret  # presented on the raw TCP data channel
         self.data: dict[str, tcp.DataSender] = {}
-        self.kv_caches = kv_caches
-        self.block_size = block_size
-        self.send = send
-        self.reply_to = reply_to
         self.arena_bytes = arena_bytes
         self.timeouts = timeouts
         self.poll_inbox = poll_inbox
-        self.clock = clock
         self.arena: shm.Arena | None = None
         self.transfers: dict[str, OutgoingTransfer] = {}
         self._step: list[StepSend] = []
@@ -76,12 +71,6 @@ class KVSender:
         self.early_placements: dict[str, tuple[float, m.KVPlacement]] = {}  # beat their PrefillRequest
         self.ended: dict[str, tuple[float, bool]] = {}  # recently ended here: (when, without PrefillDone?)
         self._checked_caches = 0.0
-        k0 = kv_caches[0][0]
-        self.num_layers = len(kv_caches)
-        self.num_kv_heads, self.head_dim = k0.shape[1], k0.shape[2]
-        self.dtype = k0.dtype
-        self.row_bytes = self.num_kv_heads * self.head_dim * k0.element_size()  # one token, K or V
-        self.token_bytes = 2 * self.row_bytes
 
     def ensure_arena(self) -> None:
         if self.arena is None and self.arena_bytes > 0:
