@@ -5,10 +5,10 @@ decode pools; for each request the pure router picks a decode worker and maybe a
 the decode worker reserves blocks while the prefill worker computes and ships KV layer by layer,
 the first token streams straight from the prefill worker.
 
-Failover: the gateway remembers the tokens each request has streamed. When a worker dies (or a
-transfer fails), every request it touched is placed again with prompt + streamed tokens, so the
-client's stream continues with no gap and no duplicate; sampling is seeded per token index, so
-even sampled output continues as if nothing happened. A supervisor restarts dead local workers.
+Failover: the gateway remembers the tokens each request has streamed. When an attempt fails (a
+worker died, a transfer failed: a `FailureReason`), `cluster/orchestrator.py` decides whether to
+place it again with prompt + streamed tokens: the stream continues with no gap and no duplicate
+(sampling is seeded per token index). A supervisor restarts dead local workers.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import zmq
 import zmq.asyncio
 
 from splitserve.cluster import messages as m
-from splitserve.cluster.orchestrator import Outcome, RequestOrchestration
+from splitserve.cluster.orchestrator import AttemptFailed, Outcome, RequestOrchestration
 from splitserve.cluster.router import NoWorkerAvailable, Placement, Router, RouterConfig, WorkerView
 from splitserve.cluster.worker import SECRET_ENV
 from splitserve.config import EngineConfig
@@ -50,14 +50,6 @@ class EngineDeadError(RuntimeError):
 
 class EngineRequestError(ValueError):
     """A worker rejected the request (its message is safe to show to the client)."""
-
-
-class _Failed(Exception):
-    """An attempt failed; the orchestrator (cluster/orchestrator.py) decides on its reason."""
-
-    def __init__(self, message: str, reason: m.FailureReason) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 _END = object()
@@ -263,7 +255,7 @@ class Cluster:
                 return
             a = self.attempts.get(msg.request_id)
             if a is not None:
-                a.queue.put_nowait(_Failed(msg.message, msg.reason))
+                a.queue.put_nowait(AttemptFailed(msg.message, msg.reason))
         elif isinstance(msg, m.Ready):
             self._on_ready(msg)
 
@@ -310,7 +302,7 @@ class Cluster:
             if w.worker_id in a.workers:
                 if a.placement.prefill_worker is not None:
                     shm.unlink(shm.segment_name(self._segment_owner(a.placement.prefill_worker), a.sub_id))
-                a.queue.put_nowait(_Failed(f"worker {w.worker_id} died ({why})", m.FailureReason.WORKER_DIED))
+                a.queue.put_nowait(AttemptFailed(f"worker {w.worker_id} died ({why})", m.FailureReason.WORKER_DIED))
         if not was_ready and w.restarts == 0 and not self.num_restarts:
             self.startup_error = self.startup_error or f"{w.worker_id} exited during startup ({why})"
             w.ready_event.set()
@@ -338,7 +330,7 @@ class Cluster:
     async def _send(self, worker_id: str, msg: m.Msg) -> None:
         w = self.workers.get(worker_id)
         if w is None or w.push is None or w.state != "ready":
-            raise _Failed(f"worker {worker_id} is not available", m.FailureReason.WORKER_DIED)
+            raise AttemptFailed(f"worker {worker_id} is not available", m.FailureReason.WORKER_DIED)
         await w.push.send_multipart([self.secret, m.encode(msg)])
 
     def _transport(self, prefill: str, decode: str) -> str:
@@ -370,9 +362,8 @@ class Cluster:
         p = plan.prefill_worker
         if not orch.reuse_prefix:
             placement = Placement(d, p, 0, 0)
-        attempt = Attempt(plan.sub_id, orch.request_id, queue, placement, (d,) if p is None else (d, p),
-                          time.perf_counter())
-        self.attempts[plan.sub_id] = attempt
+        attempt = self.attempts[plan.sub_id] = Attempt(plan.sub_id, orch.request_id, queue, placement,
+                                                       (d,) if p is None else (d, p), time.perf_counter())
         self.current[orch.request_id] = plan.sub_id
         outs = list(emitted)
         try:
@@ -397,7 +388,7 @@ class Cluster:
         for wid in a.workers:
             try:
                 await self._send(wid, m.AbortRequests([a.sub_id], stopped))
-            except _Failed:
+            except AttemptFailed:
                 pass
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -445,15 +436,14 @@ class Cluster:
                         yield out
                         if done:
                             break
-                except _Failed as f:
+                except AttemptFailed as f:
                     if attempt is not None:
                         await self._abort_attempt(attempt)
                         attempt = None
-                    decision = orch.on_failure(f.reason)
-                    if decision.outcome is Outcome.CLIENT_ERROR:
-                        raise EngineRequestError(str(f)) from None
-                    if decision.outcome is Outcome.UNAVAILABLE:
-                        raise EngineDeadError(f"request failed after {orch.attempts} placement(s): {f}") from None
+                    outcome = orch.on_failure(f.reason).outcome
+                    if outcome is not Outcome.RETRY:
+                        raise (EngineRequestError(str(f)) if outcome is Outcome.CLIENT_ERROR else
+                               EngineDeadError(f"request failed after {orch.attempts} placement(s): {f}")) from None
                     log.warning("re-placing %s after %d streamed tokens: %s", request_id, len(emitted), f)
                     self.num_replaced += 1
                     queue = asyncio.Queue()

@@ -25,6 +25,14 @@ from splitserve.cluster.router import Placement
 MAX_ATTEMPTS = 4
 
 
+class AttemptFailed(Exception):
+    """An attempt failed for `reason`; `RequestOrchestration.on_failure` decides what follows."""
+
+    def __init__(self, message: str, reason: FailureReason) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class Outcome(enum.Enum):
     RETRY = "retry"  # place the request again
     CLIENT_ERROR = "client_error"  # 400: it can never work
