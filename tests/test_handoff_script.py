@@ -44,7 +44,7 @@ SCRIPT = [
     ("reserve", "big1", 100, 0),
     ("reserve", "big2", 100, 0),
     ("reserve", "late", 100, 0),  # reservation failure: no room yet, retried on every poll
-    ("chunk", "early", 0, 40),  # KV before its ReserveKV (a placement that came late)
+    ("chunk", "early", 0, 40),  # KV before its ReserveKV: the reservation, and so the placement, comes late
     ("reserve", "prefix", 60, 32),  # the prefix the router counted on is not cached: fails
     ("chunk", "big1", 0, 50),
     ("chunk", "big2", 0, 100),
@@ -63,7 +63,7 @@ SCRIPT = [
     ("advance", "", 0.5),
     ("reserve", "stall", 40, 0),
     ("chunk", "stall", 0, 20),
-    ("advance", "", 11.0),  # no KV for longer than stall_s: failed, blocks freed (never placed? fenced)
+    ("advance", "", 11.0),  # no KV for longer than stall_s: failed; its writer may write: fenced
     ("stopped", "stall"),
     ("reserve", "queued", 40, 0),
     ("advance", "", 50.0),  # queued at the prefill worker for 50 s: not a stall
