@@ -23,7 +23,7 @@ from splitserve.cluster import messages as m
 from splitserve.kv import shm, tcp
 from splitserve.kv.handoff import HandoffTimeouts
 from splitserve.kv.layout import KVSide, dtype_name, process_alive
-from splitserve.kv.transports import DataPath, FramesPath, RemoteCache, ShmPath, StepSend
+from splitserve.kv.transports import DataPath, FramesPath, KVPath, RemoteCache, ShmPath, StepSend
 
 log = logging.getLogger("splitserve.kv")
 
@@ -43,7 +43,7 @@ class OutgoingTransfer:
     send_from: int
     total_tokens: int  # the decode side needs tokens [send_from, total_tokens)
     sent_upto: int
-    path: ShmPath | DataPath | FramesPath
+    path: KVPath  # ShmPath, DataPath or FramesPath, chosen once
     state: TxState = TxState.SENDING
     bytes_sent: int = 0
     send_seconds: float = 0.0  # time spent moving its KV (copies, socket sends)
@@ -79,6 +79,7 @@ class KVSender(KVSide):
     def add(self, request_id: str, dest_addr: str, send_from: int, transport: str, total_tokens: int,
             data_addr: str = "") -> None:
         """Start a transfer; its path is chosen here, once."""
+        path: KVPath
         if transport == "shm":
             path = ShmPath()
         else:  # connect now, between steps, not in the middle of a forward pass

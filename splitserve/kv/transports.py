@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -56,6 +56,22 @@ class StepSend:
     @property
     def direct(self) -> bool:
         return self.direct_from >= 0
+
+
+class KVPath(Protocol):
+    """One transfer's way out, chosen when the transfer starts (KVSender.add)."""
+
+    def prepare(self, sender, s: StepSend) -> None:
+        """Work out this step's source (and destination) slots."""
+
+    def send(self, sender, s: StepSend, layer: int, k_cache, v_cache, hdr: m.KVChunk) -> bool:
+        """Ship layer `layer` of the step's tokens; False when nothing could be sent."""
+
+    def intact(self, sender, t) -> bool:
+        """Every chunk reached the decode side's channel (PrefillDone may be claimed)."""
+
+    def end(self, sender, t, finished: bool) -> None:
+        """The transfer ended here (with PrefillDone when `finished`): free what is ours to free."""
 
 
 def _source_slots(sender, s: StepSend) -> torch.Tensor:
