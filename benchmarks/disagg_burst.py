@@ -83,7 +83,8 @@ def main() -> int:
           f"{args.max_tokens}, {args.prefill_workers}P{args.decode_workers}D, {time.strftime('%Y-%m-%d %H:%M')}")
     print(f"answered {statuses.get(200, 0)}/{args.requests}; other statuses: "
           f"{dict((k, v) for k, v in statuses.items() if k != 200) or 'none'}")
-    print(f"re-placements: {info['requests_replaced']}; KV transfers done {done}, failed {failed}; "
+    print(f"re-placements: {info['requests_replaced']} {info.get('requests_replaced_by_reason') or ''}; "
+          f"KV transfers done {done}, failed {failed}; "
           f"kv GB/s per decode worker: {', '.join(f'{g:.2f}' for g in gbps) or 'n/a'}; wall {wall:.0f} s")
     return 0 if statuses.get(200, 0) == args.requests else 1
 

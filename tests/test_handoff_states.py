@@ -128,3 +128,17 @@ def test_a_vanished_prefix_fails_at_once_and_counts_one_query():
     t.reserve("p", 20, reuse=8)
     assert t.failures() == [("p", FailureReason.PREFIX_EVICTED)]
     assert t.sched.block_manager.num_queried_tokens == 20  # once, not once per lookup
+
+
+def test_by_default_no_queue_is_too_long():
+    """A burst on a slow machine queued one prefill for 900 s (benchmarks/disagg_burst.py): with
+    the default timeouts waiting for the prefill to start never fails a transfer."""
+    t = Harness()
+    t.h = DecodeHandoff(HandoffTimeouts(), t.trace)
+    t.reserve("slow", 12)
+    t.tick(10.0 ** 6)
+    assert not t.failures() and t.h.state("slow") is RxState.PLACED
+    t.on(Chunk("slow", 0, LAYERS, 0, 12), 10.0 ** 6)
+    t.on(Done("slow", 7, 12), 10.0 ** 6)
+    t.tick(10.0 ** 6 + 1)
+    assert t.h.state("slow") is None and t.sched.kv_ready[0].request_id == "slow"

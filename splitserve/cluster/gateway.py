@@ -121,6 +121,7 @@ class Cluster:
         self.attempts: dict[str, Attempt] = {}
         self.current: dict[str, str] = {}  # request id -> its live attempt's sub id
         self.num_replaced = 0
+        self.replaced_by_reason: dict[str, int] = {}  # FailureReason value -> re-placements
         self.num_restarts = 0
         self.phase = {"prefill_s": 0.0, "prefill_n": 0, "decode_s": 0.0, "decode_n": 0}
         self._tasks: list[asyncio.Task] = []
@@ -446,6 +447,7 @@ class Cluster:
                                EngineDeadError(f"request failed after {orch.attempts} placement(s): {f}")) from None
                     log.warning("re-placing %s after %d streamed tokens: %s", request_id, len(emitted), f)
                     self.num_replaced += 1
+                    self.replaced_by_reason[f.reason.value] = self.replaced_by_reason.get(f.reason.value, 0) + 1
                     queue = asyncio.Queue()
         finally:
             self.current.pop(request_id, None)
@@ -493,4 +495,5 @@ class Cluster:
             })
         return {"mode": self.mode, "cluster_id": self.cluster_id, "join_address": self.join_address,
                 "gateway_inflight": self.num_inflight, "requests_replaced": self.num_replaced,
+                "requests_replaced_by_reason": dict(self.replaced_by_reason),
                 "shm_segments": len(shm.list_segments(self.cluster_id, arenas=False)), "workers": workers}

@@ -19,7 +19,7 @@ torch, no sockets, no clock: `now` comes from the caller, so the same code runs 
 Timeouts measure lack of progress, never waiting: a transfer whose prefill has not started is queued
 at the prefill worker (whose liveness the gateway watches), and a transfer whose KV is all here but
 that has no blocks yet waits for this worker's own decodes to free some. Only KV that stops arriving
-mid-transfer (`stall_s`), a writer that stopped without finishing, or a leak bound fails a transfer.
+mid-transfer (`stall_s`) or a writer that stopped without finishing fails a transfer.
 """
 
 from __future__ import annotations
@@ -55,7 +55,9 @@ class HandoffTimeouts:
     """Every timeout of the handoff, in one place (seconds)."""
 
     stall_s: float = 60.0  # KV stopped arriving mid-transfer
-    queued_s: float = 900.0  # leak bound: the prefill never started (the gateway watches the worker)
+    # The prefill has not started: it queues at the prefill worker, whose liveness the gateway
+    # watches (and aborts the attempt when it dies). None: no limit - waiting is not a failure.
+    queued_s: float | None = None
     stopped_grace_s: float = 5.0  # the writer stopped without PrefillDone; the gateway's abort is due
     early_ttl_s: float = 30.0  # KV for a transfer that was never reserved here
     tombstone_s: float = 30.0  # late messages for a finished transfer are discarded this long
@@ -368,8 +370,8 @@ class DecodeHandoff:
             return t.stopped_at + to.stopped_grace_s
         if t.complete:
             return None  # all here, waiting for our own blocks: queueing, not a stall
-        if t.last_progress is None:
-            return t.created + to.queued_s  # queued at the prefill worker
+        if t.last_progress is None:  # queued at the prefill worker
+            return None if to.queued_s is None else t.created + to.queued_s
         return t.last_progress + to.stall_s
 
     # ---- endings ---------------------------------------------------------------------------
