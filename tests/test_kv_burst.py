@@ -103,7 +103,7 @@ def test_a_burst_queued_longer_than_the_stall_timeout_all_succeeds(tiny, transpo
     c = Cluster(tiny, direct=transport == "shm")
     try:
         assert c.run(prompts, transport) == reference
-        assert c.now > 10 * TIMEOUTS.stall_s  # the last requests waited far longer than a stall
+        assert c.now > 5 * TIMEOUTS.stall_s  # the last requests queued far longer than a stall
         assert c.failures == []  # nothing failed, so the gateway would have re-placed nothing
         assert sum(d.kv_receiver.num_done for d in c.D.values()) == len(prompts)
         assert sum(d.kv_receiver.num_failed for d in c.D.values()) == 0
