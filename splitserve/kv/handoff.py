@@ -157,7 +157,6 @@ class Incoming:
     last_progress: float | None = None  # the last KV or PrefillDone (None: the prefill has not started)
     first_token: int | None = None
     token_end: int = 0
-    send_seconds: float = 0.0
     writer: Writer = Writer.UNPLACED
     wants_placement: bool = False
     stopped_at: float | None = None  # the writer stopped without PrefillDone
@@ -229,10 +228,8 @@ class DecodeHandoff:
             return self._on_reserve(event, now)
         if isinstance(event, Reserved):
             return self._on_reserved(event, now)
-        if isinstance(event, Stopped):
-            return self._on_writer_ended(event.request_id, now, stopped=True)
-        if isinstance(event, WriterGone):
-            return self._on_writer_ended(event.request_id, now, stopped=True, gone=True)
+        if isinstance(event, (Stopped, WriterGone)):
+            return self._on_writer_ended(event.request_id, now)
         if isinstance(event, Abort):
             return self._on_abort(event.request_id, now)
         raise TypeError(f"unknown handoff event {event!r}")
@@ -295,12 +292,13 @@ class DecodeHandoff:
             return self._unfence(t, now)  # it was dropped here first; the writer has now finished
         if t.state in _TERMINAL:
             return []
-        t.first_token, t.token_end, t.send_seconds = e.first_token, e.token_end, e.send_seconds
+        t.first_token, t.token_end = e.first_token, e.token_end
         t.writer = Writer.ENDED
         t.last_progress = now
         return []
 
-    def _on_writer_ended(self, rid: str, now: float, stopped: bool, gone: bool = False) -> list[Action]:
+    def _on_writer_ended(self, rid: str, now: float) -> list[Action]:
+        """KVStopped, or the writer's process is gone: it will not write again."""
         t = self.transfers.get(rid)
         if t is None:
             return []
