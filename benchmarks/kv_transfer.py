@@ -2,7 +2,7 @@
 
     python benchmarks/kv_transfer.py [--tokens 2000] [--rounds 5]
 
-Runs the real connector halves (KVSender in one process, KVReceiver + Scheduler in another) for
+Runs the real connector halves (KVSender in one process, KVReceiver + DecodeHandoff + Scheduler in another) for
 one request's KV and reports delivered GB/s for each way the connector moves KV:
   * shm direct: the decode side's cache is a shared-memory segment; its KVPlacement (sent when it
     reserves, which overlaps the prefill's compute in the server) tells the sender where to write:
@@ -59,6 +59,7 @@ def _receiver(addr, shape, tokens, secret, q, out, writer="", cache_name=None, d
     from splitserve.engine.scheduler import Scheduler
     from splitserve.kv import shm
     from splitserve.kv.connector import KVReceiver
+    from splitserve.kv.handoff import DecodeHandoff, Reserve, apply_scheduler_actions
 
     torch.set_num_threads(1)
     layers, heads, dim = shape
@@ -77,8 +78,12 @@ def _receiver(addr, shape, tokens, secret, q, out, writer="", cache_name=None, d
     def send(_addr, frames):
         back.send_multipart([secret, *frames])
 
-    rx = KVReceiver(sched, caches, bs, send=send, shared_cache=cache_name, reply_to=addr,
-                    data_host="127.0.0.1" if data else None, secret=secret)
+    handoff = DecodeHandoff()
+    rx = KVReceiver(handoff, sched.block_manager.blocks_of, caches, bs, send=send, shared_cache=cache_name,
+                    reply_to=addr, data_host="127.0.0.1" if data else None, secret=secret)
+
+    def run(actions):  # what the engine does with the handoff's actions
+        rx.execute(apply_scheduler_actions(sched, handoff, actions, time.monotonic()))
     pull = ctx.socket(zmq.PULL)
     pull.bind(addr)
     out.put(("ready", rx.data.address if rx.data else ""))
@@ -87,7 +92,8 @@ def _receiver(addr, shape, tokens, secret, q, out, writer="", cache_name=None, d
         if rid is None:
             break
         req = Request(rid, list(range(tokens)), SamplingParams(max_tokens=2))
-        rx.reserve(req, 0, writer=writer, writer_pid=os.getppid())
+        placeable = rx.expect(rid, writer, os.getppid())
+        run(handoff.on(Reserve(rid, req, 0, layers, placeable), time.monotonic()))
         t_first = None
         while rid not in sched.requests or rid in sched.waiting_for_kv:
             poller = zmq.Poller()  # as the worker does: the inbox and the data sockets together
@@ -100,11 +106,8 @@ def _receiver(addr, shape, tokens, secret, q, out, writer="", cache_name=None, d
                     continue
                 frames = pull.recv_multipart(copy=False)
                 msg = m.decode_to_worker(frames[1].bytes)
-                if isinstance(msg, m.KVChunk):
-                    rx.on_chunk(msg, tuple(f.buffer for f in frames[2:]))
-                else:
-                    rx.on_done(msg)
-            rx.poll()
+                run(rx.on_message(msg, tuple(f.buffer for f in frames[2:])))
+            run(handoff.tick(time.monotonic()))
         t_done = time.perf_counter()
         ok = bool((caches[-1][1][: tokens] == 1.0).all())
         sched.finish(rid)
@@ -131,7 +134,7 @@ def _send_one(transport, addr, shape, tokens, rid, sender_state):
     tx.add(rid, addr, 0, "shm" if transport.startswith("shm") else "tcp", tokens, data_addr)
     if transport == "shm-direct":  # the decode side's placement (in the server it overlaps the prefill)
         tx.place(m.decode_to_worker(inbox.recv_multipart()[1]))
-        assert tx.transfers[rid].dest is not None
+        assert tx.transfers[rid].path.dest is not None
     plan = StepPlan([ScheduledChunk(req, 0, tokens, True)])
     t0 = time.perf_counter()
     tx.begin_step(plan, {rid: table})

@@ -1,7 +1,9 @@
 """Optional speed-up: the scheduler and the simulator's event loop compiled to C with mypyc.
 
 `splitserve accel build` compiles `splitserve.engine.{request, block_hash, block_manager,
-scheduler}` and `splitserve.sim.simulator` - the same source files, unchanged - into a cache
+scheduler}`, the KV handoff and the gateway's orchestrator (`splitserve.kv.handoff`,
+`splitserve.cluster.orchestrator`) and the simulator (`splitserve.sim.{state, records, disagg,
+simulator}`) - the same source files, unchanged - into a cache
 directory outside the source tree (`$SPLITSERVE_ACCEL_DIR`, default
 `~/.cache/splitserve/accel/<tag>`). The tag hashes those sources and the modules whose types they
 use, so a build serves exactly the code it was compiled from: edit one and the build is ignored
@@ -28,11 +30,12 @@ import os
 import sys
 
 MODULES = ("splitserve.engine.request", "splitserve.engine.block_hash", "splitserve.engine.block_manager",
-           "splitserve.engine.scheduler", "splitserve.sim.simulator")
+           "splitserve.engine.scheduler", "splitserve.kv.handoff", "splitserve.cluster.orchestrator",
+           "splitserve.sim.state", "splitserve.sim.records", "splitserve.sim.disagg", "splitserve.sim.simulator")
 # Whose types the compiled modules use (not compiled): part of the tag.
 TYPE_ONLY = ("splitserve.config", "splitserve.engine.sampling_params", "splitserve.bench.schema",
              "splitserve.bench.metrics", "splitserve.bench.workloads", "splitserve.cluster.router",
-             "splitserve.sim.cost", "splitserve.sim.families", "splitserve.sim.hardware")
+             "splitserve.cluster.messages", "splitserve.sim.cost", "splitserve.sim.families", "splitserve.sim.hardware")
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _active: dict[str, str] = {}  # module name -> compiled file, once activate() installed the finder
 

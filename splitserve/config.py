@@ -13,7 +13,7 @@ class SchedulerConfig:
     block_size: int = 16
     num_blocks: int = 1024
     enable_prefix_caching: bool = True
-    max_waiting: int = 1024  # admission queue bound; beyond it the server answers 503
+    max_waiting: int = 1024  # queue bound: at most max_num_seqs + max_waiting requests held; then 503
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size", "num_blocks", "max_waiting"):

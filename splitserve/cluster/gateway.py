@@ -5,12 +5,12 @@ decode pools; for each request the pure router picks a decode worker and maybe a
 the decode worker reserves blocks while the prefill worker computes and ships KV layer by layer,
 the first token streams straight from the prefill worker.
 
-Failover: the gateway remembers the tokens each request has streamed. When a worker dies (or a
-transfer fails), every request it touched is placed again with prompt + streamed tokens, so the
-client's stream continues with no gap and no duplicate; sampling is seeded per token index, so
-even sampled output continues as if nothing happened. A supervisor restarts dead local workers;
-a worker whose heartbeats stop is taken out of routing and its requests re-placed the same way
-(cluster/liveness.py). Every socket is CURVE-authenticated and encrypted (cluster/security.py).
+Failover: the gateway remembers the tokens each request has streamed. When an attempt fails (a
+worker died, a transfer failed: a `FailureReason`), `cluster/orchestrator.py` decides whether to
+place it again with prompt + streamed tokens: the stream continues with no gap and no duplicate
+(sampling is seeded per token index). A supervisor restarts dead local workers. A worker whose heartbeats stop is taken out
+of routing and its requests re-placed the same way (cluster/liveness.py). Every socket is
+CURVE-authenticated and encrypted (cluster/security.py).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import zmq.asyncio
 from splitserve.cluster import liveness, security
 from splitserve.cluster import messages as m
 from splitserve.cluster.logthrottle import ThrottledWarning
+from splitserve.cluster.orchestrator import AttemptFailed, Outcome, RequestOrchestration
 from splitserve.cluster.router import NoWorkerAvailable, Placement, Router, RouterConfig, WorkerView
 from splitserve.cluster.worker import SECRET_ENV
 from splitserve.config import EngineConfig
@@ -43,7 +44,6 @@ from splitserve.kv import shm
 
 log = logging.getLogger("splitserve.gateway")
 
-MAX_ATTEMPTS = 4
 WAIT_FOR_WORKER_S = 60.0
 
 
@@ -53,12 +53,6 @@ class EngineDeadError(RuntimeError):
 
 class EngineRequestError(ValueError):
     """A worker rejected the request (its message is safe to show to the client)."""
-
-
-class _Retry(Exception):
-    def __init__(self, reason: str, reuse_prefix: bool = True) -> None:
-        super().__init__(reason)
-        self.reuse_prefix = reuse_prefix
 
 
 _END = object()
@@ -104,7 +98,7 @@ class Attempt:
 
 class Cluster:
     def __init__(self, pools: list[PoolSpec], eos_token_ids: frozenset[int], *, router_config: RouterConfig = RouterConfig(),
-                 kv_transport: str = "auto", log_level: str = "INFO", restart_workers: bool = True,
+                 kv_transport: str = "auto", log_level: str = "INFO",
                  join_address: str | None = None, secret: str | None = None) -> None:
         if kv_transport not in ("auto", "shm", "tcp"):
             raise ValueError("kv_transport must be auto, shm or tcp")
@@ -113,7 +107,6 @@ class Cluster:
         self.router = Router(router_config)
         self.kv_transport = kv_transport
         self.log_level = log_level
-        self.restart_workers = restart_workers
         self.cluster_id = secrets.token_hex(4)
         self.secret = security.check_secret_strength(secret) if secret else secrets.token_hex(16).encode()
         self.keys = security.derive_keys(self.secret)
@@ -134,6 +127,7 @@ class Cluster:
         self.attempts: dict[str, Attempt] = {}
         self.current: dict[str, str] = {}  # request id -> its live attempt's sub id
         self.num_replaced = 0
+        self.replaced_by_reason: dict[str, int] = {}  # FailureReason value -> re-placements
         self.num_restarts = 0
         self.phase = {"prefill_s": 0.0, "prefill_n": 0, "decode_s": 0.0, "decode_n": 0}
         self._tasks: list[asyncio.Task] = []
@@ -271,8 +265,7 @@ class Cluster:
                 return
             a = self.attempts.get(msg.request_id)
             if a is not None:
-                exc = _Retry(msg.message, reuse_prefix=False) if msg.retryable else EngineRequestError(msg.message)
-                a.queue.put_nowait(exc)
+                a.queue.put_nowait(AttemptFailed(msg.message, msg.reason))
         elif isinstance(msg, m.Heartbeat):
             w = self.workers.get(msg.worker_id)
             if w is not None and w.ready is not None and w.ready.pid == msg.pid:
@@ -352,7 +345,7 @@ class Cluster:
         if touched and w.push is not None:
             self._post(w, m.AbortRequests([a.sub_id for a in touched]))
         for a in touched:
-            a.queue.put_nowait(_Retry(f"worker {w.worker_id} is silent"))
+            a.queue.put_nowait(AttemptFailed(f"worker {w.worker_id} is silent", m.FailureReason.WORKER_DIED))
         self._changed.set()
 
     def _on_worker_back(self, w: WorkerHandle) -> None:
@@ -373,12 +366,12 @@ class Cluster:
             if w.worker_id in a.workers:
                 if a.placement.prefill_worker is not None:
                     shm.unlink(shm.segment_name(self._segment_owner(a.placement.prefill_worker), a.sub_id))
-                a.queue.put_nowait(_Retry(f"worker {w.worker_id} died ({why})"))
+                a.queue.put_nowait(AttemptFailed(f"worker {w.worker_id} died ({why})", m.FailureReason.WORKER_DIED))
         if not was_ready and w.restarts == 0 and not self.num_restarts:
             self.startup_error = self.startup_error or f"{w.worker_id} exited during startup ({why})"
             w.ready_event.set()
             return
-        if w.process is not None and self.restart_workers and not self._closing:
+        if w.process is not None and not self._closing:
             w.restarts += 1
             self.num_restarts += 1
             self._spawn(w)
@@ -401,11 +394,11 @@ class Cluster:
     async def _send(self, worker_id: str, msg: m.Msg) -> None:
         w = self.workers.get(worker_id)
         if w is None or w.push is None or w.state != "ready":
-            raise _Retry(f"worker {worker_id} is not available")
+            raise AttemptFailed(f"worker {worker_id} is not available", m.FailureReason.WORKER_DIED)
         try:
             data = m.encode(msg)
         except (TypeError, ValueError, OverflowError) as exc:  # msgspec.EncodeError is a ValueError
-            raise EngineRequestError(f"the request cannot be encoded for a worker: {exc}") from None
+            raise AttemptFailed(f"the request cannot be encoded for a worker: {exc}", m.FailureReason.INVALID) from None
         await w.push.send(data)
 
     def _transport(self, prefill: str, decode: str) -> str:
@@ -430,49 +423,42 @@ class Cluster:
                 except asyncio.TimeoutError:
                     pass
 
-    async def _dispatch(self, sub_id: str, prompt: list[int], emitted: list[int], params: SamplingParams,
-                        seed: int, reuse_prefix: bool, queue: asyncio.Queue, request_id: str) -> Attempt:
+    async def _dispatch(self, orch: RequestOrchestration, prompt: list[int], emitted: list[int],
+                        params: SamplingParams, seed: int, queue: asyncio.Queue) -> Attempt:
         placement = await self._place(prompt + emitted)
-        if not reuse_prefix:
-            placement = Placement(placement.decode_worker, placement.prefill_worker, 0, 0)
-        d, p = placement.decode_worker, placement.prefill_worker
-        workers = (d,) if p is None else (d, p)
-        attempt = Attempt(sub_id, request_id, queue, placement, workers, time.perf_counter())
-        self.attempts[sub_id] = attempt
-        self.current[request_id] = sub_id
+        d = placement.decode_worker
+        plan = orch.plan(placement, self.workers[d].ready.block_size if self.workers[d].ready else 1)
+        p = plan.prefill_worker
+        if not orch.reuse_prefix:
+            placement = Placement(d, p, 0, 0)
+        attempt = self.attempts[plan.sub_id] = Attempt(plan.sub_id, orch.request_id, queue, placement,
+                                                       (d,) if p is None else (d, p), time.perf_counter())
+        self.current[orch.request_id] = plan.sub_id
+        outs = list(emitted)
         try:
-            await self._send_attempt(attempt, prompt, emitted, params, seed)
-        except BaseException:  # nobody would ever collect it: forget it, and free what was reserved
+            if p is None:
+                await self._send(d, m.AddRequest(plan.sub_id, prompt, params, seed, outs, plan.resumed))
+            else:
+                transport = self._transport(p, d)
+                pw, dw = self.workers[p], self.workers[d]
+                await self._send(d, m.ReserveKV(plan.sub_id, prompt, params, seed, plan.reuse_tokens, outs, pw.address,
+                                                pw.ready.pid if pw.ready else 0, transport))
+                data_addr = dw.ready.kv_data_addr if transport == "tcp" and dw.ready else ""
+                await self._send(p, m.PrefillRequest(plan.sub_id, prompt, params, seed, d, dw.address, plan.reuse_tokens,
+                                                     transport, outs, data_addr, plan.resumed))
+        except BaseException:
+            # never leave an attempt recorded that nobody waits for (shielded: a cancelled client too)
             await asyncio.shield(self._abort_attempt(attempt))
             raise
         self.router.on_dispatch(placement, len(prompt) + len(emitted))
         return attempt
-
-    async def _send_attempt(self, attempt: Attempt, prompt: list[int], emitted: list[int], params: SamplingParams,
-                            seed: int) -> None:
-        sub_id, placement = attempt.sub_id, attempt.placement
-        d, p = placement.decode_worker, placement.prefill_worker
-        outs = list(emitted)
-        if p is None:
-            await self._send(d, m.AddRequest(sub_id, prompt, params, seed, outs))
-        else:
-            bs = self.workers[d].ready.block_size
-            reuse = placement.decode_cached_tokens // bs * bs
-            transport = self._transport(p, d)
-            pw = self.workers[p]
-            await self._send(d, m.ReserveKV(sub_id, prompt, params, seed, reuse, outs, pw.address,
-                                            pw.ready.pid if pw.ready else 0, transport))
-            dw = self.workers[d]
-            data_addr = dw.ready.kv_data_addr if transport == "tcp" and dw.ready else ""
-            await self._send(p, m.PrefillRequest(sub_id, prompt, params, seed, d, dw.address, reuse, transport, outs,
-                                                 data_addr))
 
     async def _abort_attempt(self, a: Attempt, stopped: bool = False) -> None:
         self.attempts.pop(a.sub_id, None)
         for wid in a.workers:
             try:
                 await self._send(wid, m.AbortRequests([a.sub_id], stopped))
-            except _Retry:
+            except AttemptFailed:
                 pass
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -485,27 +471,19 @@ class Cluster:
         queue: asyncio.Queue = asyncio.Queue()
         emitted: list[int] = []
         attempt: Attempt | None = None
-        reuse_prefix = True
+        orch = RequestOrchestration(request_id)
         done = False
-        tries = 0
         self.current[request_id] = ""
         try:
             while not done:
-                tries += 1
-                if tries > MAX_ATTEMPTS:
-                    raise EngineDeadError(f"request failed on {MAX_ATTEMPTS} placements")
                 try:
-                    attempt = await self._dispatch(f"{request_id}@{tries}", prompt_token_ids, emitted, params, seed,
-                                                   reuse_prefix, queue, request_id)
+                    attempt = await self._dispatch(orch, prompt_token_ids, emitted, params, seed, queue)
                     while True:
                         item = await queue.get()
                         if item is _END:
                             done = True
                             break
-                        if isinstance(item, _Retry):
-                            raise item
                         if isinstance(item, Exception):
-                            done = True
                             raise item
                         if item.request_id != attempt.sub_id:
                             continue  # a late message from an abandoned attempt
@@ -520,6 +498,7 @@ class Cluster:
                                          prompt_logprobs=item.prompt_logprobs)
                         if item.finish_reason is not None:
                             done = True
+                            orch.on_done()
                             if attempt.t_first is not None:
                                 self.phase["decode_s"] += time.perf_counter() - attempt.t_first
                                 self.phase["decode_n"] += 1
@@ -528,13 +507,17 @@ class Cluster:
                         yield out
                         if done:
                             break
-                except _Retry as r:
-                    log.warning("re-placing %s after %d streamed tokens: %s", request_id, len(emitted), r)
-                    self.num_replaced += 1
-                    reuse_prefix = r.reuse_prefix
+                except AttemptFailed as f:
                     if attempt is not None:
                         await self._abort_attempt(attempt)
                         attempt = None
+                    outcome = orch.on_failure(f.reason).outcome
+                    if outcome is not Outcome.RETRY:
+                        raise (EngineRequestError(str(f)) if outcome is Outcome.CLIENT_ERROR else
+                               EngineDeadError(f"request failed after {orch.attempts} placement(s): {f}")) from None
+                    log.warning("re-placing %s after %d streamed tokens: %s", request_id, len(emitted), f)
+                    self.num_replaced += 1
+                    self.replaced_by_reason[f.reason.value] = self.replaced_by_reason.get(f.reason.value, 0) + 1
                     queue = asyncio.Queue()
         finally:
             self.current.pop(request_id, None)
@@ -582,4 +565,5 @@ class Cluster:
             })
         return {"mode": self.mode, "cluster_id": self.cluster_id, "join_address": self.join_address,
                 "gateway_inflight": self.num_inflight, "requests_replaced": self.num_replaced,
+                "requests_replaced_by_reason": dict(self.replaced_by_reason),
                 "shm_segments": len(shm.list_segments(self.cluster_id, arenas=False)), "workers": workers}

@@ -7,9 +7,25 @@ cluster secret can open (cluster/security.py), so a stray or hostile peer cannot
 
 from __future__ import annotations
 
+import enum
+import hmac
+
 import msgspec
 
 from splitserve.engine.sampling_params import SamplingParams
+
+
+class FailureReason(enum.Enum):
+    """Why a worker failed a request; the gateway's retry policy (cluster/orchestrator.py) decides on it."""
+
+    INVALID = "invalid"  # the request can never work (bad ids, too long): the client's error
+    PREFIX_EVICTED = "prefix_evicted"  # the prefix the router counted on left the decode cache
+    TRANSFER_STALLED = "transfer_stalled"  # KV stopped arriving mid-transfer
+    KV_LOST = "kv_lost"  # some KV never arrived (a broken data connection)
+    WRITER_STOPPED = "writer_stopped"  # the prefill side ended without finishing the transfer
+    WORKER_ERROR = "worker_error"  # an unexpected error on the worker
+    WORKER_DIED = "worker_died"  # (gateway) a worker of the attempt died or could not be reached
+    QUEUE_FULL = "queue_full"  # the worker's bounded waiting queue is full
 
 
 class Msg(msgspec.Struct, tag=True, array_like=True, omit_defaults=True):
@@ -25,6 +41,7 @@ class AddRequest(Msg):
     params: SamplingParams
     seed: int
     output_token_ids: list[int] = []  # already sent to the client: recomputed, counted as output
+    resumed: bool = False  # placed again after a fault: queued ahead of new requests
 
 
 class PrefillRequest(Msg):
@@ -40,6 +57,7 @@ class PrefillRequest(Msg):
     transport: str  # "shm" | "tcp"
     output_token_ids: list[int] = []
     dest_data_addr: str = ""  # tcp: the decode worker's raw KV data port (HOST:PORT), if it has one
+    resumed: bool = False  # placed again after a fault: queued ahead of new requests
 
 
 class ReserveKV(Msg):
@@ -107,6 +125,7 @@ class PrefillDone(Msg):
     first_token: int
     num_layers: int
     token_end: int  # KV covers tokens [send_from, token_end)
+    send_seconds: float = 0.0  # time the sender spent moving this request's KV (not queue or prefill)
 
 
 class KVRelease(Msg):
@@ -183,7 +202,7 @@ class RequestError(Msg):
     request_id: str
     message: str
     worker_id: str = ""
-    retryable: bool = False  # a transfer failed or timed out: place the request again
+    reason: FailureReason = FailureReason.INVALID
 
 
 class Stats(Msg):

@@ -6,7 +6,7 @@ prefill worker (if any) computes the prompt. Costs are in KV blocks, so prefix r
 prefill work and decode load compare on one scale:
 
   prefill cost(w) = queued prefill tokens / block size + prompt blocks w must compute
-  decode cost(w)  = prompt blocks w must receive + decode_load_weight * running requests
+  decode cost(w)  = prompt blocks w must receive + DECODE_LOAD_WEIGHT * (running + waiting requests)
 
 Conditional disaggregation: when the part of the prompt the chosen decode worker does not cache
 is at most `local_prefill_threshold` tokens, shipping it to a prefill worker costs more than
@@ -24,15 +24,17 @@ class NoWorkerAvailable(RuntimeError):
     """No healthy worker can take the request (the gateway answers 503)."""
 
 
+DECODE_LOAD_WEIGHT = 1.0  # blocks of transfer one running or waiting request is worth
+KV_HEADROOM_BLOCKS = 1  # free blocks a decode worker keeps beyond the prompt
+
+
 @dataclass(frozen=True)
 class RouterConfig:
     local_prefill_threshold: int = 0  # tokens; 0 disables local prefill unless no prefill worker is up
-    decode_load_weight: float = 1.0  # blocks of transfer one running request is worth
-    kv_headroom_blocks: int = 1  # free blocks a decode worker keeps beyond the prompt
 
     def __post_init__(self) -> None:
-        if self.local_prefill_threshold < 0 or self.decode_load_weight < 0 or self.kv_headroom_blocks < 0:
-            raise ValueError("router weights and thresholds must be non-negative")
+        if self.local_prefill_threshold < 0:
+            raise ValueError("local_prefill_threshold must be non-negative")
 
 
 @dataclass
@@ -47,10 +49,6 @@ class WorkerView:
     num_waiting: int = 0
     queued_prefill_tokens: int = 0
     cached: set[bytes] = field(default_factory=set)
-
-    @property
-    def can_prefill(self) -> bool:
-        return self.role in ("prefill", "both")
 
     @property
     def can_decode(self) -> bool:
@@ -134,8 +132,8 @@ class Router:
             prompt_blocks = -(-num_prompt_tokens // bs)
             cached = overlap_tokens(w)
             need = prompt_blocks - cached // bs
-            fits = w.kv_blocks_free >= need + self.config.kv_headroom_blocks
-            cost = need + self.config.decode_load_weight * (w.num_running + w.num_waiting)
+            fits = w.kv_blocks_free >= need + KV_HEADROOM_BLOCKS
+            cost = need + DECODE_LOAD_WEIGHT * (w.num_running + w.num_waiting)
             key = (not fits, cost, -w.kv_blocks_free, w.worker_id)
             if best is None or key < best[0]:
                 best = (key, w, cached)

@@ -55,13 +55,16 @@ def _die_with_parent() -> None:
 
 
 class Worker:
-    def __init__(self, worker_id: str, role: str, engine, secret: bytes, ctx, inbox_bind: str, gateway_addr: str,
-                 cluster_id: str, parent_pid: int | None) -> None:
+    def __init__(self, worker_id: str, role: str, make_engine, secret: bytes, ctx, inbox_bind: str,
+                 gateway_addr: str, cluster_id: str, parent_pid: int | None) -> None:
+        """`make_engine(kv_ports)` builds the engine once the sockets exist: the worker hands it
+        what KV handoff needs (peer sends, its inbox address, an inbox poll) at construction."""
         import zmq
 
-        from splitserve.kv.connector import KVReceiver, KVSender
+        from splitserve.kv.connector import KVPorts
+        from splitserve.kv.tcp import data_host
 
-        self.worker_id, self.role, self.engine, self.secret = worker_id, role, engine, secret
+        self.worker_id, self.role, self.secret = worker_id, role, secret
         self.keys = security.derive_keys(secret)
         self.parent_pid = parent_pid
         self.ctx = ctx
@@ -76,18 +79,15 @@ class Worker:
         self.gateway.setsockopt(zmq.LINGER, 2000)
         self.gateway.connect(gateway_addr)
         self.peers: dict[str, object] = {}
-        runner = engine.runner
-        from splitserve.kv.tcp import data_host
-
-        engine.kv_sender = KVSender(cluster_id, runner.kv_caches, engine.config.block_size, self.send_peer,
-                                    reply_to=self.address, secret=secret)
-        engine.kv_receiver = KVReceiver(engine.scheduler, runner.kv_caches, engine.config.block_size,
-                                        send=self.send_peer, reply_to=self.address,
-                                        shared_cache=engine.kv_segment.name if engine.kv_segment else None,
-                                        data_host=data_host(self.address) if role == "decode" else None,
-                                        secret=secret)
-        engine.kv_sender.fetch_placements = self.fetch_placements
         self.deferred: list = []  # messages read between layers, handled after the step
+        try:
+            self.engine = engine = make_engine(KVPorts(
+                cluster_id, self.send_peer, reply_to=self.address, poll_inbox=self.fetch_placements,
+                data_host=data_host(self.address) if role == "decode" else None, secret=secret))
+        except BaseException:
+            self.inbox.close(0)
+            self.gateway.close(0)
+            raise
         self.poller = zmq.Poller()  # the inbox, plus the raw KV data sockets while they exist
         self.poller.register(self.inbox, zmq.POLLIN)
         self._polled: dict[int, int] = {}  # raw fd -> registered flags
@@ -154,14 +154,14 @@ class Worker:
             if not self.running:
                 break
             engine.kv_sender.poll()
-            for rid in engine.poll_transfers():
-                self.to_gateway(m.RequestError(rid, "KV transfer failed or timed out", self.worker_id, True))
+            self._report_failures(engine.poll_transfers())
             if engine.has_work():
                 outs = engine.step()
                 if outs:
                     self.to_gateway(m.Outputs(self.worker_id, [self._token_out(o) for o in outs]))
-            for rid, message in engine.grammars.take_failures():  # a grammar that failed to compile here
-                self.to_gateway(m.RequestError(rid, message, self.worker_id, False))
+            for rid, message, queue_full in engine.grammars.take_failures():  # compile failed, or no room after it
+                reason = m.FailureReason.QUEUE_FULL if queue_full else m.FailureReason.INVALID
+                self.to_gateway(m.RequestError(rid, message, self.worker_id, reason))
             self._maybe_send_stats()
             if not busy and self.parent_pid is not None and os.getppid() != self.parent_pid:
                 log.warning("parent gone; exiting")
@@ -211,29 +211,24 @@ class Worker:
             return
         e = self.engine
         try:
-            if isinstance(msg, m.KVChunk):
-                e.kv_receiver.on_chunk(msg, tuple(f.buffer for f in frames[1:]))
+            if isinstance(msg, (m.KVChunk, m.PrefillDone, m.KVStopped)):
+                frames_in = tuple(f.buffer for f in frames[1:])
+                self._report_failures(e.on_kv_message(msg, frames_in))
             elif isinstance(msg, m.KVRelease):
                 e.kv_sender.release(msg.request_id)
             elif isinstance(msg, m.KVPlacement):
                 e.kv_sender.place(msg)
-            elif isinstance(msg, m.KVStopped):
-                e.kv_receiver.on_stopped(msg.request_id)
-            elif isinstance(msg, m.PrefillDone):
-                e.kv_receiver.on_done(msg)
             elif isinstance(msg, m.AddRequest):
                 e.add_request(msg.request_id, msg.prompt_token_ids, msg.params, seed=msg.seed,
-                              output_token_ids=msg.output_token_ids)
+                              output_token_ids=msg.output_token_ids, resumed=msg.resumed)
             elif isinstance(msg, m.PrefillRequest):
                 e.add_prefill_request(msg.request_id, msg.prompt_token_ids, msg.params, msg.seed, msg.dest_addr,
-                                      msg.send_from, msg.transport, msg.output_token_ids, msg.dest_data_addr)
+                                      msg.send_from, msg.transport, msg.output_token_ids, msg.dest_data_addr,
+                                      resumed=msg.resumed)
             elif isinstance(msg, m.ReserveKV):
-                try:
-                    e.reserve_kv(msg.request_id, msg.prompt_token_ids, msg.params, msg.seed, msg.reuse_tokens,
-                                 msg.output_token_ids, msg.prefill_addr, msg.prefill_pid, msg.transport)
-                except ValueError as exc:
-                    retry = "no longer cached" in str(exc)
-                    self.to_gateway(m.RequestError(msg.request_id, str(exc), self.worker_id, retry))
+                self._report_failures(e.reserve_kv(
+                    msg.request_id, msg.prompt_token_ids, msg.params, msg.seed, msg.reuse_tokens,
+                    msg.output_token_ids, msg.prefill_addr, msg.prefill_pid, msg.transport))
             elif isinstance(msg, m.AbortRequests):
                 from splitserve.engine.request import RequestStatus
 
@@ -246,14 +241,22 @@ class Worker:
                 if self.heartbeat is not None:
                     self.heartbeat.welcomed.set()
         except ValueError as exc:
+            from splitserve.engine.scheduler import QueueFull
+
+            reason = m.FailureReason.QUEUE_FULL if isinstance(exc, QueueFull) else m.FailureReason.INVALID
             rid = getattr(msg, "request_id", "")
-            self.to_gateway(m.RequestError(rid, str(exc), self.worker_id, False))
+            self.to_gateway(m.RequestError(rid, str(exc), self.worker_id, reason))
         except Exception as exc:  # a bad chunk or similar: fail that request, keep serving
             log.exception("error handling %s", type(msg).__name__)
             rid = getattr(msg, "request_id", "")
             if rid:
                 e.abort_request(rid)
-                self.to_gateway(m.RequestError(rid, f"worker error: {exc}", self.worker_id, True))
+                self.to_gateway(m.RequestError(rid, f"worker error: {exc}", self.worker_id,
+                                               m.FailureReason.WORKER_ERROR))
+
+    def _report_failures(self, failures) -> None:
+        for rid, reason in failures:
+            self.to_gateway(m.RequestError(rid, f"KV transfer failed ({reason.value})", self.worker_id, reason))
 
     @staticmethod
     def _token_out(o) -> m.TokenOut:
@@ -284,7 +287,7 @@ class Worker:
         rx, tx = e.kv_receiver, e.kv_sender
         events, bm.events = bm.events, []
         return m.Stats(
-            self.worker_id, s.num_waiting + len(s.kv_ready), s.num_running, len(s.waiting_for_kv),
+            self.worker_id, s.num_waiting + len(s.kv_ready), s.num_running, len(s.waiting_for_kv) + e.handoff.num_reserving,
             bm.num_used_blocks, bm.num_free_blocks, s.num_waiting_tokens, bm.num_queried_tokens, bm.num_hit_tokens,
             s.num_preemptions, e.num_steps, tx.bytes_sent, rx.bytes_received, rx.transfer_seconds, rx.num_done,
             rx.num_failed, rx.num_active + tx.num_pending, events,
@@ -295,8 +298,6 @@ class Worker:
     def close(self) -> None:
         if self.heartbeat is not None:
             self.heartbeat.stop()
-        self.engine.kv_sender.close()
-        self.engine.kv_receiver.close()
         self.engine.close()
         for sock in self.peers.values():
             sock.close(0)
@@ -328,9 +329,12 @@ def run_worker(worker_id: str, role: str, engine_config: dict, eos_token_ids: li
         # A decode worker keeps its CPU KV cache in shared memory: same-host prefill workers write
         # each request's KV straight into its blocks (KVPlacement), one copy instead of two.
         kv_segment = shm.segment_name(cluster_id, f"kvcache-{os.getpid()}") if role == "decode" else None
-        engine = LLMEngine(EngineConfig(**engine_config), tokenizer_eos=frozenset(eos_token_ids),
-                           kv_cache_segment=kv_segment)
-        worker = Worker(worker_id, role, engine, secret, ctx, inbox, gateway_addr, cluster_id, parent_pid)
+
+        def make_engine(kv_ports):
+            return LLMEngine(EngineConfig(**engine_config), tokenizer_eos=frozenset(eos_token_ids),
+                             kv_cache_segment=kv_segment, kv=kv_ports)
+
+        worker = Worker(worker_id, role, make_engine, secret, ctx, inbox, gateway_addr, cluster_id, parent_pid)
     except Exception as exc:  # report, then exit: the gateway turns this into a clear startup error
         log.exception("worker failed to start")
         shm.remove_segments(cluster_id)

@@ -25,12 +25,6 @@ def _token_bytes(token_ids) -> bytes:
     return array("q", token_ids).tobytes()
 
 
-def hash_block(parent: bytes, token_ids) -> bytes:
-    h = _EMPTY.copy()
-    h.update(parent + _token_bytes(token_ids))
-    return h.digest()
-
-
 def block_hashes_for(token_ids, block_size: int, known: list[bytes] | None = None) -> list[bytes]:
     """Hashes of every full block of token_ids (a list of ints or an array("q")), extending
     `known` (a prefix of the answer) in place.

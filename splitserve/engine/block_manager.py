@@ -63,10 +63,11 @@ class BlockManager:
         """True when no request holds a block: the leak check after every scenario."""
         return not self.req_blocks and self.num_free_blocks == self.num_blocks
 
-    def get_computed_blocks(self, request: Request) -> tuple[list[int], int]:
+    def get_computed_blocks(self, request: Request, count: bool = True) -> tuple[list[int], int]:
         """Longest run of cached full blocks that prefixes the request. Takes no references.
 
-        At least one token is always left to compute: the step needs its logits.
+        At least one token is always left to compute: the step needs its logits. `count`: add
+        the lookup to the prefix-cache query and hit counters.
         """
         if not self.enable_prefix_caching:
             return [], 0
@@ -78,12 +79,10 @@ class BlockManager:
             if block is None:
                 break
             blocks.append(block)
-        self.num_queried_tokens += request.num_tokens
-        self.num_hit_tokens += len(blocks) * self.block_size
+        if count:
+            self.num_queried_tokens += request.num_tokens
+            self.num_hit_tokens += len(blocks) * self.block_size
         return blocks, len(blocks) * self.block_size
-
-    def can_allocate(self, request: Request, num_total_tokens: int, computed_blocks: Sequence[int] = ()) -> bool:
-        return self._num_new_blocks(request, num_total_tokens, computed_blocks) is not None
 
     # ---- mutations -----------------------------------------------------------------------
     def allocate_slots(self, request: Request, num_total_tokens: int, computed_blocks: Sequence[int] = ()) -> bool:
@@ -169,12 +168,6 @@ class BlockManager:
                     free_cached[block] = None
                 else:
                     free_uncached.append(block)
-
-    def reset_prefix_cache(self) -> None:
-        for block in list(self.free_cached):
-            self._evict(block)
-            self.free_uncached.append(block)
-        self.free_cached.clear()
 
     # ---- internals -----------------------------------------------------------------------
     def _num_new_blocks(self, request: Request, num_total_tokens: int, computed_blocks) -> int | None:

@@ -6,19 +6,21 @@ Everything asynchronous (HTTP, worker processes) wraps this object; tests drive 
 from __future__ import annotations
 
 import logging
-import os
 import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
+from splitserve.cluster.messages import FailureReason
 from splitserve.config import EngineConfig, SchedulerConfig
 from splitserve.engine.request import Request, RequestStatus
 from splitserve.engine.runner import ModelRunner, kv_bytes_per_token
 from splitserve.engine.sampler import TokenLogprobs
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.scheduler import Scheduler
+from splitserve.kv.handoff import Abort, DecodeHandoff, HandoffTimeouts, Reserve, RxState, WriterGone
+from splitserve.kv.handoff import apply_scheduler_actions
 from splitserve.models.llama import LlamaModel
 from splitserve.models.loader import iter_weights, load_arch_config
 from splitserve.models.registry import resolve_model_path
@@ -65,9 +67,11 @@ def _cpu_has_bf16() -> bool:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, tokenizer_eos: frozenset[int] = frozenset(),
-                 kv_cache_segment: str | None = None) -> None:
+                 kv_cache_segment: str | None = None, kv=None) -> None:
         """`kv_cache_segment`: on CPU, keep the KV cache in this shared-memory segment (created
-        here, removed by `close()`) so a same-host prefill worker can write into it directly."""
+        here, removed by `close()`) so a same-host prefill worker can write into it directly.
+        `kv`: a worker's `KVPorts` (splitserve.kv.connector): the engine then runs KV handoffs,
+        both as the prefill side (KVSender) and as the decode side (DecodeHandoff + KVReceiver)."""
         t0 = time.perf_counter()
         self.config = config
         if config.threads:
@@ -105,8 +109,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, num_blocks, config.block_size,
                                   kv_storage=self.kv_segment.buf if self.kv_segment else None)
         self.eos_token_ids = frozenset(self.arch.eos_token_ids) | tokenizer_eos
-        self.kv_sender = None  # set by a prefill worker (splitserve.kv.connector.KVSender)
-        self.kv_receiver = None  # set by a decode worker (splitserve.kv.connector.KVReceiver)
+        self._init_kv(kv)
         self.grammars = GrammarGate(self.model_path, self.arch.vocab_size, self.eos_token_ids)
         self._prompt_logprobs: dict[str, dict[int, TokenLogprobs]] = {}  # until the first token
         self._rng = random.Random(config.seed)
@@ -117,6 +120,22 @@ class LLMEngine:
         self.load_seconds = time.perf_counter() - t0
         log.info("engine ready in %.2fs: %s, %s on %s, %d KV blocks of %d tokens, max_model_len=%d",
                  self.load_seconds, self.arch.family, self.dtype, self.device, num_blocks, config.block_size, max_len)
+
+    def _init_kv(self, kv) -> None:
+        self.kv_sender = self.kv_receiver = None
+        self.clock = kv.clock if kv is not None else time.monotonic
+        self.handoff = DecodeHandoff(kv.timeouts if kv is not None else HandoffTimeouts())
+        if kv is None:
+            return
+        from splitserve.kv.receiver import KVReceiver
+        from splitserve.kv.sender import KVSender
+
+        caches, bs = self.runner.kv_caches, self.config.block_size
+        self.kv_sender = KVSender(kv.owner, caches, bs, kv.send, reply_to=kv.reply_to, arena_bytes=kv.arena_bytes,
+                                  timeouts=kv.timeouts, secret=kv.secret, poll_inbox=kv.poll_inbox, clock=kv.clock)
+        self.kv_receiver = KVReceiver(self.handoff, self.scheduler.block_manager.blocks_of, caches, bs, send=kv.send,
+                                      shared_cache=self.kv_segment.name if self.kv_segment else None,
+                                      reply_to=kv.reply_to, data_host=kv.data_host, secret=kv.secret, clock=kv.clock)
 
     def _num_kv_blocks(self) -> int:
         need = -(-self.max_model_len // self.config.block_size)
@@ -153,46 +172,81 @@ class LLMEngine:
         return req
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    seed: int | None = None, output_token_ids: list[int] | None = None) -> Request:
+                    seed: int | None = None, output_token_ids: list[int] | None = None,
+                    resumed: bool = False) -> Request:
+        """`resumed`: placed again after a fault elsewhere: queued ahead of new requests."""
         req = self.make_request(request_id, prompt_token_ids, params, seed, output_token_ids)
-        self.grammars.admit_when_ready(req, lambda: self.scheduler.add_request(req))
+        self.grammars.admit_when_ready(req, lambda: self.scheduler.add_request(req, resumed))
         return req
 
     def add_prefill_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, seed: int,
                             dest_addr: str, send_from: int, transport: str,
-                            output_token_ids: list[int] | None = None, data_addr: str = "") -> Request:
+                            output_token_ids: list[int] | None = None, data_addr: str = "",
+                            resumed: bool = False) -> Request:
         """Prefill here and stream the KV of tokens [send_from, end) to a decode worker."""
         req = self.make_request(request_id, prompt_token_ids, params, seed, output_token_ids, prefill_only=True)
         if not 0 <= send_from < req.num_tokens:
             raise ValueError("send_from must be inside the prompt")
 
         def admit() -> None:
-            self.scheduler.add_request(req)
+            try:
+                self.scheduler.add_request(req, resumed)
+            except ValueError:
+                self.kv_sender.abort(request_id)  # its decode side may have offered blocks: it hears KVStopped
+                raise
             self.kv_sender.add(request_id, dest_addr, send_from, transport, req.num_tokens, data_addr)
 
         self.grammars.admit_when_ready(req, admit)
         return req
 
+    # ---- the decode side of a KV handoff (the engine alone reserves and admits) --------------
     def reserve_kv(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, seed: int,
                    reuse_tokens: int, output_token_ids: list[int] | None = None, prefill_addr: str = "",
-                   prefill_pid: int = 0, transport: str = "") -> None:
-        """Decode side of a handoff: blocks for KV a prefill worker is computing. Raises ValueError
-        when it cannot work (bad ids, too long, prefix gone). With a shared cache and an shm
-        transport, the prefill worker at `prefill_addr` is told where to write (KVPlacement)."""
+                   prefill_pid: int = 0, transport: str = "") -> list[tuple[str, FailureReason]]:
+        """Blocks for KV a prefill worker is computing. Raises ValueError when it can never work
+        (bad ids, too long); returns failures to report (the prefix it should reuse is gone).
+        With a shared cache and an shm transport, the prefill worker at `prefill_addr` is told
+        where to write (KVPlacement) once blocks are held."""
         req = self.make_request(request_id, prompt_token_ids, params, seed, output_token_ids)
         if req.num_tokens >= self.max_model_len:
             raise ValueError(f"prompt of {req.num_tokens} tokens does not fit max_model_len={self.max_model_len}")
-        error = self.kv_receiver.reserve(req, reuse_tokens, prefill_addr if transport == "shm" else "", prefill_pid)
-        if error:
-            raise ValueError(error)
+        if reuse_tokens % self.config.block_size or not 0 <= reuse_tokens < req.num_tokens:
+            raise ValueError("reuse_tokens must be a multiple of the block size inside the prompt")
+        if request_id in self.scheduler.requests or self.handoff.state(request_id) not in (None, RxState.EARLY):
+            raise ValueError(f"duplicate request id {request_id!r}")
+        writer = self.kv_receiver.expect(request_id, prefill_addr if transport == "shm" else "", prefill_pid)
+        event = Reserve(request_id, req, reuse_tokens, len(self.runner.kv_caches), writer)
+        return self._run_handoff(self.handoff.on(event, self.clock()))
+
+    def on_kv_message(self, msg, frames: tuple = ()) -> list[tuple[str, FailureReason]]:
+        """A KVChunk, PrefillDone or KVStopped from a prefill worker. Returns failures to report."""
+        return self._run_handoff(self.kv_receiver.on_message(msg, frames))
+
+    def poll_transfers(self) -> list[tuple[str, FailureReason]]:
+        """Retry reservations, admit complete transfers, time out stalls, lift fences whose writer
+        is gone. Returns (request id, reason) of transfers that failed: the caller reports them."""
+        if self.kv_receiver is None:
+            return []
+        now = self.clock()
+        actions = self.handoff.tick(now)
+        for rid in self.kv_receiver.writers_gone(self.handoff.fenced()):
+            actions += self.handoff.on(WriterGone(rid), now)
+        failed = self._run_handoff(actions)
+        self.kv_receiver.expire()
+        return failed
+
+    def _run_handoff(self, actions) -> list[tuple[str, FailureReason]]:
+        rest = apply_scheduler_actions(self.scheduler, self.handoff, actions, self.clock())
+        return self.kv_receiver.execute(rest) if rest else []
 
     def abort_request(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> bool:
         self._prompt_logprobs.pop(request_id, None)
         found = False
         parked = self.grammars.drop(request_id)  # waiting for its grammar
         if self.kv_receiver is not None:
-            found = self.kv_receiver.drop(request_id)
-            if request_id in self.kv_receiver.fenced:
+            found = self.handoff.state(request_id) not in (None, RxState.DROPPED, RxState.FAILED)
+            self._run_handoff(self.handoff.on(Abort(request_id), self.clock()))
+            if self.handoff.is_fenced(request_id):
                 return True  # its blocks stay until the prefill worker can no longer write them
         if self.kv_sender is not None:
             self.kv_sender.abort(request_id)
@@ -244,10 +298,6 @@ class LLMEngine:
             self.decode_step_seconds += dt
         return outputs
 
-    def poll_transfers(self) -> list[str]:
-        """Decode side: land arrived KV, admit complete requests. Returns ids whose transfer failed."""
-        return self.kv_receiver.poll() if self.kv_receiver is not None else []
-
     def has_work(self) -> bool:
         return self.scheduler.has_work() or bool(self.grammars.waiting)
 
@@ -267,17 +317,23 @@ class LLMEngine:
         return [outputs[rid] for rid in ids]
 
     def is_idle(self) -> bool:
-        busy_transfers = (self.kv_sender is not None and self.kv_sender.num_pending) or (
-            self.kv_receiver is not None and self.kv_receiver.busy)
+        busy_transfers = (self.kv_sender is not None and self.kv_sender.num_pending) or self.handoff.busy
         return (self.scheduler.is_idle() and not busy_transfers and not self._prompt_logprobs
                 and not self.grammars.waiting)
 
     def close(self) -> None:
-        """Remove the shared KV cache segment (the mapping goes with the last tensor view)."""
+        """End every transfer, close both KV halves, stop grammar compiles, remove the shared KV
+        cache segment (the mapping goes with the last tensor view)."""
         self.grammars.close()
+        if self.kv_receiver is not None:
+            self._run_handoff(self.handoff.close(self.clock()))
+            self.kv_receiver.close()
+        if self.kv_sender is not None:
+            self.kv_sender.close()
         if self.kv_segment is not None:
             self.kv_segment.unlink()
             self.kv_segment.close()
+            self.kv_segment = None
 
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()

@@ -38,6 +38,10 @@ from splitserve.engine.block_manager import BlockManager
 from splitserve.engine.request import Request, RequestStatus
 
 
+class QueueFull(ValueError):
+    """The scheduler holds max_num_seqs + max_waiting requests already (the server answers 503)."""
+
+
 @dataclass(slots=True)
 class ScheduledChunk:
     request: Request
@@ -123,18 +127,27 @@ class Scheduler:
         self.num_preemptions = 0
 
     # ---- admission -----------------------------------------------------------------------
-    def add_request(self, request: Request) -> None:
+    def add_request(self, request: Request, resumed: bool = False) -> None:
+        """Queue a request. At most max_num_seqs + max_waiting requests are held (running,
+        waiting, or holding KV from elsewhere); beyond, QueueFull. `resumed`: placed again after a
+        fault elsewhere; it waited its turn once already, so it goes to the front of the queue
+        (and past the bound: the server admitted it already)."""
         if request.request_id in self.requests:
             raise ValueError(f"duplicate request id {request.request_id!r}")
         limit = self.config.max_model_len
         if request.num_tokens >= limit:
             raise ValueError(f"prompt of {request.num_tokens} tokens does not fit max_model_len={limit}")
+        if not resumed and len(self.requests) >= self.config.max_num_seqs + self.config.max_waiting:
+            raise QueueFull(f"{len(self.requests)} requests are held already (max_num_seqs + max_waiting)")
         request.arrival_index = self._arrivals
         self._arrivals += 1
         request.status = RequestStatus.WAITING
         request.stop_check_len = self._stop_check_len(request)
         self.requests[request.request_id] = request
-        self.waiting.append(request)
+        if resumed:
+            self.waiting.appendleft(request)
+        else:
+            self.waiting.append(request)
 
     @property
     def num_waiting(self) -> int:
@@ -162,11 +175,13 @@ class Scheduler:
             r.num_tokens - r.num_computed_tokens for r in self.running if r.num_tokens - r.num_computed_tokens > 1)
 
     # ---- KV from elsewhere (decode worker of a disaggregated pair) ---------------------------
-    def reserve_remote(self, request: Request, reuse_tokens: int) -> bool:
+    def reserve_remote(self, request: Request, reuse_tokens: int, count_query: bool = True) -> bool | None:
         """Give `request` blocks for its prompt; KV for tokens [reuse_tokens, num_tokens) will arrive.
 
         The first `reuse_tokens` (block aligned) must come from this worker's prefix cache.
-        Returns False, changing nothing, when the cache lacks that prefix or space is short.
+        Returns True when reserved; False, changing nothing, when space is short (retry later);
+        None, changing nothing, when the cache no longer holds that prefix. `count_query`: count
+        this lookup in the prefix-cache statistics (once per request, not on every retry).
         """
         rid = request.request_id
         if rid in self.requests:
@@ -177,9 +192,9 @@ class Scheduler:
         bs = bm.block_size
         if reuse_tokens % bs:
             raise ValueError("reuse_tokens must be a multiple of the block size")
-        computed, _ = bm.get_computed_blocks(request)
+        computed, _ = bm.get_computed_blocks(request, count_query)
         if len(computed) * bs < reuse_tokens:
-            return False
+            return None
         computed = computed[: reuse_tokens // bs]
         if not bm.allocate_slots(request, request.num_tokens, computed):
             return False

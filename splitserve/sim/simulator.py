@@ -7,40 +7,41 @@ event objects) with a fake sampled token per request. Events (arrivals, step com
 transfers landing) sit in one heap ordered by virtual time. Nothing here re-implements
 scheduling, block allocation or routing.
 
-Disaggregated pools: the real `Router` places each request (decode worker, prefill worker or
-none: conditional disaggregation). The decode worker reserves blocks for the prompt at once
-(`WAITING_FOR_KV`), the prefill worker runs the prompt as a `max_tokens=1` request, its first
-token goes to the client at once (TTFT), and the KV streams over the link layer by layer while
-the prefill runs; when the last layer lands the decode worker admits the request with its
-prompt counted as computed.
+Disaggregated pools (`sim/disagg.py`): the live gateway's orchestrator, the real `Router` and the
+live decode side's `DecodeHandoff` place each request, reserve its blocks, retry or fail it; the
+prefill worker runs the prompt as a `prefill_only` request whose first token goes to the client at
+once (TTFT), and a link model delivers the KV layer by layer while the prefill runs.
+
+Admission is bounded cluster-wide as the server bounds it: at most (max_num_seqs + max_waiting)
+per decode worker in flight, and each worker's waiting queue at max_waiting; beyond, 503.
 """
 
 from __future__ import annotations
 
 import heapq
-import json
 import random
 from array import array
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from operator import itemgetter
-from typing import Any, cast
+from typing import cast
 
 import numpy as np
 
-from splitserve.bench.metrics import SummaryBuilder
 from splitserve.bench.schema import RequestRecord
 from splitserve.bench.workloads import RequestSpec, iter_units
-from splitserve.cluster.router import Placement, Router, RouterConfig, WorkerView
+from splitserve.cluster.router import Router, RouterConfig, WorkerView
 from splitserve.config import SchedulerConfig
-from splitserve.engine.request import Request, RequestStatus
 from splitserve.engine.sampling_params import SamplingParams
-from splitserve.engine.scheduler import Scheduler, StepPlan
+from splitserve.engine.scheduler import QueueFull, Scheduler
 from splitserve.sim.cost import StepCost
+from splitserve.sim.disagg import SimDisaggregation
 from splitserve.sim.hardware import Link
+from splitserve.sim.records import RecordSink
+from splitserve.sim.state import ADD, ARRIVE, FAKE_TOKEN, KV, STEP, SimRequest, SimWorker
 
-FAKE_TOKEN = 1  # every simulated sample draws this token (ignore_eos: never stops early)
+__all__ = ["FAKE_TOKEN", "PoolSpec", "RecordSink", "SimConfig", "SimRequest", "SimWorker", "Simulation"]
 _PREFIX_BASE = 1 << 40  # token ids of shared prefixes live far from per-request ids
 _PREFIX_STRIDE = 1 << 24
 
@@ -48,31 +49,6 @@ _PREFIX_STRIDE = 1 << 24
 def _id_range(start: int, n: int) -> array:
     """array("q") of start, start+1, ..., start+n-1 (numpy fills it ~10x faster than range)."""
     return array("q", np.arange(start, start + n, dtype=np.int64).tobytes())
-
-
-class SimRequest(Request):
-    """The engine's Request plus the client-side timestamps the simulator records."""
-
-    __slots__ = ("spec", "t_arrival", "t_first", "t_last", "times", "worker", "peer", "t_prefill_start",
-                 "client", "kv_cached", "reserved", "kv_landed")
-
-    def __init__(self, request_id: str, prompt_token_ids: array, params: SamplingParams, spec: RequestSpec,
-                 t_arrival: float, prefill_only: bool = False) -> None:
-        super().__init__(request_id, prompt_token_ids, params, prefill_only=prefill_only)
-        self.spec = spec
-        self.t_arrival = t_arrival
-        self.t_first = -1.0
-        self.t_last = -1.0
-        # With ITLs recorded: the time of every token the client saw (the first is t_first);
-        # gaps are taken at the end. Without: only t_first and t_last are kept.
-        self.times: Any = None  # array("d") or None
-        self.worker: Any = None  # its SimWorker
-        self.peer: Any = None  # disaggregated: the request's twin on the other pool
-        self.t_prefill_start = -1.0
-        self.client: Any = None  # the client-facing request (prefill twin -> decode twin share one)
-        self.kv_cached = 0  # decode side: prompt tokens reused from its prefix cache (not shipped)
-        self.reserved = False
-        self.kv_landed = False
 
 
 @dataclass
@@ -112,67 +88,7 @@ class PoolSpec:
     num_layers: int = 1
 
 
-class SimWorker:
-    __slots__ = ("wid", "role", "sched", "bm", "cost", "busy", "plan", "steps", "busy_s", "decode_steps",
-                 "decode_busy_s", "view", "link_free_at", "pending", "tokens", "neighbors", "neighbor")
-
-    def __init__(self, wid: str, role: str, sched: Scheduler, cost: StepCost) -> None:
-        self.wid = wid
-        self.role = role
-        self.sched = sched
-        self.bm = sched.block_manager
-        self.cost = cost
-        self.busy = False
-        self.plan: Any = None  # the StepPlan in flight
-        self.steps = 0
-        self.busy_s = 0.0
-        self.decode_steps = 0  # steps whose every chunk is one token, and their busy time
-        self.decode_busy_s = 0.0
-        self.view: Any = None  # its WorkerView, when there is a router
-        self.link_free_at = 0.0  # decode workers: ingress link busy until
-        self.pending: deque = deque()  # decode workers: requests waiting to reserve KV blocks
-        self.tokens = 0
-        # local-cpu workers share this host: a step runs (1 + factor) longer while another computes
-        self.neighbors: list[SimWorker] = []
-        self.neighbor: tuple[float, float] | None = None  # (decode, prefill) factors
-
-
-# Heap event kinds (ties in time break by sequence number: FIFO).
-_STEP, _ARRIVE, _KV, _ADD = 0, 1, 2, 3
 _START = itemgetter(1)  # of StepPlan.items tuples
-
-
-class RecordSink:
-    """Collects finished requests as bench RequestRecords, or streams them to a JSONL file and
-    keeps only compact arrays (bounded memory for million-request runs). Either way its
-    `builder` (bench.metrics.SummaryBuilder, the one summary and SLO check) sees every record."""
-
-    def __init__(self, stream_path: str | None = None, keep_records: bool = True,
-                 slo_ttft_ms: float | None = None, slo_tpot_ms: float | None = None,
-                 slo_itl_ms: float | None = None):
-        self.records: list[RequestRecord] = []
-        self.keep = keep_records and stream_path is None
-        self.builder = SummaryBuilder(slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms, slo_itl_ms=slo_itl_ms,
-                                      exact_itl=self.keep)
-        self.fp = open(stream_path, "w", encoding="utf-8") if stream_path else None
-
-    def add(self, rec: RequestRecord) -> None:
-        self.builder.add(rec)
-        if self.keep:
-            self.records.append(rec)
-        elif self.fp is not None:
-            from splitserve.bench.schema import _record_dict
-
-            self.fp.write(json.dumps(_record_dict(rec), separators=(",", ":")))
-            self.fp.write("\n")
-
-    def summary(self):
-        return self.builder.summary()
-
-    def close(self) -> None:
-        if self.fp is not None:
-            self.fp.close()
-            self.fp = None
 
 
 class Simulation:
@@ -237,7 +153,9 @@ class Simulation:
                 w.view = WorkerView(w.wid, w.role, config.block_size, w.bm.num_blocks)
                 self.router.add_worker(w.view)
                 w.bm.events = []
-        self.max_inflight_per_worker = config.max_num_seqs + config.max_waiting
+        self.max_inflight = (config.max_num_seqs + config.max_waiting) * len(self.decoders)
+        self.inflight = 0  # requests admitted and not yet answered
+        self.disagg = SimDisaggregation(self) if self.router is not None else None
 
     # ---- workload -> requests ------------------------------------------------------------------
     def _push(self, t: float, kind: int, obj) -> None:
@@ -281,130 +199,33 @@ class Simulation:
         if self.cfg.record_itl:
             req.times = array("d")
         if len(ids) >= self.cfg.max_model_len:
-            self._fail(req, "http_400", f"prompt of {len(ids)} tokens does not fit max_model_len")
+            self._fail(req, "http_400", f"prompt of {len(ids)} tokens does not fit max_model_len", admitted=False)
             return
         if self.request_delay_s > 0:
-            self._push(now + self.request_delay_s, _ADD, req)
+            self._push(now + self.request_delay_s, ADD, req)
             return
         self._submit(req)
 
     def _submit(self, req: SimRequest) -> None:
-        if self.router is None:
-            w = self.decoders[0]
-            if len(w.sched.requests) >= self.max_inflight_per_worker:
-                self._fail(req, "http_503", "the server is overloaded; retry later")
-                return
-            req.worker = w
-            w.sched.add_request(req)
-            if not w.busy:
-                self._start_step(w)
+        if self.inflight >= self.max_inflight:  # the server's bound, cluster-wide
+            self._fail(req, "http_503", "the server is overloaded; retry later", admitted=False)
             return
-        self._place(req)
-
-    def _place(self, req: SimRequest) -> None:
-        router = self.router
-        assert router is not None
-        cand = None
-        if len(self.workers) > self.cfg.router_sample:  # power-of-k choices over the real policy
-            k = self.cfg.router_sample
-            cand = Router(router.config)
-            for w in self.rng.sample(self.decoders, min(k, len(self.decoders))):
-                cand.workers[w.wid] = w.view
-            if self.prefillers:
-                for w in self.rng.sample(self.prefillers, min(k, len(self.prefillers))):
-                    cand.workers[w.wid] = w.view
+        self.inflight += 1
+        if self.disagg is not None:
+            self.disagg.place(req)
+            return
+        w = self.decoders[0]
+        req.worker = w
         try:
-            placement: Placement = (cand or router).place(req.token_ids)
-        except Exception as exc:  # NoWorkerAvailable
-            self._fail(req, "http_503", str(exc))
-            return
-        router.on_dispatch(placement, req.num_tokens)
-        d = self.by_id[placement.decode_worker]
-        if len(d.sched.requests) + len(d.pending) >= self.max_inflight_per_worker:
+            w.sched.add_request(req)
+        except QueueFull:
             self._fail(req, "http_503", "the server is overloaded; retry later")
             return
-        req.worker = d
-        if placement.prefill_worker is None:
-            d.sched.add_request(req)
-            if not d.busy:
-                self._start_step(d)
-            return
-        # Disaggregated, as the gateway does it: ReserveKV to the decode worker and PrefillRequest
-        # to the prefill worker at once; KV the decode worker cannot hold yet is buffered there
-        # until its blocks free up.
-        bs = self.cfg.block_size
-        reuse = placement.decode_cached_tokens // bs * bs
-        if reuse:
-            _, have = d.bm.get_computed_blocks(req)
-            reuse = min(reuse, have)
-        req.kv_cached = reuse
-        d.pending.append(req)
-        self._try_reserve(d)
-        p = self.by_id[placement.prefill_worker]
-        twin = SimRequest(req.request_id, req.token_ids, req.sampling_params, req.spec, req.t_arrival,
-                          prefill_only=True)
-        twin.client = req
-        req.peer = twin
-        p.sched.add_request(twin)
-        p.tokens += req.num_tokens
-        if not p.busy:
-            self._start_step(p)
+        self._wake(w)
 
-    # ---- disaggregation: reserve on decode, prefill elsewhere, ship KV, admit ------------------
-    def _try_reserve(self, d: SimWorker) -> None:
-        """Reserve decode blocks for pending transfers, oldest first (the KV receiver's retry)."""
-        sched = d.sched
-        while d.pending:
-            req = d.pending[0]
-            if not sched.reserve_remote(req, req.kv_cached):
-                return
-            d.pending.popleft()
-            req.reserved = True
-            if req.kv_landed:
-                self._admit(req)
-
-    def _prefill_done(self, twin: SimRequest) -> None:
-        """The prefill worker sampled the first token: the client sees it now; the KV lands when
-        the link delivers the last layer (transfer overlapped with the prefill, layer by layer)."""
-        req: SimRequest = twin.client
-        now = self.now
-        req.t_first = req.t_last = now
-        if req.times is not None:
-            req.times.append(now)
-        d: SimWorker = req.worker
-        if twin.status != RequestStatus.FINISHED_REMOTE:  # one output token: done at the prefill
-            if req.reserved:
-                d.sched.finish(req.request_id, RequestStatus.FINISHED_LENGTH)
-            else:
-                d.pending.remove(req)
-            req.append_token(FAKE_TOKEN)
-            self._finish(req)
-            if d.pending:
-                self._try_reserve(d)
-            return
-        nbytes = (req.num_tokens - req.kv_cached) * self.kv_bytes_per_token
-        link = self.link
-        assert link is not None
-        xfer = nbytes / link.bandwidth
-        start = twin.t_prefill_start if twin.t_prefill_start >= 0 else now
-        # Layers leave as the prefill computes them; the last layer of the last chunk leaves at
-        # the end. The decode worker's ingress link carries one transfer at a time.
-        last_layer = xfer / self.num_layers
-        begin = max(start, d.link_free_at)
-        land = max(begin + xfer, now + last_layer) + link.latency_s
-        d.link_free_at = land - link.latency_s
-        self._push(land, _KV, req)
-
-    def _kv_landed(self, req: SimRequest) -> None:
-        req.kv_landed = True
-        if req.reserved:
-            self._admit(req)
-
-    def _admit(self, req: SimRequest) -> None:
-        d: SimWorker = req.worker
-        d.sched.admit_remote(req.request_id, FAKE_TOKEN)
-        if not d.busy:
-            self._start_step(d)
+    def _wake(self, w: SimWorker) -> None:
+        if not w.busy:
+            self._start_step(w)
 
     # ---- steps ---------------------------------------------------------------------------------
     def _start_step(self, w: SimWorker) -> None:
@@ -460,7 +281,7 @@ class Simulation:
             w.decode_steps += 1
             w.decode_busy_s += dur
         self.seq += 1
-        heapq.heappush(self.heap, (self.now + dur, self.seq, _STEP, w))
+        heapq.heappush(self.heap, (self.now + dur, self.seq, STEP, w))
 
     def _step_done(self, w: SimWorker) -> None:
         now = self.now
@@ -469,7 +290,7 @@ class Simulation:
         self.num_steps += 1
         if w.role == "prefill":
             for r in finished:
-                self._prefill_done(r)
+                cast(SimDisaggregation, self.disagg).prefill_done(r)
         else:
             if self.cfg.record_itl:
                 now_d = array("d", (now,))  # += copies 8 bytes; array.append parses its argument
@@ -486,8 +307,8 @@ class Simulation:
             w.sched.check_integrity()
         if self.router is not None:
             self._report(w)
-            if w.pending:
-                self._try_reserve(w)
+            if w.handoff is not None:
+                cast(SimDisaggregation, self.disagg).tick(w)
         self._start_step(w)
 
     def _report(self, w: SimWorker) -> None:
@@ -496,7 +317,7 @@ class Simulation:
         assert router is not None
         queued = s.num_waiting_tokens if w.role == "prefill" else 0
         router.update_load(w.wid, kv_blocks_free=bm.num_free_blocks, num_running=s.num_running,
-                                num_waiting=len(s.requests) - s.num_running + len(w.pending),
+                                num_waiting=len(s.requests) - s.num_running + (w.handoff.num_reserving if w.handoff else 0),
                                 queued_prefill_tokens=queued)
         if bm.events:
             router.apply_kv_events(w.wid, bm.events)
@@ -524,11 +345,14 @@ class Simulation:
             step=spec.step, num_steps=spec.num_steps,
         )
         self.sink.add(rec)
+        self.inflight -= 1
         self._after(req, ok=True)
 
-    def _fail(self, req: SimRequest, error: str, detail: str) -> None:
+    def _fail(self, req: SimRequest, error: str, detail: str, admitted: bool = True) -> None:
         spec = req.spec
         self.errors += 1
+        if admitted:
+            self.inflight -= 1
         rec = RequestRecord(
             request_id=spec.request_id, start_s=req.t_arrival, ok=False, e2e_ms=0.0,
             expected_input_tokens=spec.input_len, expected_output_tokens=spec.output_len,
@@ -565,7 +389,7 @@ class Simulation:
                 self.ready.append(first)
                 self._fill_closed()
             else:
-                self._push(first[0].arrival_s, _ARRIVE, first)
+                self._push(first[0].arrival_s, ARRIVE, first)
         heap = self.heap
         pop = heapq.heappop
         step_done, arrive = self._step_done, self._arrive
@@ -574,17 +398,17 @@ class Simulation:
             t, _, kind, obj = pop(heap)
             self.now = t
             n += 1
-            if kind == _STEP:
+            if kind == STEP:
                 step_done(obj)
-            elif kind == _ARRIVE:
+            elif kind == ARRIVE:
                 arrive(obj)
-            elif kind == _KV:
-                self._kv_landed(obj)
+            elif kind == KV:
+                cast(SimDisaggregation, self.disagg).kv_landed(obj)
             else:
                 self._submit(obj)
         self.num_events = n
         for w in self.workers:  # the leak check of every run: no request, reservation or block held
-            if not w.sched.is_idle() or w.pending:
+            if not w.sched.is_idle() or (w.handoff is not None and w.handoff.busy):
                 raise RuntimeError(f"simulation ended with work or KV blocks left on {w.wid}")
         self.sink.close()
         return self.sink
@@ -606,7 +430,7 @@ class Simulation:
     def _arrive(self, unit: list[RequestSpec]) -> None:
         nxt = self._pull()  # open loop: exactly one future arrival sits in the heap
         if nxt is not None:
-            self._push(max(cast(float, nxt[0].arrival_s), self.now), _ARRIVE, nxt)
+            self._push(max(cast(float, nxt[0].arrival_s), self.now), ARRIVE, nxt)
         if self.concurrency is None or self.active_units < self.concurrency:
             self._start_unit(unit)
         else:

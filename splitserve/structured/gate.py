@@ -25,7 +25,9 @@ class GrammarGate:
         self._args = (tokenizer_path, vocab_size, eos_token_ids)
         self._backend: GrammarBackend | None = None
         self.waiting: dict[str, tuple[Request, Callable[[], None]]] = {}  # request id -> (request, admit)
-        self.failed: list[tuple[str, str]] = []  # (request id, message), for the worker to report
+        # (request id, message, queue_full) for the worker to report: a failed compile is the
+        # client's error; a queue that filled up while the grammar compiled is an overload (503)
+        self.failed: list[tuple[str, str, bool]] = []
 
     @property
     def backend(self) -> GrammarBackend:
@@ -57,14 +59,17 @@ class GrammarGate:
                 continue
             del self.waiting[rid]
             if status is GrammarStatus.READY:
-                admit()
+                try:
+                    admit()
+                except ValueError as exc:  # e.g. the queue filled up while it compiled
+                    self.failed.append((rid, str(exc), type(exc).__name__ == "QueueFull"))
             else:
-                self.failed.append((rid, req.grammar.error))
+                self.failed.append((rid, req.grammar.error, False))
 
     def drop(self, request_id: str) -> bool:
         return self.waiting.pop(request_id, None) is not None
 
-    def take_failures(self) -> list[tuple[str, str]]:
+    def take_failures(self) -> list[tuple[str, str, bool]]:
         failed, self.failed = self.failed, []
         return failed
 

@@ -164,12 +164,23 @@ def _sse_texts(http, base_url, body):
 def test_no_prefill_worker_left_decode_prefills_locally():
     with ServerProcess(*COMMON, "--disaggregated") as s:
         p = _worker(s, "prefill")
-        # Stop the supervisor from bringing it back quickly: SIGSTOP first so it looks alive, then kill.
+        before = [w for w in s.wait_idle()["workers"] if w["role"] == "decode"][0]  # loads reported
+        # Kill the only prefill worker and wait until the gateway has seen it go: until its restart
+        # has loaded the model, the router has no prefill worker and the decode worker prefills.
         os.kill(p["pid"], signal.SIGKILL)
-        r = httpx.post(s.base_url + "/v1/completions", json={"prompt": LONG, "max_tokens": 8, "temperature": 0},
-                       timeout=120)
+        deadline = time.time() + 30
+        while _worker(s, "prefill")["state"] == "ready" and time.time() < deadline:
+            time.sleep(0.05)
+        r = httpx.post(s.base_url + "/v1/completions", json={"prompt": LONG, "max_tokens": 8, "temperature": 0,
+                                                              "ignore_eos": True}, timeout=120)
         assert r.status_code == 200, r.text
-        s.wait_idle(timeout=60)
+        after = [w for w in s.wait_idle(timeout=60)["workers"] if w["role"] == "decode"][0]
+        # The decode worker computed the prompt itself: steps that are not decode-only, no KV received.
+        prefill_steps = lambda w: w["load"]["num_steps"] - w["load"]["decode_steps"]  # noqa: E731
+        assert prefill_steps(after) > prefill_steps(before)
+        assert after["transfers"]["done"] == before["transfers"]["done"]
+        assert after["transfers"]["bytes_received"] == before["transfers"]["bytes_received"]
+        assert r.json()["usage"]["completion_tokens"] == 8
 
 
 @pytest.mark.parametrize("phase", ["queued", "prefilling", "decoding"])
