@@ -16,8 +16,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "bench": ("splitserve.bench.cli", "main", "load-test any OpenAI-compatible endpoint"),
     "simulate": ("splitserve.sim.cli", "simulate_main", "simulate a deployment on a virtual clock"),
     "plan": ("splitserve.sim.cli", "plan_main", "size a disaggregated deployment for a workload and SLOs"),
-    "hardware": ("splitserve.sim.cli", "hardware_main", "list the simulator's hardware catalog"),
-    "models": ("splitserve.sim.cli", "models_main", "list the simulator's model catalog"),
+    "hardware": ("splitserve.sim.catalog_cli", "hardware_main", "list the simulator's hardware catalog"),
+    "models": ("splitserve.sim.catalog_cli", "models_main", "list the simulator's model catalog"),
     "accel": ("splitserve.accel", "main", "compile the scheduler with mypyc (build, status, clean)"),
     "cache": ("splitserve.cache_cli", "main", "list or clear the on-disk caches (weights, kernels, accel)"),
 }

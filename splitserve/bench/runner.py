@@ -36,6 +36,13 @@ class LiveCounters:
     failed: int = 0
     output_tokens: int = 0
 
+    def finished(self, rec: RequestRecord) -> None:
+        if rec.ok:
+            self.completed += 1
+            self.output_tokens += rec.output_tokens or 0
+        else:
+            self.failed += 1
+
 
 async def run_load(
     client: OpenAIClient,
@@ -60,46 +67,19 @@ async def run_load(
 
     async def run_unit(unit: list[RequestSpec]) -> None:
         try:
-            convo: list[dict[str, Any]] = []
-            calls: list[dict[str, Any]] = []  # tool-calling chains: the last step's calls
+            convo = _Conversation(multi_step=len(unit) > 1, chat=chat)
             for spec in unit:
-                rec = RequestRecord(
-                    request_id=spec.request_id,
-                    start_s=perf_counter() - t_start,
-                    expected_input_tokens=spec.input_len,
-                    expected_output_tokens=spec.output_len,
-                    chain_id=spec.chain_id,
-                    step=spec.step,
-                    num_steps=spec.num_steps,
-                )
+                rec = _record_for(spec, perf_counter() - t_start)
                 records.append(rec)
                 counters.started += 1
-                if spec.messages is not None:
-                    prompt: str | list[dict[str, str]] = list(spec.messages)
-                else:
-                    if spec.system and not convo:
-                        convo.append({"role": "system", "content": spec.system})
-                    content = spec.prompt if spec.prompt is not None else _filler(spec.input_len)
-                    if calls:  # the chunk is the result of the calls the model just made
-                        convo.extend(tool_round_trip(calls, content))
-                    else:
-                        convo.append({"role": "user", "content": content})
-                    prompt = convo if chat or len(unit) > 1 or spec.system else convo[-1]["content"]
-                calls = []
-                tool_fields = ({"tools": list(spec.tools), "tool_choice": spec.tool_choice, "parallel_tool_calls": False}
-                               if spec.tools else None)
-                text = await client.request(rec, prompt, spec.output_len, tool_fields, calls)
-                if rec.ok:
-                    counters.completed += 1
-                    counters.output_tokens += rec.output_tokens or 0
-                else:
-                    counters.failed += 1
+                prompt = convo.prompt_for(spec)
+                text = await client.request(rec, prompt, spec.output_len, _tool_fields(spec), convo.calls)
+                counters.finished(rec)
                 if on_record is not None:
                     on_record(rec)
                 if not rec.ok:
                     break  # a chain stops at its first failed step
-                if len(unit) > 1 and not calls:
-                    convo.append({"role": "assistant", "content": text})
+                convo.answered(text)
         finally:
             if sem is not None:
                 sem.release()
@@ -145,6 +125,58 @@ async def run_load(
     out.duration_s = perf_counter() - t_start
     records.sort(key=lambda r: r.request_id)
     return out
+
+
+def _record_for(spec: RequestSpec, start_s: float) -> RequestRecord:
+    return RequestRecord(
+        request_id=spec.request_id,
+        start_s=start_s,
+        expected_input_tokens=spec.input_len,
+        expected_output_tokens=spec.output_len,
+        chain_id=spec.chain_id,
+        step=spec.step,
+        num_steps=spec.num_steps,
+    )
+
+
+def _tool_fields(spec: RequestSpec) -> dict[str, Any] | None:
+    if not spec.tools:
+        return None
+    return {"tools": list(spec.tools), "tool_choice": spec.tool_choice, "parallel_tool_calls": False}
+
+
+class _Conversation:
+    """What one unit has said so far. An agent chain resends every earlier prompt and the model's
+    answers (in tool-calling chains: its calls and, as their results, the next chunk)."""
+
+    def __init__(self, *, multi_step: bool, chat: bool):
+        self.multi_step = multi_step
+        self.chat = chat
+        self.messages: list[dict[str, Any]] = []
+        self.calls: list[dict[str, Any]] = []  # the current step's tool calls, filled in by the client
+
+    def prompt_for(self, spec: RequestSpec) -> str | list[dict[str, Any]]:
+        """The prompt of this step (a chat, or the completion text); starts a fresh list of calls."""
+        prompt: str | list[dict[str, Any]]
+        if spec.messages is not None:
+            prompt = list(spec.messages)
+        else:
+            if spec.system and not self.messages:
+                self.messages.append({"role": "system", "content": spec.system})
+            content = spec.prompt if spec.prompt is not None else _filler(spec.input_len)
+            if self.calls:  # the chunk is the result of the calls the model just made
+                self.messages.extend(tool_round_trip(self.calls, content))
+            else:
+                self.messages.append({"role": "user", "content": content})
+            prompt = self.messages if self.chat or self.multi_step or spec.system else self.messages[-1]["content"]
+        self.calls = []
+        return prompt
+
+    def answered(self, text: str) -> None:
+        """A step succeeded: a text answer becomes part of the chain's conversation (calls are sent
+        back with the next step's chunk)."""
+        if self.multi_step and not self.calls:
+            self.messages.append({"role": "assistant", "content": text})
 
 
 def _filler(n: int) -> str:

@@ -15,22 +15,31 @@ The simulator (splitserve.sim) imports this module: keep it free of network and 
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, Protocol
+from typing import Any
 
-# Hard bounds: a workload never yields more requests than this, nor lengths outside [1, MAX_LEN].
-MAX_REQUESTS = 10_000_000
-MAX_LEN = 10_000_000
+# The inputs, trace parsing and agent tools live in their own modules; they are re-exported
+# here, where the runner, the simulator and the CLI look for them.
+from splitserve.bench.agent_tools import AGENT_TOOLS, tool_round_trip
+from splitserve.bench.traces import MAX_MESSAGES, MAX_TEXT_CHARS, TraceRow, parse_trace_lines, parse_trace_row
+from splitserve.bench.workload_inputs import (
+    MAX_LEN,
+    MAX_REQUESTS,
+    Arrival,
+    LengthDist,
+    TextSource,
+    Tokenizer,
+    parse_length,
+)
 
-
-class Tokenizer(Protocol):
-    def encode(self, text: str) -> list[int]: ...
-
-    def decode(self, ids: Sequence[int]) -> str: ...
+__all__ = [
+    "AGENT_TOOLS", "MAX_LEN", "MAX_MESSAGES", "MAX_REQUESTS", "MAX_TEXT_CHARS", "PRESETS", "Arrival",
+    "LengthDist", "Preset", "RequestSpec", "TextSource", "Tokenizer", "TraceRow", "agent_chains",
+    "iter_units", "parse_length", "parse_trace_lines", "parse_trace_row", "preset", "shared_prefix",
+    "synthetic", "tool_round_trip", "trace_replay",
+]
 
 
 @dataclass(frozen=True)
@@ -51,172 +60,6 @@ class RequestSpec:
     shared_prefix_len: int = 0  # tokens of that shared prefix
     tools: tuple[dict[str, Any], ...] | None = None  # agent chains in tool-calling mode: the tools offered
     tool_choice: str | None = None  # "required" (a call is forced) or "none" (the chain's final answer)
-
-
-# --------------------------------------------------------------------------------------------
-# Lengths and arrivals
-
-
-@dataclass(frozen=True)
-class LengthDist:
-    """fixed:N | uniform:LOW:HIGH (inclusive) | lognormal:MEDIAN:SIGMA[:MIN:MAX]."""
-
-    kind: str = "fixed"
-    value: int = 128  # fixed
-    low: int = 1  # uniform bounds; lognormal clipping bounds
-    high: int = MAX_LEN
-    median: float = 0.0  # lognormal: exp(mu)
-    sigma: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("fixed", "uniform", "lognormal"):
-            raise ValueError(f"unknown length distribution {self.kind!r}")
-        if self.kind == "fixed" and not 1 <= self.value <= MAX_LEN:
-            raise ValueError(f"length must be in [1, {MAX_LEN}], got {self.value}")
-        if not 1 <= self.low <= self.high <= MAX_LEN:
-            raise ValueError(f"bad length bounds [{self.low}, {self.high}]")
-        if self.kind == "lognormal" and (self.median <= 0 or self.sigma < 0):
-            raise ValueError("lognormal needs median > 0 and sigma >= 0")
-
-    @classmethod
-    def fixed(cls, n: int) -> LengthDist:
-        return cls("fixed", value=int(n))
-
-    @classmethod
-    def uniform(cls, low: int, high: int) -> LengthDist:
-        return cls("uniform", low=int(low), high=int(high))
-
-    @classmethod
-    def lognormal(cls, median: float, sigma: float, low: int = 1, high: int = MAX_LEN) -> LengthDist:
-        return cls("lognormal", median=float(median), sigma=float(sigma), low=int(low), high=int(high))
-
-    @classmethod
-    def lognormal_from_mean(cls, median: float, mean: float, low: int = 1, high: int = MAX_LEN) -> LengthDist:
-        """The lognormal with this median and (unclipped) mean: sigma = sqrt(2 ln(mean/median))."""
-        sigma = math.sqrt(2.0 * math.log(mean / median)) if mean > median else 0.0
-        return cls.lognormal(median, sigma, low, high)
-
-    def sample(self, rng: random.Random) -> int:
-        if self.kind == "fixed":
-            return self.value
-        if self.kind == "uniform":
-            return rng.randint(self.low, self.high)
-        x = int(round(rng.lognormvariate(math.log(self.median), self.sigma)))
-        return min(max(x, self.low), self.high)
-
-    def describe(self) -> str:
-        if self.kind == "fixed":
-            return str(self.value)
-        if self.kind == "uniform":
-            return f"uniform:{self.low}:{self.high}"
-        bounds = "" if (self.low, self.high) == (1, MAX_LEN) else f":{self.low}:{self.high}"
-        return f"lognormal:{self.median:g}:{self.sigma:.4g}{bounds}"
-
-
-def parse_length(text: str | int) -> LengthDist:
-    """`128`, `fixed:128`, `uniform:64:256`, `lognormal:1020:0.5` or `lognormal:1020:0.5:1:8192`."""
-    if isinstance(text, int):
-        return LengthDist.fixed(text)
-    parts = str(text).strip().split(":")
-    try:
-        if len(parts) == 1:
-            return LengthDist.fixed(int(parts[0]))
-        kind, args = parts[0].lower(), parts[1:]
-        if kind == "fixed" and len(args) == 1:
-            return LengthDist.fixed(int(args[0]))
-        if kind == "uniform" and len(args) == 2:
-            return LengthDist.uniform(int(args[0]), int(args[1]))
-        if kind == "lognormal" and len(args) in (2, 4):
-            bounds = (int(args[2]), int(args[3])) if len(args) == 4 else (1, MAX_LEN)
-            return LengthDist.lognormal(float(args[0]), float(args[1]), *bounds)
-    except ValueError as exc:
-        raise ValueError(f"bad length {text!r}: {exc}") from None
-    raise ValueError(
-        f"bad length {text!r}: use N, uniform:LOW:HIGH or lognormal:MEDIAN:SIGMA[:MIN:MAX]"
-    )
-
-
-@dataclass(frozen=True)
-class Arrival:
-    """Open-loop arrivals at `rate` per second. rate=inf sends everything at t=0.
-
-    poisson: exponential gaps. gamma: gaps ~ Gamma(shape=burstiness, scale=1/(rate*burstiness)),
-    same mean rate; burstiness < 1 is burstier than Poisson, 1 is Poisson, > 1 smoother
-    (the convention of vLLM's `--burstiness`). constant: gaps of exactly 1/rate.
-    """
-
-    rate: float
-    kind: str = "poisson"
-    burstiness: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not self.rate > 0:
-            raise ValueError(f"rate must be > 0, got {self.rate}")
-        if self.kind not in ("poisson", "gamma", "constant"):
-            raise ValueError(f"unknown arrival process {self.kind!r}")
-        if not self.burstiness > 0:
-            raise ValueError(f"burstiness must be > 0, got {self.burstiness}")
-
-    def times(self, rng: random.Random) -> Iterator[float]:
-        """Arrival offsets: the first at 0, then cumulative gaps."""
-        t = 0.0
-        if math.isinf(self.rate):
-            while True:
-                yield 0.0
-        if self.kind == "constant":
-            i = 0
-            while True:
-                yield i / self.rate  # no accumulated rounding
-                i += 1
-        while True:
-            yield t
-            if self.kind == "poisson":
-                t += rng.expovariate(self.rate)
-            else:
-                t += rng.gammavariate(self.burstiness, 1.0 / (self.rate * self.burstiness))
-
-
-# --------------------------------------------------------------------------------------------
-# Prompt text
-
-
-class TextSource:
-    """Prompts of real text: random slices of a corpus, tokenized once with the target's tokenizer.
-
-    `sample(n, rng)` returns (token ids, text) where the text re-encodes to n tokens in the common
-    case (a slice that starts or ends mid-word may re-tokenize to a slightly different count; one
-    correction pass trims or extends it). The corpus text is passed in, never read here.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, corpus: str, *, max_corpus_tokens: int = 200_000):
-        ids = list(tokenizer.encode(corpus))[:max_corpus_tokens]
-        if len(ids) < 16:
-            raise ValueError("the corpus is too short to make prompts from")
-        self.tokenizer = tokenizer
-        self.ids = ids
-
-    def sample(self, n: int, rng: random.Random) -> tuple[tuple[int, ...], str]:
-        if n <= 0:
-            return (), ""
-        ids = self._slice(rng.randrange(len(self.ids)), n)
-        text = self.tokenizer.decode(ids)
-        again = list(self.tokenizer.encode(text))
-        if len(again) != n:
-            if len(again) > n:
-                again = again[:n]
-            else:
-                again += self._slice(rng.randrange(len(self.ids)), n - len(again))
-            text = self.tokenizer.decode(again)
-        return tuple(again), text
-
-    def _slice(self, start: int, n: int) -> list[int]:
-        out: list[int] = []
-        ids = self.ids
-        while len(out) < n:
-            take = ids[start : start + (n - len(out))]
-            out.extend(take)
-            start = 0
-        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -386,30 +229,6 @@ def agent_chains(
     return _bounded(gen(), num_chains, duration_s)
 
 
-# The tools an agent chain offers in tool-calling mode: a search and a file read, the two calls
-# coding and research agents make most.
-AGENT_TOOLS: tuple[dict[str, Any], ...] = (
-    {"type": "function", "function": {
-        "name": "search", "description": "Search the knowledge base and return the best passages",
-        "parameters": {"type": "object", "properties": {"query": {"type": "string", "maxLength": 40},
-                                                        "top_k": {"type": "integer", "minimum": 1, "maximum": 10}},
-                       "required": ["query", "top_k"], "additionalProperties": False}}},
-    {"type": "function", "function": {
-        "name": "read_file", "description": "Read a file of the project",
-        "parameters": {"type": "object", "properties": {"path": {"type": "string", "maxLength": 40}},
-                       "required": ["path"], "additionalProperties": False}}},
-)
-
-
-def tool_round_trip(calls: list[dict[str, Any]], result: str) -> list[dict[str, Any]]:
-    """The messages one tool step adds to a conversation: the assistant's calls, then one `tool`
-    result per call (the step's chunk answers the first; the others get a short acknowledgement)."""
-    msgs: list[dict[str, Any]] = [{"role": "assistant", "content": None, "tool_calls": calls}]
-    for i, call in enumerate(calls):
-        msgs.append({"role": "tool", "tool_call_id": call["id"], "content": result if i == 0 else "ok"})
-    return msgs
-
-
 # --------------------------------------------------------------------------------------------
 # Presets that mirror published production traces
 
@@ -497,100 +316,6 @@ def preset(
 # Trace replay
 
 
-@dataclass(frozen=True)
-class TraceRow:
-    timestamp: float  # seconds (absolute or relative; replay uses offsets from the first row)
-    input_len: int | None
-    output_len: int
-    messages: tuple[dict[str, str], ...] | None = None
-    prompt: str | None = None
-
-
-_IN_KEYS = ("input_length", "input_len", "input_tokens", "prompt_tokens", "ContextTokens")
-_OUT_KEYS = ("output_length", "output_len", "output_tokens", "max_tokens", "GeneratedTokens")
-_TS_KEYS = ("timestamp", "TIMESTAMP", "time", "arrival_time")
-MAX_MESSAGES = 1_000
-MAX_TEXT_CHARS = 4_000_000
-
-
-def _timestamp(value: Any, unit_s: float) -> float:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value) * unit_s
-    if isinstance(value, str):
-        v = value.strip()
-        try:
-            return float(v) * unit_s
-        except ValueError:
-            pass
-        # "2023-11-16 18:15:46.6805900": at most 6 fraction digits for fromisoformat
-        if "." in v:
-            head, frac = v.rsplit(".", 1)
-            digits = "".join(ch for ch in frac if ch.isdigit())
-            v = f"{head}.{digits[:6]}{frac[len(digits):]}"
-        return datetime.fromisoformat(v).timestamp()
-    raise ValueError(f"bad timestamp {value!r}")
-
-
-def parse_trace_row(obj: dict[str, Any], *, time_unit_s: float = 1.0) -> TraceRow:
-    """One trace entry: timestamp, input length or messages/prompt, output length.
-
-    Accepts splitserve's own keys (timestamp, input_length, output_length, messages, prompt),
-    the Azure CSV column names (TIMESTAMP, ContextTokens, GeneratedTokens) and Mooncake's
-    (timestamp in ms with time_unit_s=0.001, input_length, output_length).
-    """
-    if not isinstance(obj, dict):
-        raise ValueError("a trace row must be a JSON object")
-    ts = next((obj[k] for k in _TS_KEYS if k in obj), None)
-    if ts is None:
-        raise ValueError("trace row has no timestamp")
-    n_in = next((obj[k] for k in _IN_KEYS if k in obj), None)
-    n_out = next((obj[k] for k in _OUT_KEYS if k in obj), None)
-    if n_out is None:
-        raise ValueError("trace row has no output length")
-    n_out = int(n_out)
-    if not 1 <= n_out <= MAX_LEN:
-        raise ValueError(f"output length {n_out} out of range")
-    if n_in is not None:
-        n_in = int(n_in)
-        if not 1 <= n_in <= MAX_LEN:
-            raise ValueError(f"input length {n_in} out of range")
-    messages = obj.get("messages")
-    if messages is not None:
-        if not isinstance(messages, list) or not 1 <= len(messages) <= MAX_MESSAGES:
-            raise ValueError("messages must be a non-empty list")
-        clean = []
-        for m in messages:
-            if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-                raise ValueError("each message needs a string content")
-            clean.append({"role": str(m.get("role", "user")), "content": m["content"][:MAX_TEXT_CHARS]})
-        messages = tuple(clean)
-    prompt = obj.get("prompt")
-    if prompt is not None and not isinstance(prompt, str):
-        raise ValueError("prompt must be a string")
-    if n_in is None and messages is None and prompt is None:
-        raise ValueError("trace row needs an input length, messages or a prompt")
-    return TraceRow(_timestamp(ts, time_unit_s), n_in, n_out, messages, prompt[:MAX_TEXT_CHARS] if prompt else None)
-
-
-def parse_trace_lines(lines: Iterable[str], *, time_unit_s: float = 1.0, limit: int = MAX_REQUESTS) -> list[TraceRow]:
-    """JSONL text -> rows. Blank lines and lines starting with '#' are skipped; a bad line raises
-    ValueError naming its line number."""
-    import json
-
-    rows: list[TraceRow] = []
-    for lineno, line in enumerate(lines, 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if len(rows) >= limit:
-            break
-        try:
-            rows.append(parse_trace_row(json.loads(line), time_unit_s=time_unit_s))
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"trace line {lineno}: {exc}") from None
-    return rows
-
-
 def trace_replay(
     rows: Sequence[TraceRow],
     *,
@@ -647,4 +372,3 @@ def iter_units(specs: Iterable[RequestSpec]) -> Iterator[list[RequestSpec]]:
         unit.append(spec)
     if unit:
         yield unit
-

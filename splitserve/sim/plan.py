@@ -51,16 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def plan_main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    if args.slo_ttft_ms is None and args.slo_tpot_ms is None and args.slo_itl_ms is None:
-        print("splitserve plan: give --slo-ttft-ms, --slo-tpot-ms and/or --slo-itl-ms", file=sys.stderr)
-        return 2
-    if args.rate is None or "," in str(args.rate):
-        print("splitserve plan: give one --rate (requests/s) to plan for", file=sys.stderr)
-        return 2
-    ignored = _ignored_options(args)
-    if ignored:
-        print(f"splitserve plan: {', '.join(ignored)} would have no effect (plan picks the hardware from "
-              "--candidates; pool options need --disaggregated)", file=sys.stderr)
+    error = _usage_error(args)
+    if error:
+        print(f"splitserve plan: {error}", file=sys.stderr)
         return 2
     if args.num_requests is None:
         args.num_requests = 300
@@ -68,9 +61,7 @@ def plan_main(argv: list[str]) -> int:
     args.quiet = True
     args.records_jsonl = None
     from splitserve.sim.cli import _resolve_model
-    from splitserve.sim.deploy import default_kv_dtype, min_units, shape_for
     from splitserve.sim.hardware import get_hardware
-    from splitserve.sim.simulator import SimConfig
 
     try:
         model = _resolve_model(args)
@@ -79,49 +70,81 @@ def plan_main(argv: list[str]) -> int:
     except ValueError as exc:
         print(f"splitserve plan: {exc}", file=sys.stderr)
         return 2
-    weight_dtype = args.weight_dtype or model.default_dtype
-    kv_dtype = args.kv_dtype or default_kv_dtype(weight_dtype)
-    max_len = args.max_model_len or min(model.max_context, 8192)
-    cfg = SimConfig(max_model_len=max_len)
+    search = _PlanSearch(args, model, rate)
+    results = search.aggregated(hws)
+    if args.disaggregated:
+        results += search.disaggregated(hws)
+    if not results:
+        print("no candidate meets the SLOs within the search limits")
+        return 1
+    results.sort(key=search.key)
+    _print_plan(results, model, rate, args)
+    return 0
 
-    def replica_units(hw) -> int:
-        tp, pp = shape_for(hw, model, min_units(hw, model, weight_dtype, kv_dtype, max_len))
+
+def _usage_error(args) -> str | None:
+    """Why these options cannot be planned for, or None."""
+    if args.slo_ttft_ms is None and args.slo_tpot_ms is None and args.slo_itl_ms is None:
+        return "give --slo-ttft-ms, --slo-tpot-ms and/or --slo-itl-ms"
+    if args.rate is None or "," in str(args.rate):
+        return "give one --rate (requests/s) to plan for"
+    ignored = _ignored_options(args)
+    if ignored:
+        return (f"{', '.join(ignored)} would have no effect (plan picks the hardware from "
+                "--candidates; pool options need --disaggregated)")
+    return None
+
+
+class _PlanSearch:
+    """Simulates candidate deployments of one model at one rate and finds the smallest that meet
+    the SLOs."""
+
+    def __init__(self, args, model, rate: float):
+        import copy
+
+        from splitserve.sim.cli import POOL_OPTIONS
+        from splitserve.sim.deploy import default_kv_dtype
+
+        self.args, self.model, self.rate = args, model, rate
+        self.weight_dtype = args.weight_dtype or model.default_dtype
+        self.kv_dtype = args.kv_dtype or default_kv_dtype(self.weight_dtype)
+        self.max_len = args.max_model_len or min(model.max_context, 8192)
+        # An aggregated candidate runs without the options that only act on two pools.
+        self.agg_args = copy.copy(args)
+        for k in POOL_OPTIONS:
+            setattr(self.agg_args, k, None)
+        self.agg_args.local_prefill_threshold = 0
+        self.key = (lambda c: c.usd_per_hour) if args.objective == "cost" else (lambda c: c.power_kw)
+
+    def replica_units(self, hw) -> int:
+        from splitserve.sim.deploy import min_units, shape_for
+
+        tp, pp = shape_for(hw, self.model, min_units(hw, self.model, self.weight_dtype, self.kv_dtype, self.max_len))
         return tp * pp
 
-    results: list[Candidate] = []
-
-    import copy
-
-    from splitserve.sim.cli import POOL_OPTIONS
-
-    # An aggregated candidate runs without the options that only act on two pools.
-    agg_args = copy.copy(args)
-    for k in POOL_OPTIONS:
-        setattr(agg_args, k, None)
-    agg_args.local_prefill_threshold = 0
-
-    def evaluate(hardware=None, prefill=None, decode=None) -> Candidate:
+    def evaluate(self, hardware=None, prefill=None, decode=None) -> Candidate:
         from splitserve.sim.cli import run_once
 
-        a = agg_args if hardware else args
+        a = self.agg_args if hardware else self.args
         a.hardware, a.prefill, a.decode = hardware, prefill, decode
         try:
-            res, stats = run_once(a, model, rate)
+            res, stats = run_once(a, self.model, self.rate)
         except ValueError as exc:
             return Candidate(str(exc), hardware, prefill, decode, 0, math.inf, math.inf, 0.0, None, None, False)
         s = res.summary
         frac = s.goodput.fraction if s.goodput else 0.0
         label = hardware or f"{prefill} -> {decode}"
-        c = Candidate(label, hardware, prefill, decode, stats["units"], stats["usd_per_hour"], stats["power_kw"],
-                      frac, s.ttft_ms.p90, s.tpot_ms.p90, frac >= args.slo_fraction and s.steady_state is not False)
-        return c
+        return Candidate(label, hardware, prefill, decode, stats["units"], stats["usd_per_hour"], stats["power_kw"],
+                         frac, s.ttft_ms.p90, s.tpot_ms.p90,
+                         frac >= self.args.slo_fraction and s.steady_state is not False)
 
-    def smallest(make) -> Candidate | None:
+    def smallest(self, make) -> Candidate | None:
         """Binary search the replica count in [1, max_replicas] for the smallest that meets the SLOs."""
-        hi_c = make(args.max_replicas)
+        max_replicas = self.args.max_replicas
+        hi_c = make(max_replicas)
         if not hi_c.meets:
             return None
-        lo, hi, best = 1, args.max_replicas, hi_c
+        lo, hi, best = 1, max_replicas, hi_c
         while lo < hi:
             mid = (lo + hi) // 2
             c = make(mid)
@@ -131,43 +154,50 @@ def plan_main(argv: list[str]) -> int:
                 lo = mid + 1
         return best
 
-    key = (lambda c: c.usd_per_hour) if args.objective == "cost" else (lambda c: c.power_kw)
-    for hw in hws:
-        try:
-            u = replica_units(hw)
-        except ValueError:
-            continue
-        if hw.family == "cpu":
-            continue
-        best = smallest(lambda r, hw=hw, u=u: evaluate(hardware=f"{hw.name}:{r * u}"))
-        if best is not None:
-            results.append(best)
-        print(f"  {hw.name}: " + (f"{best.units} units meet the SLOs" if best else "no size up to "
-                                  f"{args.max_replicas} replicas meets the SLOs"), file=sys.stderr)
-    if args.disaggregated:
+    def aggregated(self, hws) -> list[Candidate]:
+        """The smallest aggregated deployment on each candidate hardware that meets the SLOs."""
+        results = []
+        for hw in hws:
+            try:
+                u = self.replica_units(hw)
+            except ValueError:
+                continue
+            if hw.family == "cpu":
+                continue
+            best = self.smallest(lambda r, hw=hw, u=u: self.evaluate(hardware=f"{hw.name}:{r * u}"))
+            if best is not None:
+                results.append(best)
+            print(f"  {hw.name}: " + (f"{best.units} units meet the SLOs" if best else "no size up to "
+                                      f"{self.args.max_replicas} replicas meets the SLOs"), file=sys.stderr)
+        return results
+
+    def disaggregated(self, hws) -> list[Candidate]:
+        """For each prefill x decode hardware pair, the best pool sizes that meet the SLOs."""
+        results = []
         for ph in hws:
             for dh in hws:
                 if ph.family == "cpu" or dh.family == "cpu":
                     continue
-                pu, du = replica_units(ph), replica_units(dh)
-                found = None
-                for d in (1, 2, 4, 8, 16, 32, 64):
-                    if d > args.max_replicas:
-                        break
-                    c = smallest(lambda p, d=d: evaluate(prefill=f"{ph.name}:{p * pu}", decode=f"{dh.name}:{d * du}"))
-                    if c is not None and (found is None or key(c) < key(found)):
-                        found = c
-                    elif found is not None:
-                        break
+                found = self._best_pair(ph, dh)
                 if found is not None:
                     results.append(found)
                     print(f"  {found.label}: {found.units} units meet the SLOs", file=sys.stderr)
-    if not results:
-        print("no candidate meets the SLOs within the search limits")
-        return 1
-    results.sort(key=key)
-    _print_plan(results, model, rate, args)
-    return 0
+        return results
+
+    def _best_pair(self, ph, dh) -> Candidate | None:
+        pu, du = self.replica_units(ph), self.replica_units(dh)
+        found = None
+        for d in (1, 2, 4, 8, 16, 32, 64):
+            if d > self.args.max_replicas:
+                break
+            c = self.smallest(
+                lambda p, d=d: self.evaluate(prefill=f"{ph.name}:{p * pu}", decode=f"{dh.name}:{d * du}")
+            )
+            if c is not None and (found is None or self.key(c) < self.key(found)):
+                found = c
+            elif found is not None:
+                break
+        return found
 
 
 def _ignored_options(args) -> list[str]:
