@@ -187,8 +187,16 @@ class ServerProcess:
         for p in orphans:
             os.kill(p, signal.SIGKILL)
         # Other test runs on this host have segments of their own: only this server's are its leaks.
-        mine = f"splitserve-{self.cluster_id}-" if self.cluster_id else "splitserve-"
-        leaked = sorted(n for n in shm_files() - self.shm_before if n.startswith(mine))
+        # Before it was ready its cluster id is unknown: its workers' segments end with their pids.
+        if self.cluster_id:
+            def mine(n: str) -> bool:
+                return n.startswith(f"splitserve-{self.cluster_id}-")
+        else:
+            own_pids = {str(p) for p in pids}
+
+            def mine(n: str) -> bool:
+                return n.startswith("splitserve-") and n.rsplit("-", 1)[-1] in own_pids
+        leaked = sorted(n for n in shm_files() - self.shm_before if mine(n))
         for name in leaked:
             shm.unlink(name)
         log = self.read_log() if orphans or leaked else ""
