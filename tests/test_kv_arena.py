@@ -84,3 +84,22 @@ def test_a_region_is_reclaimed_once_its_reader_is_gone(tiny):
     pair.D.poll_transfers()
     assert not tx.arena.allocs
     pair.assert_clean()
+
+
+def test_a_placement_names_the_reader_of_a_region_already_staged(tiny):
+    """No pid came with the PrefillRequest: the KVPlacement's pid makes the region reclaimable."""
+    prompt = prompts_for(384)[-1]
+    pair = Pair(tiny, p_kw=dict(max_num_batched_tokens=16), direct=True, hold_placements=True)
+    tx = pair.P.kv_sender
+    pair.reserve("x", prompt, GREEDY)
+    pair.P.add_prefill_request("x", prompt, GREEDY, 11, "D", 0, "shm")
+    pair.P.step()  # the placement is held back: the first step goes through the arena
+    assert tx.arena.allocs["x"][2] == 0
+    pair.release_placements()
+    assert tx.arena.allocs["x"][2] == os.getpid()
+    pair.P.abort_request("x")
+    pair.D.abort_request("x")
+    pair.flush()
+    pair.D.poll_transfers()
+    assert not tx.arena.allocs
+    pair.assert_clean()
