@@ -117,7 +117,8 @@ class Pair:
             send_from = reuse(p) if reuse else 0
             if not reserve_late:
                 self.reserve(rid, p, params, reuse_tokens=send_from)
-            self.P.add_prefill_request(rid, p, params, 11, "D", send_from, self.transport, data_addr=self.data_addr)
+            self.P.add_prefill_request(rid, p, params, 11, "D", send_from, self.transport, data_addr=self.data_addr,
+                                       dest_pid=os.getpid())
         while self.P.has_unfinished():
             for o in self.P.step():
                 outputs[o.request_id].append(o.new_token)

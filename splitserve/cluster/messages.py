@@ -58,6 +58,7 @@ class PrefillRequest(Msg):
     output_token_ids: list[int] = []
     dest_data_addr: str = ""  # tcp: the decode worker's raw KV data port (HOST:PORT), if it has one
     resumed: bool = False  # placed again after a fault: queued ahead of new requests
+    dest_pid: int = 0  # same host: the decode worker's process, the reader of its arena regions
 
 
 class ReserveKV(Msg):

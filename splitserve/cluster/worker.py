@@ -224,7 +224,7 @@ class Worker:
             elif isinstance(msg, m.PrefillRequest):
                 e.add_prefill_request(msg.request_id, msg.prompt_token_ids, msg.params, msg.seed, msg.dest_addr,
                                       msg.send_from, msg.transport, msg.output_token_ids, msg.dest_data_addr,
-                                      resumed=msg.resumed)
+                                      resumed=msg.resumed, dest_pid=msg.dest_pid)
             elif isinstance(msg, m.ReserveKV):
                 self._report_failures(e.reserve_kv(
                     msg.request_id, msg.prompt_token_ids, msg.params, msg.seed, msg.reuse_tokens,

@@ -182,7 +182,7 @@ class LLMEngine:
     def add_prefill_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, seed: int,
                             dest_addr: str, send_from: int, transport: str,
                             output_token_ids: list[int] | None = None, data_addr: str = "",
-                            resumed: bool = False) -> Request:
+                            resumed: bool = False, dest_pid: int = 0) -> Request:
         """Prefill here and stream the KV of tokens [send_from, end) to a decode worker."""
         req = self.make_request(request_id, prompt_token_ids, params, seed, output_token_ids, prefill_only=True)
         if not 0 <= send_from < req.num_tokens:
@@ -194,7 +194,7 @@ class LLMEngine:
             except ValueError:
                 self.kv_sender.abort(request_id)  # its decode side may have offered blocks: it hears KVStopped
                 raise
-            self.kv_sender.add(request_id, dest_addr, send_from, transport, req.num_tokens, data_addr)
+            self.kv_sender.add(request_id, dest_addr, send_from, transport, req.num_tokens, data_addr, dest_pid)
 
         self.grammars.admit_when_ready(req, admit)
         return req

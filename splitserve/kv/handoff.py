@@ -62,7 +62,6 @@ class HandoffTimeouts:
     early_ttl_s: float = 30.0  # KV for a transfer that was never reserved here
     tombstone_s: float = 30.0  # late messages for a finished transfer are discarded this long
     fence_max_s: float = 120.0  # a live writer that never answers: free the blocks anyway, loudly
-    arena_release_s: float = 180.0  # prefill side: an arena region never released by the decode side
 
 
 # ---- events (what the caller tells the machine) --------------------------------------------------

@@ -44,6 +44,7 @@ class OutgoingTransfer:
     total_tokens: int  # the decode side needs tokens [send_from, total_tokens)
     sent_upto: int
     path: KVPath  # ShmPath, DataPath or FramesPath, chosen once
+    dest_pid: int = 0  # same host: the decode worker's process (0: not known)
     state: TxState = TxState.SENDING
     bytes_sent: int = 0
     send_seconds: float = 0.0  # time spent moving its KV (copies, socket sends)
@@ -70,15 +71,16 @@ class KVSender(KVSide):
         self.remote_caches: dict[str, RemoteCache] = {}
         self.early_placements: dict[str, tuple[float, m.KVPlacement]] = {}  # beat their PrefillRequest
         self.ended: dict[str, tuple[float, bool]] = {}  # recently ended here: (when, without PrefillDone?)
-        self._checked_caches = 0.0
+        self._checked_readers = 0.0
 
     def ensure_arena(self) -> None:
         if self.arena is None and self.arena_bytes > 0:
             self.arena = shm.Arena(shm.segment_name(self.owner, f"arena-{os.getpid()}"), self.arena_bytes)
 
     def add(self, request_id: str, dest_addr: str, send_from: int, transport: str, total_tokens: int,
-            data_addr: str = "") -> None:
-        """Start a transfer; its path is chosen here, once."""
+            data_addr: str = "", dest_pid: int = 0) -> None:
+        """Start a transfer; its path is chosen here, once. `dest_pid`: the decode worker's
+        process (same host), so its arena region can be freed if that process dies."""
         path: KVPath
         if transport == "shm":
             path = ShmPath()
@@ -86,7 +88,7 @@ class KVSender(KVSide):
             conn = self.data_conn(data_addr) if data_addr else None
             path = DataPath(data_addr, conn) if conn is not None else FramesPath()
         t = self.transfers[request_id] = OutgoingTransfer(request_id, dest_addr, send_from, total_tokens,
-                                                          send_from, path)
+                                                          send_from, path, dest_pid=dest_pid)
         early = self.early_placements.pop(request_id, None)
         if early is not None:
             self._apply_placement(t, early[1])
@@ -94,8 +96,11 @@ class KVSender(KVSide):
     # ---- placements: direct writes into the decode worker's cache ----------------------------
     def place(self, msg: m.KVPlacement) -> None:
         """The decode side reserved blocks and says where they are."""
+        if self.arena is not None:  # its reader is now known, even if the transfer already ended
+            self.arena.set_reader(msg.request_id, msg.pid)
         t = self.transfers.get(msg.request_id)
         if t is not None:
+            t.dest_pid = t.dest_pid or msg.pid
             self._apply_placement(t, msg)
         elif msg.request_id in self.ended:  # a placement that lost the race with the prefill
             if self.ended[msg.request_id][1]:
@@ -240,8 +245,8 @@ class KVSender(KVSide):
             self.send(early[1].reply_to, [m.encode(m.KVStopped(request_id))])
         if request_id not in self.ended:  # a placement still on its way gets KVStopped at once
             self.ended[request_id] = (self.clock(), True)
-        # A region already handed over stays until the decode side releases it or it times out:
-        # freeing it now could hand the bytes to another transfer while the decode side reads.
+        # A region already handed over stays until the decode side releases it or its process is
+        # gone: freeing it now could hand the bytes to another transfer while the decode side reads.
 
     def _drop(self, t: OutgoingTransfer) -> None:
         # Tell the decode side no write will follow, so it can free blocks it holds for us.
@@ -255,14 +260,9 @@ class KVSender(KVSide):
 
     def poll(self) -> None:
         now = self.clock()
-        if self.remote_caches and now - self._checked_caches > 1.0:
-            self._checked_caches = now
-            for name, cache in list(self.remote_caches.items()):
-                if cache.pid and not process_alive(cache.pid):  # its decode worker is gone
-                    self._unmap(name)
-        if self.arena is not None and self.arena.allocs:
-            for rid in self.arena.reclaim(now - self.timeouts.arena_release_s):
-                log.warning("reclaimed the arena region of %s: no release from the decode side", rid)
+        if (self.remote_caches or self.arena is not None and self.arena.allocs) and now - self._checked_readers > 1.0:
+            self._checked_readers = now
+            self._forget_dead_readers()
         for rid, (born, msg) in list(self.early_placements.items()):
             if now - born > self.timeouts.early_ttl_s:  # its PrefillRequest never came: free the decode side's blocks
                 del self.early_placements[rid]
@@ -270,6 +270,16 @@ class KVSender(KVSide):
         for rid, (when, _) in list(self.ended.items()):
             if now - when > self.timeouts.tombstone_s:
                 del self.ended[rid]
+
+    def _forget_dead_readers(self) -> None:
+        """Unmap the caches, and free the arena regions, of decode workers whose process is gone.
+        A region is never freed by age: its reader may still be waiting for blocks to copy into."""
+        for name, cache in list(self.remote_caches.items()):
+            if cache.pid and not process_alive(cache.pid):
+                self._unmap(name)
+        if self.arena is not None:
+            for rid in self.arena.reclaim(lambda pid: not process_alive(pid)):
+                log.warning("reclaimed the arena region of %s: its decode worker is gone", rid)
 
     @property
     def num_pending(self) -> int:

@@ -11,6 +11,7 @@ import glob
 import mmap
 import os
 import re
+from typing import Callable
 
 SHM_DIR = "/dev/shm"
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
@@ -94,8 +95,10 @@ class Arena:
     """A long-lived, pre-faulted segment carved into per-transfer regions (first fit, page aligned).
 
     The prefill side writes a transfer's KV into its region; the decode side maps the arena once
-    and copies from it; a region returns to the free list when the decode side says it is done,
-    or after `reclaim_after_s` when it never says so (it died or gave up).
+    and copies from it, possibly long after (it may wait for blocks). A region returns to the free
+    list only when its reader can no longer read it: the decode side released it (done or gave up),
+    or its reader process is gone. Never by age: a region reused while its reader still copies
+    from it would hand that reader another request's KV.
     """
 
     ALIGN = 4096
@@ -105,9 +108,10 @@ class Arena:
         self.name = name
         self.size = self.segment.size
         self.free: list[tuple[int, int]] = [(0, self.size)]  # (offset, length), sorted by offset
-        self.allocs: dict[str, tuple[int, int, float]] = {}
+        self.allocs: dict[str, tuple[int, int, int]] = {}  # key -> (offset, length, reader pid or 0)
 
-    def alloc(self, key: str, nbytes: int, now: float) -> int | None:
+    def alloc(self, key: str, nbytes: int, reader_pid: int = 0) -> int | None:
+        """A region for `key`, read by process `reader_pid` (0: not known yet); None when full."""
         need = -(-nbytes // self.ALIGN) * self.ALIGN
         for i, (off, length) in enumerate(self.free):
             if length >= need:
@@ -115,7 +119,7 @@ class Arena:
                     del self.free[i]
                 else:
                     self.free[i] = (off + need, length - need)
-                self.allocs[key] = (off, need, now)
+                self.allocs[key] = (off, need, reader_pid)
                 return off
         return None
 
@@ -135,11 +139,17 @@ class Arena:
         self.free = merged
         return True
 
-    def reclaim(self, older_than: float) -> list[str]:
-        stale = [k for k, (_, _, t) in self.allocs.items() if t < older_than]
-        for k in stale:
+    def set_reader(self, key: str, pid: int) -> None:
+        a = self.allocs.get(key)
+        if a is not None and pid and not a[2]:
+            self.allocs[key] = (a[0], a[1], pid)
+
+    def reclaim(self, reader_gone: Callable[[int], bool]) -> list[str]:
+        """Free the regions whose reader process is gone; a region of an unknown reader stays."""
+        orphans = [k for k, (_, _, pid) in self.allocs.items() if pid and reader_gone(pid)]
+        for k in orphans:
             self.release(k)
-        return stale
+        return orphans
 
     @property
     def bytes_in_use(self) -> int:

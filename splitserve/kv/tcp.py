@@ -274,10 +274,6 @@ class DataReceiver:
                 self._warn("closing KV data connection from %s: no handshake in %.0fs", conn.peer, AUTH_TIMEOUT_S)
                 self._close(fd)
 
-    def pump_all(self) -> None:
-        for fd in self.fds():
-            self.pump(fd)
-
     def _accept(self) -> None:
         while True:
             try:

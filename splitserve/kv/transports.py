@@ -151,7 +151,7 @@ class ShmPath:
         n = t.total_tokens - t.send_from
         nbytes = sender.num_layers * n * sender.token_bytes
         sender.ensure_arena()
-        off = sender.arena.alloc(t.request_id, nbytes, sender.clock()) if sender.arena else None
+        off = sender.arena.alloc(t.request_id, nbytes, t.dest_pid) if sender.arena else None
         if off is not None:
             buf, self.shm_name, self.arena, self.base_offset = sender.arena.segment.buf, sender.arena.name, True, off
         else:  # arena full (or disabled): a one-off segment, unlinked by the receiver
