@@ -78,15 +78,15 @@ def test_releases_as_capacity_frees_through_router_accounting():
     views = router.workers.values()
     admitted = []
     for i in range(5):
-        if adm.offer(i, 32, 16, views, now=float(i)) is Verdict.ADMIT:
+        if adm.offer(str(i), 32, 16, views, now=float(i)) is Verdict.ADMIT:
             router.on_dispatch(router.place(list(range(32))), 32)
-            admitted.append(i)
-    assert admitted == [0, 1] and len(adm) == 3
+            admitted.append(str(i))
+    assert admitted == ["0", "1"] and len(adm) == 3
     router.update_load("d0", kv_blocks_free=996, num_running=1, num_waiting=0, queued_prefill_tokens=0)  # one done
     while (key := adm.pop_ready(views)) is not None:
         router.on_dispatch(router.place(list(range(32))), 32)
         admitted.append(key)
-    assert admitted == [0, 1, 2] and len(adm) == 2
+    assert admitted == ["0", "1", "2"] and len(adm) == 2
 
 
 def test_disabled_admits_everything():

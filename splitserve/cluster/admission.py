@@ -23,7 +23,7 @@ from __future__ import annotations
 import enum
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Hashable, Iterable
+from typing import Iterable
 
 from splitserve.cluster.router import KV_HEADROOM_BLOCKS, WorkerView
 
@@ -76,7 +76,7 @@ class DecodeAdmission:
 
     def __init__(self, config: AdmissionConfig = AdmissionConfig()) -> None:
         self.config = config
-        self._queue: OrderedDict[Hashable, _Waiting] = OrderedDict()
+        self._queue: OrderedDict[str, _Waiting] = OrderedDict()
         self.num_admitted = self.num_queued = self.num_rejected = 0
 
     def __len__(self) -> int:
@@ -86,7 +86,7 @@ class DecodeAdmission:
         reserve = min(max_tokens, self.config.output_reserve_tokens)
         return any(can_take(w, num_tokens, reserve) for w in views)
 
-    def offer(self, key: Hashable, num_tokens: int, max_tokens: int, views: Iterable[WorkerView],
+    def offer(self, key: str, num_tokens: int, max_tokens: int, views: Iterable[WorkerView],
               now: float) -> Verdict:
         """A new request: dispatch it now if nobody waits and a decode worker can take it."""
         if key in self._queue:
@@ -101,7 +101,7 @@ class DecodeAdmission:
         self.num_queued += 1
         return Verdict.QUEUED
 
-    def pop_ready(self, views: Iterable[WorkerView]) -> Hashable | None:
+    def pop_ready(self, views: Iterable[WorkerView]) -> str | None:
         """The head of the queue if a decode worker can take it now (account for it, then call again)."""
         if not self._queue:
             return None
@@ -112,7 +112,7 @@ class DecodeAdmission:
         self.num_admitted += 1
         return key
 
-    def cancel(self, key: Hashable) -> bool:
+    def cancel(self, key: str) -> bool:
         """A queued request left (its client went away): drop it. False if it was not queued."""
         return self._queue.pop(key, None) is not None
 
