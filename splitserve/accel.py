@@ -35,6 +35,7 @@ MODULES = ("splitserve.engine.request", "splitserve.engine.block_hash", "splitse
 # Whose types the compiled modules use (not compiled): part of the tag.
 TYPE_ONLY = ("splitserve.config", "splitserve.engine.sampling_params", "splitserve.bench.schema",
              "splitserve.bench.metrics", "splitserve.bench.workloads", "splitserve.cluster.router",
+             "splitserve.cluster.admission",
              "splitserve.cluster.messages", "splitserve.sim.cost", "splitserve.sim.families", "splitserve.sim.hardware")
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _active: dict[str, str] = {}  # module name -> compiled file, once activate() installed the finder

@@ -151,7 +151,7 @@ class ServerProcess:
         return [w["pid"] for w in self.cluster()["workers"] if w["pid"]]
 
     def wait_idle(self, timeout: float = 15.0) -> dict:
-        """The leak check: nothing in flight at the gateway, no request or KV block held by any worker."""
+        """The leak check: nothing in flight or queued at the gateway, no request or KV block held by any worker."""
         deadline = time.time() + timeout
         last = None
         while time.time() < deadline:
@@ -159,6 +159,7 @@ class ServerProcess:
             loads = [w["load"] for w in last["workers"]]
             transfers = [w["transfers"] for w in last["workers"]]
             if (last["gateway_inflight"] == 0 and last.get("shm_segments", 0) == 0
+                    and last.get("gateway_queue", {}).get("length", 0) == 0
                     and all(ld and ld["num_running"] == 0 and ld["num_waiting"] == 0 and ld["kv_blocks_used"] == 0
                             and ld.get("num_waiting_for_kv", 0) == 0 for ld in loads)
                     and all(t is None or t["active"] == 0 for t in transfers)):

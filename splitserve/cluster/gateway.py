@@ -34,6 +34,8 @@ import zmq.asyncio
 
 from splitserve.cluster import liveness, security
 from splitserve.cluster import messages as m
+from splitserve.cluster.admission import AdmissionConfig
+from splitserve.cluster.gateway_queue import GatewayQueue, GatewayQueueFull
 from splitserve.cluster.logthrottle import ThrottledWarning
 from splitserve.cluster.orchestrator import AttemptFailed, Outcome, RequestOrchestration
 from splitserve.cluster.router import NoWorkerAvailable, Placement, Router, RouterConfig, WorkerView
@@ -99,12 +101,15 @@ class Attempt:
 class Cluster:
     def __init__(self, pools: list[PoolSpec], eos_token_ids: frozenset[int], *, router_config: RouterConfig = RouterConfig(),
                  kv_transport: str = "auto", log_level: str = "INFO",
-                 join_address: str | None = None, secret: str | None = None) -> None:
+                 join_address: str | None = None, secret: str | None = None,
+                 admission: AdmissionConfig = AdmissionConfig()) -> None:
         if kv_transport not in ("auto", "shm", "tcp"):
             raise ValueError("kv_transport must be auto, shm or tcp")
         self.pools = pools
         self.eos_token_ids = eos_token_ids
         self.router = Router(router_config)
+        # disaggregated: a request's prefill starts when a decode worker can take it
+        self.queue = GatewayQueue(admission, self.router.workers.values(), lambda t: self._place_now(t, True))
         self.kv_transport = kv_transport
         self.log_level = log_level
         self.cluster_id = secrets.token_hex(4)
@@ -259,6 +264,7 @@ class Cluster:
                                     queued_prefill_tokens=msg.queued_prefill_tokens)
             if msg.kv_events:
                 self.router.apply_kv_events(msg.worker_id, msg.kv_events)
+            self.queue.release()
         elif isinstance(msg, m.RequestError):
             if not msg.request_id:
                 self.startup_error = msg.message
@@ -308,8 +314,10 @@ class Cluster:
         w.push.connect(msg.address)
         self._post(w, m.Welcome(msg.worker_id))
         self.router.remove_worker(msg.worker_id)
-        self.router.add_worker(WorkerView(msg.worker_id, msg.role, msg.block_size, msg.num_blocks))
+        self.router.add_worker(WorkerView(msg.worker_id, msg.role, msg.block_size, msg.num_blocks,
+                                          max_running=w.engine.max_num_seqs if w.engine else 0))
         w.ready_event.set()
+        self.queue.release()
         self._changed.set()
 
     async def _supervise_loop(self) -> None:
@@ -407,11 +415,23 @@ class Cluster:
         p, d = self.workers[prefill].ready, self.workers[decode].ready
         return "shm" if p and d and p.host == d.host else "tcp"
 
-    async def _place(self, tokens: list[int]) -> Placement:
+    def _place_now(self, tokens: list[int], reuse_prefix: bool) -> Placement:
+        """Place and account at once (no await between), so the next placement sees this one's load."""
+        placement = self.router.place(tokens)
+        counted = placement if reuse_prefix else Placement(placement.decode_worker, placement.prefill_worker, 0, 0)
+        self.router.on_dispatch(counted, len(tokens))
+        return placement
+
+    async def _place(self, tokens: list[int], reuse_prefix: bool, admit: tuple[str, int] | None) -> Placement:
+        """`admit` (request id, max_tokens): a new request, which passes decode backpressure first."""
         deadline = time.monotonic() + WAIT_FOR_WORKER_S
         while True:
             try:
-                return self.router.place(tokens)
+                if admit is not None and self.mode == "disaggregated":
+                    return await self.queue.admit(admit[0], tokens, admit[1])
+                return self._place_now(tokens, reuse_prefix)
+            except GatewayQueueFull as exc:
+                raise EngineDeadError(str(exc)) from None
             except NoWorkerAvailable:
                 restarting = any(w.state in ("starting", "silent") and w.role in ("decode", "both")
                                  for w in self.workers.values())
@@ -425,7 +445,8 @@ class Cluster:
 
     async def _dispatch(self, orch: RequestOrchestration, prompt: list[int], emitted: list[int],
                         params: SamplingParams, seed: int, queue: asyncio.Queue) -> Attempt:
-        placement = await self._place(prompt + emitted)
+        admit = (orch.request_id, params.max_tokens) if orch.attempts == 0 else None  # a re-placement skips the queue
+        placement = await self._place(prompt + emitted, orch.reuse_prefix, admit)
         d = placement.decode_worker
         plan = orch.plan(placement, self.workers[d].ready.block_size if self.workers[d].ready else 1)
         p = plan.prefill_worker
@@ -450,7 +471,6 @@ class Cluster:
             # never leave an attempt recorded that nobody waits for (shielded: a cancelled client too)
             await asyncio.shield(self._abort_attempt(attempt))
             raise
-        self.router.on_dispatch(placement, len(prompt) + len(emitted))
         return attempt
 
     async def _abort_attempt(self, a: Attempt, stopped: bool = False) -> None:
@@ -564,6 +584,7 @@ class Cluster:
                 },
             })
         return {"mode": self.mode, "cluster_id": self.cluster_id, "join_address": self.join_address,
-                "gateway_inflight": self.num_inflight, "requests_replaced": self.num_replaced,
+                "gateway_inflight": self.num_inflight,
+                "gateway_queue": self.queue.info(), "requests_replaced": self.num_replaced,
                 "requests_replaced_by_reason": dict(self.replaced_by_reason),
                 "shm_segments": len(shm.list_segments(self.cluster_id, arenas=False)), "workers": workers}

@@ -48,6 +48,7 @@ class WorkerView:
     num_running: int = 0
     num_waiting: int = 0
     queued_prefill_tokens: int = 0
+    max_running: int = 0  # its max_num_seqs (0: unknown, no seat limit): decode backpressure
     cached: set[bytes] = field(default_factory=set)
 
     @property

@@ -88,6 +88,11 @@ def build_parser(prog: str = "splitserve simulate") -> argparse.ArgumentParser:
     g.add_argument("--local-prefill-threshold", type=int, default=0,
                    help="disaggregated: prefill on the decode worker when at most this many prompt tokens "
                    "are uncached there (conditional disaggregation)")
+    g.add_argument("--gateway-queue", type=int, default=1024,
+                   help="disaggregated: requests waiting at the gateway for a decode seat and KV; beyond, 503")
+    g.add_argument("--no-decode-backpressure", action="store_true",
+                   help="disaggregated: start prefill without waiting for decode capacity (the first token "
+                   "comes early and the wait becomes a stall after it)")
 
     g = add_workload_args(p)
     g.add_argument("--output", default=None, help="write results JSON here (the bench schema)")
@@ -213,6 +218,11 @@ def check_options(args) -> None:
             raise ValueError("--spec-tokens and --spec-acceptance need --spec-draft")
     elif args.spec_acceptance is None:
         raise ValueError("--spec-draft needs --spec-acceptance (the share of drafted tokens accepted)")
+    if not getattr(args, "prefill", None) and (getattr(args, "no_decode_backpressure", False)
+                                               or getattr(args, "gateway_queue", 1024) != 1024):
+        raise ValueError("--no-decode-backpressure and --gateway-queue act on disaggregated pools: add --prefill/--decode")
+    if getattr(args, "gateway_queue", 0) < 0:
+        raise ValueError("--gateway-queue must be >= 0")
     f = getattr(args, "kv_memory_fraction", None)
     if f is not None and not 0 < f <= 1:
         raise ValueError("--kv-memory-fraction must be in (0, 1]")
@@ -236,6 +246,7 @@ def run_once(args, model, rate, *, log=lambda s: None):
     from splitserve import __version__
     from splitserve.bench.cli import _make_specs
     from splitserve.bench.schema import BenchResult, RunConfig
+    from splitserve.cluster.admission import AdmissionConfig
     from splitserve.cluster.router import RouterConfig
     from splitserve.sim.simulator import RecordSink, SimConfig, Simulation
 
@@ -244,7 +255,9 @@ def run_once(args, model, rate, *, log=lambda s: None):
                     max_model_len=max_len, block_size=args.block_size,
                     enable_prefix_caching=not args.no_prefix_caching, max_waiting=args.max_waiting,
                     record_itl=not args.no_itl, seed=args.seed,
-                    router=RouterConfig(local_prefill_threshold=args.local_prefill_threshold))
+                    router=RouterConfig(local_prefill_threshold=args.local_prefill_threshold),
+                    admission=AdmissionConfig(enabled=not getattr(args, "no_decode_backpressure", False),
+                                              max_queue=getattr(args, "gateway_queue", 1024)))
     check_options(args)
     pools, link, info = build_deployment(args, model, cfg, log=log)
     specs, winfo, conc = _make_specs(args, rate, None)

@@ -8,12 +8,17 @@ KV: the first layer when the ingress link has carried 1/L of it, the rest when a
 landed. A failure the handoff reports goes back to the orchestrator, which places the request again
 or answers 503/400, exactly as live. Nothing here decides policy: it moves events between the live
 objects and charges the link's time.
+
+Decode backpressure (`cluster/admission.py`, the gateway's policy): a new request is placed only
+when some decode worker has a seat and KV for it; otherwise it waits in the gateway's bounded FIFO
+(503 beyond) and is placed when a decode worker's load report shows room.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from splitserve.cluster.admission import AdmissionConfig, DecodeAdmission, Verdict
 from splitserve.cluster.messages import FailureReason
 from splitserve.cluster.orchestrator import Outcome, RequestOrchestration
 from splitserve.cluster.router import NoWorkerAvailable, Placement, Router
@@ -27,13 +32,42 @@ from splitserve.sim.state import FAKE_TOKEN, KV, SimRequest, SimWorker
 class SimDisaggregation:
     """Placement, retries and KV handoff of one Simulation (`sim`)."""
 
-    def __init__(self, sim: Any, timeouts: HandoffTimeouts = HandoffTimeouts(), trace: list | None = None) -> None:
+    def __init__(self, sim: Any, timeouts: HandoffTimeouts = HandoffTimeouts(), trace: list | None = None,
+                 admission: AdmissionConfig = AdmissionConfig()) -> None:
         self.sim = sim
         self.timeouts = timeouts
         self.trace = trace  # handoff state changes of every decode worker, (request id, state)
         self.num_replaced = 0
         for w in sim.decoders:
             w.handoff = DecodeHandoff(timeouts, trace)
+            w.view.max_running = sim.cfg.max_num_seqs
+        # Backpressure only where a prefill pool could run ahead of the decode pool.
+        self.admission = DecodeAdmission(admission) if sim.disaggregated and admission.enabled else None
+        self.waiting: dict[str, SimRequest] = {}  # request id -> request queued at the gateway
+
+    # ---- admission (the gateway's queue in front of prefill) -------------------------------------
+    def submit(self, req: SimRequest) -> None:
+        adm = self.admission
+        if adm is None:
+            self.place(req)
+            return
+        verdict = adm.offer(req.request_id, req.num_tokens, req.sampling_params.max_tokens,
+                            self.sim.router.workers.values(), self.sim.now)
+        if verdict is Verdict.ADMIT:
+            self.place(req)
+        elif verdict is Verdict.QUEUED:
+            self.waiting[req.request_id] = req
+        else:
+            self.sim._fail(req, "http_503", "the gateway queue is full; retry later")
+
+    def release(self) -> None:
+        """Place queued requests, oldest first, while a decode worker can take the next one."""
+        adm = self.admission
+        if adm is None or not self.waiting:
+            return
+        views = self.sim.router.workers.values()
+        while (rid := adm.pop_ready(views)) is not None:
+            self.place(self.waiting.pop(rid))  # accounts it (Router.on_dispatch) before the next check
 
     # ---- placement (the gateway's _dispatch) ---------------------------------------------------
     def place(self, req: SimRequest) -> None:
@@ -105,6 +139,7 @@ class SimDisaggregation:
     def tick(self, d: SimWorker) -> None:
         if d.handoff.transfers:
             self.report(d, self.run(d, d.handoff.tick(self.sim.now)))
+        self.release()  # its load report may show room for the head of the gateway queue
 
     def prefill_done(self, twin: SimRequest) -> None:
         """The prefill worker sampled a token: the client sees it now. PrefillDone goes to the decode

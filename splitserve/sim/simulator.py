@@ -31,6 +31,7 @@ import numpy as np
 
 from splitserve.bench.schema import RequestRecord
 from splitserve.bench.workloads import RequestSpec, iter_units
+from splitserve.cluster.admission import AdmissionConfig
 from splitserve.cluster.router import Router, RouterConfig, WorkerView
 from splitserve.config import SchedulerConfig
 from splitserve.engine.sampling_params import SamplingParams
@@ -64,6 +65,7 @@ class SimConfig:
     record_itl: bool = True
     router: RouterConfig = field(default_factory=RouterConfig)
     router_sample: int = 16  # place among this many randomly sampled workers when there are more
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)  # decode backpressure (disaggregated)
     seed: int = 0
     check_integrity: bool = False  # assert scheduler invariants after every step (tests)
 
@@ -155,7 +157,7 @@ class Simulation:
                 w.bm.events = []
         self.max_inflight = (config.max_num_seqs + config.max_waiting) * len(self.decoders)
         self.inflight = 0  # requests admitted and not yet answered
-        self.disagg = SimDisaggregation(self) if self.router is not None else None
+        self.disagg = SimDisaggregation(self, admission=config.admission) if self.router is not None else None
 
     # ---- workload -> requests ------------------------------------------------------------------
     def _push(self, t: float, kind: int, obj) -> None:
@@ -212,7 +214,7 @@ class Simulation:
             return
         self.inflight += 1
         if self.disagg is not None:
-            self.disagg.place(req)
+            self.disagg.submit(req)
             return
         w = self.decoders[0]
         req.worker = w

@@ -227,3 +227,27 @@ def test_cancel_while_waiting_for_decode_blocks():
 
         asyncio.run(scenario())
         s.wait_idle(timeout=30)
+
+
+def test_decode_backpressure_queues_at_the_gateway_and_completes_everything():
+    """A decode worker with two seats and many concurrent requests: the extra requests wait in the
+    gateway's queue (visible in GET /cluster) before their prefill starts, and all of them finish."""
+    with ServerProcess(*COMMON, "--disaggregated", "--max-num-seqs", "2") as s:
+        body = {"prompt": "Count to ten:", "max_tokens": 12, "ignore_eos": True, "temperature": 0}
+
+        async def scenario():
+            async with httpx.AsyncClient(timeout=300) as http:
+                posts = [asyncio.create_task(http.post(s.base_url + "/v1/completions", json=body)) for _ in range(8)]
+                seen = 0
+                while not all(p.done() for p in posts):
+                    q = (await http.get(s.base_url + "/cluster")).json()["gateway_queue"]
+                    seen = max(seen, q["length"])
+                    await asyncio.sleep(0.05)
+                return [await p for p in posts], seen
+
+        responses, seen = asyncio.run(scenario())
+        assert [r.status_code for r in responses] == [200] * 8
+        assert len({r.json()["choices"][0]["text"] for r in responses}) == 1  # greedy: the same text
+        q = s.wait_idle(timeout=30)["gateway_queue"]
+        assert q["queued"] >= 1 and seen >= 1 and q["rejected"] == 0 and q["length"] == 0
+        assert q["admitted"] == 8

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from splitserve.bench import workloads as wl
+from splitserve.cluster.admission import AdmissionConfig
 from splitserve.kv.handoff import RxState
 from splitserve.sim.hardware import get_link
 from splitserve.sim.simulator import Simulation
@@ -19,7 +20,11 @@ def test_kv_pressure_with_shared_prefixes_finishes_everything():
     specs = wl.shared_prefix(prefix_len=1500, input_len=wl.parse_length("uniform:100:2000"),
                              output_len=wl.parse_length("uniform:50:400"), num_prefixes=8, num_requests=300,
                              arrival=wl.Arrival(25.0), seed=3)
-    sim = Simulation(cfg(), [pool("prefill"), pool("decode", blocks=2000)], link=get_link("ib-ndr"))
+    # Decode backpressure off: the gateway would otherwise hold these requests until the decode worker
+    # has the blocks, and the handoff's waiting path (still live: load reports lag, re-placements skip
+    # the gateway queue) would not be exercised. With it on, see the next test.
+    sim = Simulation(cfg(admission=AdmissionConfig(enabled=False)), [pool("prefill"), pool("decode", blocks=2000)],
+                     link=get_link("ib-ndr"))
     trace: list = []
     sim.decoders[0].handoff.trace = trace
     sink = sim.run(specs)
@@ -31,3 +36,16 @@ def test_kv_pressure_with_shared_prefixes_finishes_everything():
     evicted = sum(1 for rid, s in trace if s is RxState.FAILED)
     assert evicted == sim.disagg.num_replaced  # each failed attempt was placed again, none given up
     assert not sim.decoders[0].handoff.busy
+
+
+def test_kv_pressure_with_decode_backpressure_finishes_everything():
+    """The same load with the gateway's backpressure on: requests wait in front of prefill, not on the
+    decode worker, and all of them finish with no block left."""
+    specs = wl.shared_prefix(prefix_len=1500, input_len=wl.parse_length("uniform:100:2000"),
+                             output_len=wl.parse_length("uniform:50:400"), num_prefixes=8, num_requests=300,
+                             arrival=wl.Arrival(25.0), seed=3)
+    sim = Simulation(cfg(), [pool("prefill"), pool("decode", blocks=2000)], link=get_link("ib-ndr"))
+    sink = sim.run(specs)
+    sim.check_idle()
+    assert sink.builder.ok == 300 and not sink.builder.errors
+    assert sim.disagg.admission.stats(sim.now).queued > 0 and not sim.decoders[0].handoff.busy
