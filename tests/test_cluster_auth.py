@@ -273,7 +273,7 @@ def test_a_join_under_a_live_id_is_refused():
             assert cluster.workers["decode-x"].ready.pid == 111
             # The id of a spawned worker belongs to its process, even while it starts.
             cluster.workers["decode-x"].state = "dead"
-            from splitserve.cluster.gateway import WorkerHandle
+            from splitserve.cluster.supervision import WorkerHandle
 
             cluster.workers["decode-0"] = WorkerHandle("decode-0", "decode", None, "", process=sleeper)
             cluster._on_ready(_ready("decode-0", 333, fake_addr))

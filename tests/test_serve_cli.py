@@ -43,3 +43,14 @@ def test_pool_devices_without_disaggregation_are_refused():
 def test_split_special_tokens_flag_reaches_the_server_state():
     assert parse_args(["--split-special-tokens"]).split_special_tokens is True
     assert parse_args([]).split_special_tokens is False
+
+
+def test_decode_backpressure_flags_reach_the_gateway_config():
+    from splitserve.api.serve_cli import admission_from_args
+
+    on = admission_from_args(parse_args(["--disaggregated"]))
+    assert on.enabled and on.max_queue == 1024
+    off = admission_from_args(parse_args(["--disaggregated", "--no-decode-backpressure", "--gateway-queue", "7"]))
+    assert not off.enabled and off.max_queue == 7
+    with pytest.raises(ValueError, match="add --disaggregated"):
+        admission_from_args(parse_args(["--no-decode-backpressure"]))

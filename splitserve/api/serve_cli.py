@@ -14,6 +14,7 @@ from splitserve.config import EngineConfig
 
 if TYPE_CHECKING:
     from splitserve.api.connections import ConnectionLimits
+    from splitserve.cluster.admission import AdmissionConfig
 
 log = logging.getLogger("splitserve.serve")
 
@@ -81,6 +82,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="uncached prompt tokens at or below which the decode worker prefills itself")
     d.add_argument("--kv-transport", default="auto", choices=["auto", "shm", "tcp"],
                    help="auto: shared memory on one host, TCP across hosts")
+    d.add_argument("--gateway-queue", type=int, default=1024,
+                   help="requests that may wait at the gateway for decode capacity before their prefill starts; "
+                   "beyond, 503")
+    d.add_argument("--no-decode-backpressure", action="store_true",
+                   help="start every prefill at once, even when no decode worker has room for it yet")
     d.add_argument("--cluster-listen", default=None, metavar="HOST:PORT",
                    help="accept `splitserve worker --join` from other hosts here (needs SPLITSERVE_CLUSTER_SECRET)")
     return ap.parse_args(argv)
@@ -106,6 +112,14 @@ def pools_from_args(args, base: EngineConfig):
         pools.append(PoolSpec("prefill", args.prefill_workers, p_cfg))
     pools.append(PoolSpec("decode", args.decode_workers, d_cfg))
     return pools
+
+
+def admission_from_args(args) -> "AdmissionConfig":
+    from splitserve.cluster.admission import AdmissionConfig
+
+    if not args.disaggregated and (args.no_decode_backpressure or args.gateway_queue != 1024):
+        raise ValueError("--gateway-queue and --no-decode-backpressure act on disaggregated pools: add --disaggregated")
+    return AdmissionConfig(enabled=not args.no_decode_backpressure, max_queue=args.gateway_queue)
 
 
 def connection_limits(args) -> "ConnectionLimits":
@@ -137,7 +151,7 @@ async def start_cluster(args: argparse.Namespace, config: EngineConfig, started:
     cluster = Cluster(pools_from_args(args, config), tokenizer.eos_token_ids,
                       router_config=RouterConfig(local_prefill_threshold=args.local_prefill_threshold),
                       kv_transport=args.kv_transport, log_level=args.log_level, join_address=args.cluster_listen,
-                      secret=secret)
+                      secret=secret, admission=admission_from_args(args))
     started["cluster"] = cluster
     await cluster.start()
     name = args.served_model_name or served_model_name(config.model)

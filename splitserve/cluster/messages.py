@@ -8,7 +8,6 @@ cluster secret can open (cluster/security.py), so a stray or hostile peer cannot
 from __future__ import annotations
 
 import enum
-import hmac
 
 import msgspec
 
