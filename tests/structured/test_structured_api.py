@@ -71,15 +71,15 @@ def test_parse_pydantic_model(server):
 
 def test_sampled_nested_schema_all_validate(server):
     texts = []
-    for seed in (1, 2, 3):  # 3 requests x n=8: every choice constrained
+    for seed in range(1, 8):  # 7 requests x n=16: 112 sampled choices, every one constrained
         r = server.client.chat.completions.create(
-            model=MODEL, messages=_chat("Make up a user record."), n=8, temperature=1.0, seed=seed, max_tokens=160,
+            model=MODEL, messages=_chat("Make up a user record."), n=16, temperature=1.0, seed=seed, max_tokens=160,
             response_format={"type": "json_schema", "json_schema": {"name": "user", "schema": NESTED, "strict": True}})
         for c in r.choices:
             assert c.finish_reason == "stop", c.message.content
             jsonschema.validate(json.loads(c.message.content), NESTED)
             texts.append(c.message.content)
-    assert len(set(texts)) > 1  # sampled, not all one answer
+    assert len(texts) == 112 and len(set(texts)) > 1  # sampled, not all one answer
     _record(server, "nested", texts)
     server.wait_idle()
 
