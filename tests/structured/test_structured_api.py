@@ -1,7 +1,7 @@
 """Structured outputs over real HTTP with the official openai client, aggregated AND disaggregated.
 
 Each mode runs the same scenarios; seeded and greedy outputs must be identical between the modes
-(float32 demo model, so equality is exact). 24 sampled (temperature 1) choices with a nested schema
+(float32 demo model, so equality is exact). 112 sampled (temperature 1) choices with a nested schema
 per mode, not the issue's 100, to keep CI time on a shared 2-core machine modest. Every scenario
 ends with the server's leak check.
 """
