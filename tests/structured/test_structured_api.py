@@ -2,7 +2,7 @@
 
 Each mode runs the same scenarios; seeded and greedy outputs must be identical between the modes
 (float32 demo model, so equality is exact). 112 sampled (temperature 1) choices with a nested schema
-per mode, not the issue's 100, to keep CI time on a shared 2-core machine modest. Every scenario
+per mode (the issue asks for 100). Every scenario
 ends with the server's leak check.
 """
 
