@@ -13,6 +13,7 @@ constrained step spent computing the batch bitmask (llguidance) and applying it 
 Compile: a fresh backend per schema (cold: build the matcher and compute its first mask) and a
 cache hit (copy the cached matcher and compute its first mask); the tokenizer's one-time
 conversion for llguidance is printed apart.
+The same TPOT comparison over HTTP against vLLM's servers: benchmarks/peers/structured_vllm.py.
 """
 
 from __future__ import annotations
