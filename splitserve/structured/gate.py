@@ -13,6 +13,7 @@ import logging
 from typing import Callable
 
 from splitserve.engine.request import Request
+from splitserve.engine.scheduler import QueueFull
 from splitserve.structured.matcher import GrammarBackend, GrammarStatus
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class GrammarGate:
                 try:
                     admit()
                 except ValueError as exc:  # e.g. the queue filled up while it compiled
-                    self.failed.append((rid, str(exc), type(exc).__name__ == "QueueFull"))
+                    self.failed.append((rid, str(exc), isinstance(exc, QueueFull)))
             else:
                 self.failed.append((rid, req.grammar.error, False))
 
