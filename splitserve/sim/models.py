@@ -53,6 +53,7 @@ class ModelSpec:
     qk_nope_head_dim: int = 0
     v_head_dim: int = 0
     max_context: int = 131072
+    mlp_matrices: int = 3  # gated MLP (gate, up, down); 2 for a plain fc1/fc2 MLP (OPT, GPT-J)
     default_dtype: str = "bf16"
     source: str = ""
     aliases: tuple[str, ...] = ()
@@ -90,7 +91,7 @@ class ModelSpec:
 
     @property
     def dense_mlp_params(self) -> int:
-        return 3 * self.hidden_size * self.intermediate_size
+        return self.mlp_matrices * self.hidden_size * self.intermediate_size
 
     @property
     def embedding_params(self) -> int:
@@ -177,6 +178,12 @@ _CATALOG: list[ModelSpec] = [
               q_lora_rank=1536, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
               default_dtype="fp8", source="deepseek-ai/DeepSeek-V3 config.json (FP8 weights)",
               aliases=("deepseek-r1", "dsv3")),
+    # OPT (DistServe's models): multi-head attention, a plain ReLU fc1/fc2 MLP of 4 x hidden, tied
+    # embeddings (learned position embeddings, 2k x hidden, left out: under 0.1% of the weights)
+    ModelSpec("opt-13b", 40, 5120, 40, 40, 128, 20480, 50272, True, max_context=2048, mlp_matrices=2,
+              source="facebook/opt-13b config.json (DistServe, OSDI 2024)"),
+    ModelSpec("opt-66b", 64, 9216, 72, 72, 128, 36864, 50272, True, max_context=2048, mlp_matrices=2,
+              source="facebook/opt-66b config.json (DistServe, OSDI 2024)"),
     _llama("smollm2-135m", 30, 576, 9, 3, 1536, 49152, tie=True, ctx=8192,
            source="HuggingFaceTB/SmolLM2-135M config.json (the demo model)",
            aliases=("demo", "smollm2-135m-instruct")),
