@@ -72,6 +72,15 @@ FAMILIES: dict[str, FamilyParams] = {
         "the published figure needs the full datasheet bandwidth for the bytes modelled)", request_overhead_s=7.28e-3,
         expected_error="median 22% (|log| 0.196) on 4 unfitted checks; worst 0.67x (TP4 70B TTFT at 128 "
                        "tokens) and 1.40x"),
+    # DistServe's testbed (OSDI 2024): its own engine and the vLLM of late 2023 on A100-80GB, far
+    # below TensorRT-LLM's efficiency. Fitted by splitserve.sim.repro.fit_distserve() to the two
+    # single-phase rates of DistServe's Figure 1 only (prefill-only 5.6, decode-only 10 req/s).
+    "ampere/distserve": _hbm(
+        0.411, 0.493, 226e-6,
+        "DistServe (OSDI 2024) Figure 1: OPT-13B on one A100-80GB, 512 in / 64 out; compute efficiency "
+        "from the prefill-only instance's 5.6 req/s at P90 TTFT <= 0.4 s, bandwidth efficiency from the "
+        "decode-only instance's 10 req/s at P90 TPOT <= 0.04 s (splitserve.sim.repro.fit_distserve)",
+        expected_error="checks: the colocated and 2P1D rates of the same figure (tests/sim/test_published_disagg.py)"),
     "mi300/vllm": _hbm(
         0.184, 0.365, 226e-6,
         "Oracle OCI blog, 10 Oct 2024: Llama-3.1-405B FP8 on 8 x MI300X with vLLM (benchmark_latency 128/128 "
