@@ -46,8 +46,11 @@ def hardware_main(argv: list[str]) -> int:
             print(f"  --stack {stack}{default}: {'calibrated' if f.calibrated else 'UNCALIBRATED'}; "
                   f"eff_compute {f.eff_compute:.3g}" + (f" (FP4 {f.eff_compute_fp4:.3g})" if f.eff_compute_fp4 else "")
                   + f", eff_mem {f.eff_mem:.3g}, GEMM half-efficiency at {f.gemm_half_tokens:g} tokens, "
-                  f"overlap p={f.overlap:g}, layer floor {f.layer_floor_s * 1e6:.3g} us, step floor "
-                  f"{f.step_floor_s * 1e6:.3g} us")
+                  f"overlap p={f.overlap:g}, layer floor {f.layer_floor_s * 1e6:.3g} us"
+                  + (" x sqrt(layer size / Llama-3.1-8B's)" if f.layer_floor_ref_params else "")
+                  + f", step floor {f.step_floor_s * 1e6:.3g} us"
+                  + (f", {f.collective_latency_s * 1e6:.3g} us per collective message" if f.collective_latency_s
+                     else ""))
             print(f"    fitted to: {f.source}")
             if f.expected_error:
                 print(f"    expected error: {f.expected_error}")

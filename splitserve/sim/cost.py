@@ -163,7 +163,10 @@ class StepCost:
             self.expert_miss = 1.0 - m.experts_per_token / m.num_experts  # P(a token skips an expert)
         self.m_kv = d.kv_bytes_per_token * d.kv_replication / (tp * bw)
         self.m_head = m.lm_head_params * wb / (tp * bw)
-        self.floor = m.num_layers * fam.layer_floor_s + fam.step_floor_s
+        layer_floor = fam.layer_floor_s
+        if fam.layer_floor_ref_params:  # traversal of a region that grows with the layer (families.py)
+            layer_floor *= math.sqrt(m.layer_params(active=False) / m.num_layers / fam.layer_floor_ref_params)
+        self.floor = m.num_layers * layer_floor + fam.step_floor_s
         # Tensor parallel: per layer an all-reduce of T x hidden activations (ring) after attention
         # (none with attention DP) and after the MLP; with expert parallelism a MoE layer instead
         # sends each token to its experts' ranks and back (all-to-all dispatch and combine).
@@ -172,8 +175,16 @@ class StepCost:
         if tp > 1:
             link = d.tp_link
             moe_a2a = m.num_moe_layers if d.ep > 1 else 0
-            reduces = (0 if d.attn_dp else m.num_layers) + m.num_layers - moe_a2a
-            self.tp_lat = reduces * link.latency_s + 2 * moe_a2a * link.latency_s
+            if m.parallel_attention:  # attention and MLP read the same input: one all-reduce of their sum
+                reduces = m.num_layers - moe_a2a
+            else:
+                reduces = (0 if d.attn_dp else m.num_layers) + m.num_layers - moe_a2a
+            # latency per collective: the link's, plus the stack's own cost per message (kernel launch,
+            # synchronisation) where a stack was fitted with one (2023 engines): a ring all-reduce
+            # passes 2 (tp - 1) messages in turn, an all-to-all sends its at once
+            stack = fam.collective_latency_s
+            self.tp_lat = (reduces * (link.latency_s + 2 * (tp - 1) * stack)
+                           + 2 * moe_a2a * (link.latency_s + stack))
             self.tp_tok = (reduces * 2 * (tp - 1) / tp * act
                            + moe_a2a * 2 * m.experts_per_token * (d.ep - 1) / d.ep * act) / link.bandwidth
         if d.pp > 1:

@@ -27,6 +27,11 @@ class FamilyParams:
     overlap: float = 0.0
     eff_compute_fp4: float | None = None  # FP4 matmuls, where they differ from eff_compute
     request_overhead_s: float = 0.0  # before a request's first step (API, tokenizer, engine set-up)
+    # > 0: the per-layer floor scales with sqrt(weights per layer / this many parameters). On a 2-D
+    # mesh (the wafer) a layer's weights fill a region of cores in proportion to their size, and
+    # each step broadcasts the activations across it and reduces back: a distance of its side.
+    layer_floor_ref_params: float = 0.0
+    collective_latency_s: float = 0.0  # the stack's fixed cost per tensor-parallel collective, on top of the link's
     calibrated: bool = True  # False: terms borrowed from another family or stack (see source)
     expected_error: str = ""  # on the unfitted checks (published.py's table)
 
@@ -36,6 +41,7 @@ class FamilyParams:
 # fit's bound: these rows want max(compute, memory), with compute at 44% of the FP8 peak).
 _HALF, _P = 13.3, 16.0
 _UNKNOWN = "unknown: no published measurement of this stack was used"
+_LLAMA8B_LAYER = 218_103_808  # Llama-3.1-8B: parameters per layer
 
 
 def _hbm(eff_compute: float, eff_mem: float, step_floor_s: float, source: str, **kw) -> FamilyParams:
@@ -53,7 +59,9 @@ FAMILIES: dict[str, FamilyParams] = {
     "hopper/trtllm-0.5": _hbm(
         0.442, 0.711, 226e-6,
         "TensorRT-LLM v0.5 batch-1 first-token latency (static engine, 2023): the v1.0 terms plus a fixed "
-        "per-request overhead fitted to Llama-2-7B FP8 on one H100, 128 tokens, 7 ms", request_overhead_s=3.85e-3,
+        "per-request overhead fitted to Llama-2-7B FP8 on one H100, 128 tokens, 7 ms, and a latency per all-reduce "
+        "message fitted to Falcon-180B at TP8, 128 tokens, 27 ms", request_overhead_s=3.81e-3,
+        collective_latency_s=10.7e-6,
         expected_error="0-4% on 2 of 3 unfitted checks; 0.51x on TP4 Llama-2-70B at 128 tokens (multi-GPU fixed "
                        "costs not modelled)"),
     "hopper/vllm": _hbm(
@@ -66,10 +74,12 @@ FAMILIES: dict[str, FamilyParams] = {
         "(FP4 fitted; FP8/BF16 on Blackwell: no measurement found, Hopper's efficiency used)", eff_compute_fp4=0.375,
         expected_error="median 6% (|log| 0.063) on 17 unfitted FP4 checks; worst 1.51x (405B TP4, 128/2048)"),
     "ampere/trtllm": _hbm(
-        0.718, 1.0, 226e-6,
+        0.711, 1.0, 226e-6,
         "TensorRT-LLM v0.6.1 performance.md (late 2023): Llama-2-7B FP16 on one A100 (static batch), "
         "128/2048 at batch 60 and (v0.5) first-token latency at 128 and 2048 tokens (eff_mem at its bound, 1.0: "
-        "the published figure needs the full datasheet bandwidth for the bytes modelled)", request_overhead_s=7.28e-3,
+        "the published figure needs the full datasheet bandwidth for the bytes modelled), and a latency per "
+        "all-reduce message from Falcon-180B at TP8, 128 tokens, 61 ms", request_overhead_s=7.24e-3,
+        collective_latency_s=20.0e-6,
         expected_error="median 22% (|log| 0.196) on 4 unfitted checks; worst 0.67x (TP4 70B TTFT at 128 "
                        "tokens) and 1.40x"),
     # DistServe's testbed (OSDI 2024): its own engine and the vLLM of late 2023 on A100-80GB, far
@@ -87,6 +97,11 @@ FAMILIES: dict[str, FamilyParams] = {
         "at batch 1; benchmark_throughput 128/128)",
         expected_error="median 19% (|log| 0.175) on 5 unfitted checks; worst 0.56x (AMD's tuned MLPerf v4.1 "
                        "submission)"),
+    "mi300/mlperf": _hbm(
+        0.325, 0.365, 226e-6,
+        "AMD's MLPerf Inference v4.1 submission (its tuned vLLM branch, FP8 weights and KV): Llama-2-70B offline "
+        "on one MI300X, 3,063 tok/s (compute efficiency fitted; bandwidth efficiency as mi300/vllm)",
+        expected_error="one unfitted check, the eight-GPU entry of the same submission (same software, 8 replicas)"),
     "mi300/sglang": _hbm(
         0.184, 0.365, 226e-6,
         "no SGLang-on-MI300 measurement with a fixed workload found: vLLM terms (uncalibrated)",
@@ -108,13 +123,18 @@ FAMILIES: dict[str, FamilyParams] = {
         0.442, 0.711, 400e-6,
         "no SN40L measurement found: Hopper TensorRT-LLM terms (uncalibrated)",
         calibrated=False, expected_error=_UNKNOWN),
-    # Cerebras CS-3: Llama-3.1-8B at 16-bit, 1,800 output tok/s single stream (Cerebras Inference
-    # launch, Aug 2024) -> the per-layer traversal of the wafer. The efficiencies are assumptions
-    # (they only matter at batch sizes where the floor stops dominating).
+    # Cerebras CS-3: the per-layer traversal of the wafer, growing with the side of a layer's region
+    # (sqrt of its weights; Llama-3.1-8B's 218M parameters per layer is the reference). The
+    # efficiencies are assumptions (they only matter at batch sizes where the floor stops dominating).
+    # Two software releases: the launch (Aug 2024) and the one that made 70B 4.7x faster (Oct 2024).
     "wafer/cerebras": FamilyParams(
         0.30, 0.50, 16.7e-6, 20e-6, "Cerebras Inference launch, 27 Aug 2024: Llama-3.1-8B 16-bit, 1,800 tok/s "
-        "single stream (efficiencies assumed)",
-        expected_error="two unfitted checks: Llama-3.1-70B 1.59x (launch software), 405B 0.43x (later software)"),
+        "single stream (efficiencies assumed)", layer_floor_ref_params=_LLAMA8B_LAYER,
+        expected_error="one unfitted check: Llama-3.1-70B on 4 systems (launch)"),
+    "wafer/cerebras-2024-10": FamilyParams(
+        0.30, 0.50, 2.594e-6, 20e-6, "Cerebras, 24 Oct 2024: Llama-3.1-70B 16-bit, 2,100 tok/s single stream on "
+        "the October software (efficiencies assumed)", layer_floor_ref_params=_LLAMA8B_LAYER,
+        expected_error="one unfitted check: Llama-3.1-405B (Nov 2024)"),
     # Groq LPU: Llama-3.1-8B at 8-bit, 751 tok/s (Artificial Analysis, 2024) -> ~35 us per layer.
     "lpu/groq": FamilyParams(
         0.30, 0.50, 34.9e-6, 20e-6, "Artificial Analysis, 2024: Groq Llama-3.1-8B (8-bit), 751 tok/s single "

@@ -16,17 +16,20 @@ from splitserve.sim.families import FAMILIES, FamilyParams
 FIT_PARAMS = {
     "hopper/trtllm": ("eff_compute", "eff_mem", "step_floor_s", "gemm_half_tokens", "overlap"),
     "blackwell/trtllm": ("eff_compute_fp4", "eff_mem"),
-    "hopper/trtllm-0.5": ("request_overhead_s",),
-    "ampere/trtllm": ("eff_compute", "eff_mem", "request_overhead_s"),
+    "hopper/trtllm-0.5": ("request_overhead_s", "collective_latency_s"),
+    "ampere/trtllm": ("eff_compute", "eff_mem", "request_overhead_s", "collective_latency_s"),
     "mi300/vllm": ("eff_compute", "eff_mem"),
+    "mi300/mlperf": ("eff_compute",),
     "trainium/neuron": ("eff_mem",),
     "tpu/jetstream": ("eff_mem",),
     "wafer/cerebras": ("layer_floor_s",),
+    "wafer/cerebras-2024-10": ("layer_floor_s",),
     "lpu/groq": ("layer_floor_s",),
 }
 BOUNDS = {"eff_compute": (0.05, 1.0), "eff_compute_fp4": (0.05, 1.0), "eff_mem": (0.05, 1.0),
           "step_floor_s": (5e-6, 5e-3), "layer_floor_s": (1e-7, 2e-4), "gemm_half_tokens": (1.0, 2048.0),
-          "overlap": (1.2, 16.0), "request_overhead_s": (1e-5, 0.1)}
+          "overlap": (1.2, 16.0), "request_overhead_s": (1e-5, 0.1),
+          "collective_latency_s": (1e-7, 1e-3)}
 FIT_REQUESTS = 1500  # offline points: at most this many requests while fitting (steady state well before)
 
 

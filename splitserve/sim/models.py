@@ -54,6 +54,7 @@ class ModelSpec:
     v_head_dim: int = 0
     max_context: int = 131072
     mlp_matrices: int = 3  # gated MLP (gate, up, down); 2 for a plain fc1/fc2 MLP (OPT, GPT-J)
+    parallel_attention: bool = False  # attention and MLP side by side on one input (Falcon, GPT-J)
     default_dtype: str = "bf16"
     source: str = ""
     aliases: tuple[str, ...] = ()
@@ -184,6 +185,10 @@ _CATALOG: list[ModelSpec] = [
               source="facebook/opt-13b config.json (DistServe, OSDI 2024)"),
     ModelSpec("opt-66b", 64, 9216, 72, 72, 128, 36864, 50272, True, max_context=2048, mlp_matrices=2,
               source="facebook/opt-66b config.json (DistServe, OSDI 2024)"),
+    ModelSpec("falcon-180b", 80, 14848, 232, 8, 64, 59392, 65024, False, max_context=2048, mlp_matrices=2,
+              parallel_attention=True,
+              source="tiiuae/falcon-180B config.json (new decoder architecture: parallel attention and GELU MLP; "
+                     "TensorRT-LLM's 2023 benchmark model)"),
     _llama("smollm2-135m", 30, 576, 9, 3, 1536, 49152, tie=True, ctx=8192,
            source="HuggingFaceTB/SmolLM2-135M config.json (the demo model)",
            aliases=("demo", "smollm2-135m-instruct")),

@@ -53,31 +53,32 @@ def test_distserve_gain_needs_the_testbed_stack():
 def test_splitwise_ha_more_throughput_per_dollar_than_baseline_h100():
     """Splitwise (ISCA 2024): up to 1.4x throughput at 20% lower cost (1.75x per dollar), prompts on
     H100s and tokens on A100s (Splitwise-HA), against H100s serving both (Baseline-H100); the coding
-    trace, Llama-2-70B. Tolerance: throughput per dollar at the SLOs 1.1x-2.5x, throughput at least
-    the baseline's; Splitwise-HH (all H100, same cost) at least the baseline's throughput
-    (simulated 2026-12-07: HA 1.34x per dollar, 1.18x throughput; HH 1.18x)."""
+    trace, Llama-2-70B, TPOT <= 50 ms. Tolerance: throughput per dollar at the SLOs 1.1x-2.5x,
+    throughput at least 0.9x the baseline's; Splitwise-HH (all H100, same cost) at least the
+    baseline's throughput (simulated 2026-12-07: HA 1.30x per dollar, 1.14x throughput; HH 1.18x).
+    With TPOT <= 100 ms the baseline batches deeper and the gain shrinks to 1.07x per dollar."""
     cap = {k: repro.capacity(v, 2, 128) for k, v in repro.SPLITWISE.items()}
     usd = {k: repro.usd_per_hour(v) for k, v in repro.SPLITWISE.items()}
     base = cap["baseline-h100"] / usd["baseline-h100"]
     assert usd["splitwise-ha"] < usd["baseline-h100"] == usd["splitwise-hh"]
     assert 1.1 <= (cap["splitwise-ha"] / usd["splitwise-ha"]) / base <= 2.5
-    assert cap["splitwise-ha"] >= cap["baseline-h100"]
+    assert cap["splitwise-ha"] >= 0.9 * cap["baseline-h100"]
     assert cap["splitwise-hh"] >= cap["baseline-h100"]
 
 
 def test_mooncake_long_prompts_disaggregation_serves_more_within_tbt():
     """Mooncake (FAST 2025): on Kimi's long-prompt workload the disaggregated design handles 75% more
-    requests than colocated vLLM within the TTFT and TBT SLOs. Direction reproduced with the
-    TBT read as each request's longest gap (<= 200 ms): at least 1.5x (simulated 2026-12-07: 0.74
-    vs 3.96 req/s, 5.4x: larger than published, the longest gap being a stricter reading than a
-    per-token TBT). Read as a mean gap (TPOT <= 100 ms) the stalls average away and colocated
-    serves as much (4.41 vs 3.96): the gain is in the gaps, not in the throughput."""
-    colocated = repro.capacity(repro.MOONCAKE["colocated"], 0.25, 8)
-    disaggregated = repro.capacity(repro.MOONCAKE["disaggregated"], 0.25, 8)
-    assert disaggregated >= 1.5 * colocated > 0
+    requests than colocated vLLM within the TTFT and TBT SLOs (1.75x). Reproduced with TBT read as
+    each request's mean gap (TPOT <= 100 ms): 1.2x-3x (simulated 2026-12-07: 1.71 vs 3.96 req/s,
+    2.3x). Read as each request's longest gap (<= 200 ms) the colocated whole-prompt steps
+    (0.5-1 s each) fail it at any load: disaggregated at least 1.5x and at least 1 req/s
+    (simulated: 0 vs 3.27)."""
     tpot_colocated = repro.capacity(repro.MOONCAKE["colocated-tpot"], 0.25, 8)
     tpot_disaggregated = repro.capacity(repro.MOONCAKE["disaggregated-tpot"], 0.25, 8)
-    assert tpot_colocated >= 0.8 * tpot_disaggregated
+    assert tpot_colocated > 0 and 1.2 <= tpot_disaggregated / tpot_colocated <= 3.0
+    colocated = repro.capacity(repro.MOONCAKE["colocated"], 0.25, 8)
+    disaggregated = repro.capacity(repro.MOONCAKE["disaggregated"], 0.25, 8)
+    assert disaggregated >= max(1.5 * colocated, 1.0)
 
 
 @pytest.mark.parametrize("setup", ["distserve", "splitwise", "mooncake"])
