@@ -22,6 +22,10 @@ comparisons to the published figures, each with its tolerance.
   TTFT and TBT (time between tokens) SLOs; long prompts (the released trace averages ~7,600
   prompt and ~180 output tokens) are what break the colocated TBT. A Llama-2-70B-shaped model
   with a long context (llama-3.1-70b here), 8 x A100 TP8 instances.
+
+Provenance: DistServe's Figure 1 figures (rates and SLO lines) and the Mooncake trace's averages
+are as read from the papers; this project's stored copies hold only their abstracts, so those
+numbers were not re-checked against a stored copy when the tests were written (2026-12-07).
 """
 
 from __future__ import annotations
