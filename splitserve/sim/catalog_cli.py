@@ -50,6 +50,8 @@ def hardware_main(argv: list[str]) -> int:
                   + (" x sqrt(layer size / Llama-3.1-8B's)" if f.layer_floor_ref_params else "")
                   + f", step floor {f.step_floor_s * 1e6:.3g} us"
                   + (f", {f.collective_latency_s * 1e6:.3g} us per collective message" if f.collective_latency_s
+                     else "")
+                  + (f", {f.tp_seq_overhead_s * 1e6:.3g} us per sequence per step at TP > 1" if f.tp_seq_overhead_s
                      else ""))
             print(f"    fitted to: {f.source}")
             if f.expected_error:

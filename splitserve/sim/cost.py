@@ -172,6 +172,9 @@ class StepCost:
         # sends each token to its experts' ranks and back (all-to-all dispatch and combine).
         act = m.hidden_size * ACT_BYTES
         self.tp_lat = self.tp_tok = 0.0
+        # tensor parallel: the stack's cost per sequence per step that the ranks do not share (with
+        # attention data parallel each rank handles its own share of the sequences)
+        self.tp_seq = (fam.tp_seq_overhead_s / (tp if d.attn_dp else 1)) if tp > 1 else 0.0
         if tp > 1:
             link = d.tp_link
             moe_a2a = m.num_moe_layers if d.ep > 1 else 0
@@ -212,7 +215,7 @@ class StepCost:
         if S:
             hc, hm = S * self.f_head, self.m_head
             t += hc if hc > hm else hm
-        return t + self.floor + self.tp_lat + T * self.tp_tok + self.pp_lat + T * self.pp_tok
+        return t + self.floor + self.tp_lat + T * self.tp_tok + self.pp_lat + T * self.pp_tok + B * self.tp_seq
 
     # ---- analytic helpers (planning, docs, tests) ----------------------------------------------
     def decode_step(self, batch: int, context: int) -> float:

@@ -14,8 +14,8 @@ from splitserve.sim.families import FAMILIES, FamilyParams
 # What each family's points can pin down (the rest stays as families.py has it: shared shape
 # terms from the Hopper fit, floors as assumed).
 FIT_PARAMS = {
-    "hopper/trtllm": ("eff_compute", "eff_mem", "step_floor_s", "gemm_half_tokens", "overlap"),
-    "blackwell/trtllm": ("eff_compute_fp4", "eff_mem"),
+    "hopper/trtllm": ("eff_compute", "eff_mem", "step_floor_s", "gemm_half_tokens", "overlap", "tp_seq_overhead_s"),
+    "blackwell/trtllm": ("eff_compute_fp4", "eff_mem", "tp_seq_overhead_s"),
     "hopper/trtllm-0.5": ("request_overhead_s", "collective_latency_s"),
     "ampere/trtllm": ("eff_compute", "eff_mem", "request_overhead_s", "collective_latency_s"),
     "mi300/vllm": ("eff_compute", "eff_mem"),
@@ -29,7 +29,8 @@ FIT_PARAMS = {
 BOUNDS = {"eff_compute": (0.05, 1.0), "eff_compute_fp4": (0.05, 1.0), "eff_mem": (0.05, 1.0),
           "step_floor_s": (5e-6, 5e-3), "layer_floor_s": (1e-7, 2e-4), "gemm_half_tokens": (1.0, 2048.0),
           "overlap": (1.2, 16.0), "request_overhead_s": (1e-5, 0.1),
-          "collective_latency_s": (1e-7, 1e-3)}
+          "collective_latency_s": (1e-7, 1e-3), "tp_seq_overhead_s": (1e-7, 2e-4)}
+_MULTI_GPU_TERMS = {"tp_seq_overhead_s", "collective_latency_s"}  # a one-GPU point does not depend on these
 FIT_REQUESTS = 1500  # offline points: at most this many requests while fitting (steady state well before)
 
 
@@ -40,12 +41,13 @@ def loss(points, fam: FamilyParams) -> float:
                for p in points)
 
 
-def fit(key: str, points, iters: int = 60, log=print) -> FamilyParams:
-    """Nelder-Mead on the log of each fitted parameter (clipped to BOUNDS)."""
+def fit(key: str, points, iters: int = 60, log=print, names: tuple[str, ...] | None = None) -> FamilyParams:
+    """Nelder-Mead on the log of each fitted parameter (clipped to BOUNDS); `names` (default
+    FIT_PARAMS[key]) fits a subset, the rest kept as families.py has them."""
     import numpy as np
 
     fam0 = FAMILIES[key]
-    names = FIT_PARAMS[key]
+    names = names or FIT_PARAMS[key]
 
     def make(v) -> FamilyParams:
         vals = {n: float(min(BOUNDS[n][1], max(BOUNDS[n][0], math.exp(x)))) for n, x in zip(names, v)}
@@ -90,8 +92,16 @@ def fit_main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="python -m splitserve.sim.published --fit")
     ap.add_argument("family", help="family/stack, e.g. hopper/trtllm")
     ap.add_argument("--iters", type=int, default=60)
+    ap.add_argument("--params", help="comma-separated subset of the family's fitted terms (e.g. tp_seq_overhead_s: "
+                                     "only the multi-GPU fit points depend on it, so only they are used)")
     args = ap.parse_args(argv)
+    names = tuple(args.params.split(",")) if args.params else FIT_PARAMS[args.family]
+    unknown = [n for n in names if n not in FIT_PARAMS[args.family]]
+    if unknown:
+        ap.error(f"{args.family} does not fit {', '.join(unknown)}; it fits {', '.join(FIT_PARAMS[args.family])}")
     pts = [p for p in POINTS if p.use == "fit" and family_key(p) == args.family]
-    print(f"fitting {args.family} on {len(pts)} points")
-    fam = fit(args.family, pts, args.iters)
-    print({n: getattr(fam, n) for n in FIT_PARAMS[args.family]})
+    if set(names) <= _MULTI_GPU_TERMS:
+        pts = [p for p in pts if (p.tp or 1) > 1]
+    print(f"fitting {args.family} ({', '.join(names)}) on {len(pts)} points")
+    fam = fit(args.family, pts, args.iters, names=names)
+    print({n: getattr(fam, n) for n in names})

@@ -24,6 +24,10 @@ SOURCES = {
     "trtllm-1.2": "NVIDIA TensorRT-LLM perf-overview, developer guide (docs/source/developer-guide/perf-overview.md @ "
                   "03e27c7, 2025): as trtllm-1.0, per-GPU output throughput; MoE models with attention data "
                   "parallel + expert parallel (DEP)",
+    "trtllm-0.19": "NVIDIA TensorRT-LLM perf-overview, v0.19.0 release (nvidia.github.io/TensorRT-LLM/0.19.0/performance/"
+                   "perf-overview.html; docs/source/performance/perf-overview.md of that release, 2025): trtllm-bench "
+                   "throughput, PyTorch backend (as trtllm-1.0), the same model on 1, 2, 4 and 8 GPUs (TP sweep); its "
+                   "one-GPU rows agree with trtllm-1.0's within 0-7%, its multi-GPU rows within -14% to +7%",
     "trtllm-0.6": "NVIDIA TensorRT-LLM performance.md, v0.6.1 (docs/source/performance.md @ 138f96d, Dec 2023): "
                   "static-batch throughput (gptSessionBenchmark) and, from v0.5, batch-1 first-token latency",
     "mlperf-4.1": "MLPerf Inference Datacenter v4.1 (Aug 2024), Llama-2-70B offline, closed division: each figure "
@@ -79,12 +83,33 @@ _TRT_N = {(128, 128): 30000, (128, 2048): 3000, (128, 4096): 1500, (500, 2000): 
           (1000, 2000): 1500, (2048, 128): 3000, (2048, 2048): 1500, (5000, 500): 1500, (20000, 2000): 1000}
 
 
-def _trt(hw, units, model, dtype, rows, tp=None, fit=()):
+def _trt(hw, units, model, dtype, rows, tp=None, fit=(), source="trtllm-1.0"):
     out = []
     for (i, o), v in rows.items():
         out.append(Point(hw, units, model, dtype, "offline", v, input_len=i, output_len=o, tp=tp,
-                         num_requests=_TRT_N[(i, o)], use="fit" if (i, o) in fit else "check", **_TRT))
+                         num_requests=_TRT_N[(i, o)], use="fit" if (i, o) in fit else "check",
+                         **{**_TRT, "source": source}))
     return out
+
+
+# The v0.19 TP sweeps fit the stacks' cost per sequence per step on multi-GPU replicas (families.py
+# tp_seq_overhead_s): no trtllm-1.0 row used as a fit point has more than one GPU. Decode-heavy and prefill-heavy rows
+# at TP2, TP4 and TP8; the other rows of the same sweeps are not used.
+_SWEEP = ((128, 2048), (2048, 128))
+_TRT_SWEEPS = [
+    *_trt("b200", 2, "llama-3.3-70b", "fp4", {(128, 2048): 15459.71, (2048, 128): 1610.69}, tp=2, fit=_SWEEP,
+          source="trtllm-0.19"),
+    *_trt("b200", 4, "llama-3.3-70b", "fp4", {(128, 2048): 23608.58, (2048, 128): 2707.58}, tp=4, fit=_SWEEP,
+          source="trtllm-0.19"),
+    *_trt("b200", 8, "llama-3.3-70b", "fp4", {(128, 2048): 30742.86, (2048, 128): 3717.82}, tp=8, fit=_SWEEP,
+          source="trtllm-0.19"),
+    *_trt("h200", 2, "llama-3.3-70b", "fp8", {(128, 2048): 8450.31, (2048, 128): 772.97}, tp=2, fit=_SWEEP,
+          source="trtllm-0.19"),
+    *_trt("h200", 4, "llama-3.3-70b", "fp8", {(128, 2048): 13438.71, (2048, 128): 1278.26}, tp=4, fit=_SWEEP,
+          source="trtllm-0.19"),
+    *_trt("h200", 8, "llama-3.3-70b", "fp8", {(128, 2048): 20750.58, (2048, 128): 1947.33}, tp=8, fit=_SWEEP,
+          source="trtllm-0.19"),
+]
 
 
 POINTS: list[Point] = [
@@ -129,6 +154,7 @@ POINTS: list[Point] = [
           batch=1024, tp=2, note="8 x H100 SXM as 4 x TP2 (approx.)"),
     Point("h100", 1, "llama-3.1-8b", "fp8", "single", 242, "artificial-analysis",
           note="best H100 cloud provider, taken as FP8 on one H100 (stack unknown)"),
+    *_TRT_SWEEPS,
     # ---- Blackwell, TensorRT-LLM, FP4 ----------------------------------------------------------------
     *_trt("b200", 1, "llama-3.3-70b", "fp4", {
         (128, 128): 11147, (128, 2048): 9922, (128, 4096): 6831, (1000, 1000): 7007, (2048, 128): 1339,

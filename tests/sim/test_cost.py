@@ -57,6 +57,47 @@ def test_floors_and_tensor_parallel():
     assert ar > 2 * 32 * 3e-6
 
 
+def test_tp_sequence_overhead_is_per_sequence_per_step_at_tp_above_one():
+    """A stack's per-sequence cost on tensor-parallel replicas (fitted on TensorRT-LLM's v0.19 TP
+    sweeps) adds exactly B x the term to a step at TP > 1, nothing at TP1, and under attention data
+    parallelism only each rank's own share of the sequences."""
+    fam = replace(IDEAL, tp_seq_overhead_s=20e-6)
+    for tp in (1, 2, 8):
+        plain, charged = ideal_8b(tp=tp), ideal_8b(tp=tp, family=fam)
+        extra = charged.decode_step(64, 500) - plain.decode_step(64, 500)
+        assert extra == pytest.approx(0.0 if tp == 1 else 64 * 20e-6, abs=1e-12), tp
+    moe = get_model("qwen3-235b-a22b")
+    dp = [StepCost(Deployment(get_hardware("h200"), moe, "fp8", "fp8", tp=4, ep=4, attn_dp=True, family=f))
+          for f in (IDEAL, fam)]
+    assert dp[1].decode_step(64, 500) - dp[0].decode_step(64, 500) == pytest.approx(64 * 20e-6 / 4, abs=1e-12)
+    assert FAMILIES["hopper/trtllm"].tp_seq_overhead_s > 0 and FAMILIES["blackwell/trtllm"].tp_seq_overhead_s > 0
+    assert FAMILIES["ampere/trtllm"].tp_seq_overhead_s == 0  # fitted only where multi-GPU fit points exist
+
+
+def test_multi_gpu_term_is_fitted_on_points_that_are_never_checks():
+    """The term that only multi-GPU points can pin comes from other rows than the checks: every
+    multi-GPU fit point of the current TensorRT-LLM stacks is from v0.19's TP sweeps, no check shares
+    its (hardware, model, TP, ISL/OSL), and `--fit --params tp_seq_overhead_s` uses only those."""
+    from splitserve.sim.published import POINTS, family_key
+
+    for key in ("hopper/trtllm", "blackwell/trtllm"):
+        multi_fit = [p for p in POINTS if family_key(p) == key and p.use == "fit" and (p.tp or 1) > 1]
+        assert len(multi_fit) == 6 and {p.source for p in multi_fit} == {"trtllm-0.19"}
+        assert {p.tp for p in multi_fit} == {2, 4, 8}
+        shape = {(p.hardware, p.model, p.tp, p.input_len, p.output_len) for p in multi_fit}
+        checks = {(p.hardware, p.model, p.tp, p.input_len, p.output_len) for p in POINTS if p.use == "check"}
+        assert not shape & checks
+        assert all(p.source != "trtllm-0.19" for p in POINTS if p.use == "check")
+
+
+def test_fit_of_a_subset_names_only_terms_the_family_fits(capsys):
+    from splitserve.sim.fitting import fit_main
+
+    with pytest.raises(SystemExit):
+        fit_main(["hopper/trtllm", "--params", "layer_floor_s"])
+    assert "does not fit layer_floor_s" in capsys.readouterr().err
+
+
 def test_moe_reads_only_the_experts_a_batch_touches():
     d = Deployment(get_hardware("h200"), get_model("qwen3-235b-a22b"), "fp8", "fp8", tp=4, family=IDEAL)
     c = StepCost(d)
