@@ -48,6 +48,12 @@ _UNKNOWN = "unknown: no published measurement of this stack was used"
 _LLAMA8B_LAYER = 218_103_808  # Llama-3.1-8B: parameters per layer
 
 
+def _tp_sweep(dtype: str, chip: str) -> str:
+    """Where a current TensorRT-LLM stack's multi-GPU term comes from (published.py _TRT_SWEEPS)."""
+    return (f"; the cost per sequence per step at TP > 1 from v0.19's TP sweep of Llama-3.3-70B {dtype} on 2, 4 "
+            f"and 8 {chip} (128/2048, 2048/128)")
+
+
 def _hbm(eff_compute: float, eff_mem: float, step_floor_s: float, source: str, **kw) -> FamilyParams:
     """An HBM accelerator's terms: the shared shape terms and a 4 us per-layer floor (assumed)."""
     return FamilyParams(eff_compute, eff_mem, 4e-6, step_floor_s, source, gemm_half_tokens=_HALF, overlap=_P, **kw)
@@ -57,8 +63,8 @@ FAMILIES: dict[str, FamilyParams] = {
     "hopper/trtllm": _hbm(
         0.442, 0.711, 226e-6,
         "TensorRT-LLM v1.0 perf-overview (trtllm-bench, PyTorch backend, 2025): Llama-3.1-8B FP8 on one "
-        "H100 at ISL/OSL 128/128, 2048/128, 128/2048; Llama-3.3-70B FP8 on one H200 at 1000/1000; the cost per "
-        "sequence per step at TP > 1 from v0.19's TP sweep of Llama-3.3-70B FP8 on 2, 4 and 8 H200 (128/2048, 2048/128)",
+        "H100 at ISL/OSL 128/128, 2048/128, 128/2048; Llama-3.3-70B FP8 on one H200 at 1000/1000"
+        + _tp_sweep("FP8", "H200"),
         tp_seq_overhead_s=16.9e-6,
         expected_error="median 13% (|log| 0.126) on 37 unfitted checks; worst 0.70x (MLPerf v4.1 H200, the 1,000 W "
                        "part) and 1.35x (Qwen3-235B attention-DP at 1024/8192)"),
@@ -76,8 +82,8 @@ FAMILIES: dict[str, FamilyParams] = {
     "blackwell/trtllm": _hbm(
         0.442, 0.397, 226e-6,
         "TensorRT-LLM v1.0 perf-overview (2025): Llama-3.3-70B FP4 on one B200 at 128/2048 and 2048/128 "
-        "(FP4 fitted; FP8/BF16 on Blackwell: no measurement found, Hopper's efficiency used); the cost per sequence "
-        "per step at TP > 1 from v0.19's TP sweep of Llama-3.3-70B FP4 on 2, 4 and 8 B200 (128/2048, 2048/128)",
+        "(FP4 fitted; FP8/BF16 on Blackwell: no measurement found, Hopper's efficiency used)"
+        + _tp_sweep("FP4", "B200"),
         eff_compute_fp4=0.375, tp_seq_overhead_s=20.5e-6,
         expected_error="median 8% (|log| 0.074) on 17 unfitted FP4 checks; worst 0.70x (GB200, 2048/2048) and 1.21x "
                        "(405B TP4, 128/2048)"),

@@ -24,10 +24,11 @@ SOURCES = {
     "trtllm-1.2": "NVIDIA TensorRT-LLM perf-overview, developer guide (docs/source/developer-guide/perf-overview.md @ "
                   "03e27c7, 2025): as trtllm-1.0, per-GPU output throughput; MoE models with attention data "
                   "parallel + expert parallel (DEP)",
-    "trtllm-0.19": "NVIDIA TensorRT-LLM perf-overview, v0.19.0 release (nvidia.github.io/TensorRT-LLM/0.19.0/performance/"
-                   "perf-overview.html; docs/source/performance/perf-overview.md of that release, 2025): trtllm-bench "
-                   "throughput, PyTorch backend (as trtllm-1.0), the same model on 1, 2, 4 and 8 GPUs (TP sweep); its "
-                   "one-GPU rows agree with trtllm-1.0's within 0-7%, its multi-GPU rows within -14% to +7%",
+    "trtllm-0.19": "NVIDIA TensorRT-LLM perf-overview, v0.19.0 release (nvidia.github.io/TensorRT-LLM/0.19.0/"
+                   "performance/perf-overview.html; docs/source/performance/perf-overview.md of that release, 2025): "
+                   "trtllm-bench throughput, PyTorch backend (as trtllm-1.0), the same model on 1, 2, 4 and 8 GPUs "
+                   "(TP sweep); its rows that trtllm-1.0 repeats (same chip, model, TP, ISL/OSL) are within -13% to "
+                   "+9% of trtllm-1.0's",
     "trtllm-0.6": "NVIDIA TensorRT-LLM performance.md, v0.6.1 (docs/source/performance.md @ 138f96d, Dec 2023): "
                   "static-batch throughput (gptSessionBenchmark) and, from v0.5, batch-1 first-token latency",
     "mlperf-4.1": "MLPerf Inference Datacenter v4.1 (Aug 2024), Llama-2-70B offline, closed division: each figure "
