@@ -107,11 +107,8 @@ def pools_from_args(args, base: EngineConfig):
     d_cfg = replace(base, threads=args.decode_threads or args.threads or split,
                     block_size=args.decode_block_size or base.block_size,
                     device=args.decode_device or base.device)
-    pools = []
-    if args.prefill_workers:
-        pools.append(PoolSpec("prefill", args.prefill_workers, p_cfg))
-    pools.append(PoolSpec("decode", args.decode_workers, d_cfg))
-    return pools
+    # A prefill pool of 0 workers still exists: `splitserve scale --prefill N` grows it later.
+    return [PoolSpec("prefill", args.prefill_workers, p_cfg), PoolSpec("decode", args.decode_workers, d_cfg)]
 
 
 def admission_from_args(args) -> "AdmissionConfig":
@@ -174,8 +171,8 @@ def abandon_start(cluster) -> None:
     so it ends by itself rather than being cancelled mid-wait."""
     for w in cluster.workers.values():
         if w.ready is None:
-            if w.process is not None and w.process.poll() is None:
-                w.process.terminate()
+            if w.launch is not None:
+                cluster.launcher.stop(w.launch)
             w.ready_event.set()
 
 
