@@ -75,6 +75,21 @@ class Attempt:
     workers: tuple[str, ...]
     t_dispatch: float
     t_first: float | None = None
+    # Disaggregated: the decode worker's tokens wait here until the prefill worker's first token
+    # arrived. They travel on different sockets, so the second token can overtake the first.
+    held: list | None = None
+
+    def deliver(self, worker_id: str, item) -> None:
+        """Queue a worker's output for the request, in token order."""
+        if self.held is None:
+            self.queue.put_nowait(item)
+        elif worker_id == self.placement.prefill_worker:
+            self.queue.put_nowait(item)
+            for early in self.held:
+                self.queue.put_nowait(early)
+            self.held = None
+        else:
+            self.held.append(item)
 
 
 class Cluster(WorkerSupervision, ElasticPools):
@@ -228,7 +243,7 @@ class Cluster(WorkerSupervision, ElasticPools):
             for item in msg.items:
                 a = self.attempts.get(item.request_id)
                 if a is not None:
-                    a.queue.put_nowait(item)
+                    a.deliver(msg.worker_id, item)
         elif isinstance(msg, m.Stats):
             w = self.workers.get(msg.worker_id)
             if w is None:
@@ -329,7 +344,8 @@ class Cluster(WorkerSupervision, ElasticPools):
         if not orch.reuse_prefix:
             placement = Placement(d, p, 0, 0)
         attempt = self.attempts[plan.sub_id] = Attempt(plan.sub_id, orch.request_id, queue, placement,
-                                                       (d,) if p is None else (d, p), time.perf_counter())
+                                                       (d,) if p is None else (d, p), time.perf_counter(),
+                                                       held=None if p is None else [])
         self.current[orch.request_id] = plan.sub_id
         outs = list(emitted)
         try:
@@ -445,6 +461,7 @@ class Cluster(WorkerSupervision, ElasticPools):
             workers.append({
                 "id": w.worker_id, "role": w.role, "address": w.address, "pid": w.ready.pid if w.ready else (
                     self._launched_pid(w)), "launcher": self.launcher.kind if w.launch is not None else "joined",
+                "node": self.launcher.where(w.launch) if w.launch is not None else None,
                 "host": w.ready.host if w.ready else None, "state": w.state.value, "restarts": w.restarts,
                 "load": None if s is None else {
                     "num_waiting": s.num_waiting, "num_running": s.num_running,

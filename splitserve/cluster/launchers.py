@@ -77,6 +77,9 @@ class WorkerLauncher(Protocol):
     def pid(self, launch: object) -> int | None:
         """The worker process's pid once known (the only pid whose Ready may claim this worker id)."""
 
+    def where(self, launch: object) -> str | None:
+        """The node it runs on, where the launcher knows nodes (Ray's node id); None locally."""
+
     def exited(self, launch: object) -> str | None:
         """None while it runs; why it is gone once it is."""
 
@@ -112,6 +115,9 @@ class LocalLauncher:
 
     def pid(self, launch: subprocess.Popen) -> int | None:
         return launch.pid
+
+    def where(self, launch: subprocess.Popen) -> str | None:
+        return None
 
     def exited(self, launch: subprocess.Popen) -> str | None:
         code = launch.poll()
