@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import shutil
 import statistics
@@ -31,24 +30,18 @@ import httpx
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+from benchmarks.stream_timing import token_stamps  # noqa: E402
 from splitserve.testing import ServerProcess  # noqa: E402
 
 PROMPT = "Write a long story about a lighthouse keeper and the ships that pass in the night."
 
 
 async def stream(http, base_url: str, max_tokens: int, stamps: list | None = None) -> int:
-    body = {"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
-    n = 0
-    async with http.stream("POST", base_url + "/v1/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                chunk = json.loads(line[6:])
-                if chunk["choices"] and chunk["choices"][0]["text"]:
-                    n += 1
-                    if stamps is not None:
-                        stamps.append(time.perf_counter())
-    return n
+    body = {"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    got = await token_stamps(http, base_url, body)
+    if stamps is not None:
+        stamps.extend(got)
+    return len(got)
 
 
 async def cluster(http, base_url: str) -> dict:

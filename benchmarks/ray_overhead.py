@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import shutil
 import statistics
@@ -27,6 +26,7 @@ import httpx
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+from benchmarks.stream_timing import token_stamps  # noqa: E402
 from splitserve.testing import ServerProcess  # noqa: E402
 
 PROMPT = ("The history of the lighthouse keepers on the northern coast is long and full of storms. " * 14).strip()
@@ -39,16 +39,9 @@ _SEQ = iter(range(1 << 30))
 
 async def one(http: httpx.AsyncClient, base_url: str, max_tokens: int) -> tuple[float, float]:
     """(TTFT, TPOT) in seconds for one greedy streamed completion (a fresh prompt: no prefix hit)."""
-    body = {"prompt": f"Log {next(_SEQ)}. {PROMPT}", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+    body = {"prompt": f"Log {next(_SEQ)}. {PROMPT}", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
     t0 = time.perf_counter()
-    stamps = []
-    async with http.stream("POST", base_url + "/v1/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                chunk = json.loads(line[6:])
-                if chunk["choices"] and chunk["choices"][0]["text"]:
-                    stamps.append(time.perf_counter())
+    stamps = await token_stamps(http, base_url, body)
     return stamps[0] - t0, (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1)
 
 

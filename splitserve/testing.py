@@ -44,6 +44,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for(what, timeout: float = 30.0, step: float = 0.2):
+    """Poll `what()` until it returns something truthy (returned); AssertionError after `timeout`."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = what()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

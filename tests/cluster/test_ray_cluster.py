@@ -17,8 +17,8 @@ import json
 import httpx
 import pytest
 
-from splitserve.testing import ServerProcess
-from tests.cluster.conftest import PROMPTS, TINY_ARGS, async_wait_for, completion, stream_text, wait_for
+from splitserve.testing import ServerProcess, wait_for
+from tests.cluster.conftest import PROMPTS, TINY_ARGS, async_wait_for, completion, stream_text
 from tests.cluster.ray_helpers import actor_processes, alive, parent_of, wait_gone, worker_processes
 
 ray_cluster_utils = pytest.importorskip("ray.cluster_utils")
