@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 
 import httpx
 import pytest
@@ -83,6 +84,9 @@ def test_workers_are_placed_by_resources_and_output_equals_aggregated(nodes, ser
     assert prefill["node"] == nodes.head_node.node_id
     assert {w["node"] for w in _workers(server, "decode")} == decode_nodes  # one per node
     assert all(w["address"].startswith("tcp://") for w in info["workers"])
+    # Ray runs its workers at niceness 15; the engines get the gateway's back.
+    assert {os.getpriority(os.PRIO_PROCESS, w["pid"]) for w in info["workers"]} == {
+        os.getpriority(os.PRIO_PROCESS, server.proc.pid)}
     for prompt in PROMPTS[:4]:
         assert completion(server.base_url, prompt, 32) == reference[prompt]
     info = server.wait_idle()
