@@ -83,6 +83,40 @@ class RayLaunch:
     node_id: str | None = None
     gone: str | None = None
     killed: bool = field(default=False)
+    slot: int | None = None  # its bundle in the pool's placement group
+
+
+class PoolGroup:
+    """One pool's placement group: a bundle per worker, STRICT_SPREAD (one per node) or PACK.
+    A restarted worker takes its bundle again; workers beyond it (the pool grew) go unplaced."""
+
+    STRATEGIES = {"spread": "STRICT_SPREAD", "pack": "PACK"}
+
+    def __init__(self, group, size: int) -> None:
+        self.group, self.free = group, list(range(size))
+
+    @classmethod
+    def create(cls, bundle: dict[str, float], count: int, placement: str) -> "PoolGroup":
+        from ray.util.placement_group import placement_group
+
+        return cls(placement_group([dict(bundle)] * count, strategy=cls.STRATEGIES[placement]), count)
+
+    def take(self) -> int | None:
+        return self.free.pop(0) if self.free else None
+
+    def give_back(self, slot: int) -> None:
+        self.free.append(slot)
+        self.free.sort()
+
+    def strategy(self, slot: int):
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        return PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=slot)
+
+    def remove(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        remove_placement_group(self.group)
 
 
 def _check_reachable(address: str) -> None:
@@ -99,9 +133,12 @@ class RayLauncher:
     kind = "ray"
     tcp_inbox = True
 
-    def __init__(self, address: str, resources: dict[str, dict[str, float]], threads: dict[str, int | None]) -> None:
-        """`resources`/`threads`: per role. Connects (or starts a local Ray) on its own thread,
-        which lives until `close`: Ray ties the processes a local start creates to that thread."""
+    def __init__(self, address: str, resources: dict[str, dict[str, float]], threads: dict[str, int | None],
+                 placement: str | None = None, counts: dict[str, int] | None = None) -> None:
+        """`resources`/`threads`/`counts`: per role. `placement` "spread" or "pack": each pool's
+        first `counts[role]` workers go into a placement group (STRICT_SPREAD: one per node; PACK).
+        Connects (or starts a local Ray) on its own thread, which lives until `close`: Ray ties
+        the processes a local start creates to that thread."""
         self.address = address
         self.resources, self.threads = resources, threads
         self.started_ray = False
@@ -114,6 +151,8 @@ class RayLauncher:
             raise
         self.collector_host = ray.util.get_node_ip_address()
         self._actor_cls = ray.remote(WorkerActor)
+        self.groups = {role: PoolGroup.create(bundle(resources.get(role, {}), threads.get(role)), n, placement)
+                       for role, n in (counts or {}).items() if placement and n > 0}
 
     def _connect(self) -> None:
         # Ray's C++ failure handler would print a stack trace for the SIGTERM that stops the server.
@@ -134,9 +173,13 @@ class RayLauncher:
     # ---- WorkerLauncher ----------------------------------------------------------------------
     def start(self, spec: WorkerSpec, secret: bytes) -> RayLaunch:
         opts = actor_options(self.resources.get(spec.role, {}), self.threads.get(spec.role))
+        group = self.groups.get(spec.role)
+        slot = group.take() if group else None
+        if slot is not None:
+            opts["scheduling_strategy"] = group.strategy(slot)
         actor = self._actor_cls.options(max_concurrency=4, name=None, **opts).remote()
         start_ref = actor.start.remote(spec, secret, os.getpriority(os.PRIO_PROCESS, 0))
-        launch = RayLaunch(actor, start_ref, actor.wait.remote(), spec.role)
+        launch = RayLaunch(actor, start_ref, actor.wait.remote(), spec.role, slot=slot)
         self.launches.append(launch)
         return launch
 
@@ -178,6 +221,8 @@ class RayLauncher:
         for launch in list(self.launches):
             self.kill(launch)
         self.launches.clear()
+        for group in self.groups.values():
+            group.remove()
         try:
             self._thread.submit(ray.shutdown).result(timeout=60)
         finally:
@@ -205,3 +250,6 @@ class RayLauncher:
             ray.kill(launch.actor, no_restart=True)  # the actor outlived its worker: end it too
         if launch in self.launches:
             self.launches.remove(launch)
+        if launch.slot is not None:
+            self.groups[launch.role].give_back(launch.slot)
+            launch.slot = None

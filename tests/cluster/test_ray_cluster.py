@@ -178,3 +178,16 @@ def test_pools_scale_on_ray_and_a_shortage_is_reported(nodes, server, reference)
     # The drained worker's process and its actor are gone; the others are up.
     assert wait_gone(lambda: alive(gone)) == []
     assert len(worker_processes(server.cluster_id)) == 3 and len(actor_processes(server.cluster_id)) == 3
+
+
+def test_a_spread_pool_has_one_worker_per_node(nodes, tiny_served, reference):
+    # Only CPUs asked: without the placement group Ray may put both on one node.
+    with ServerProcess("--model", tiny_served, *TINY_ARGS, "--disaggregated", "--prefill-workers", "0",
+                       "--decode-workers", "2", "--ray", nodes.address, "--ray-placement", "spread",
+                       "--decode-resources", json.dumps({"num_cpus": 1})) as s:
+        decode = _workers(s, "decode")
+        assert len({w["node"] for w in decode}) == 2 and all(w["node"] for w in decode)
+        assert completion(s.base_url, PROMPTS[0], 32) == reference[PROMPTS[0]]
+        s.wait_idle()
+        cluster_id = s.cluster_id
+    assert wait_gone(lambda: worker_processes(cluster_id)) == []

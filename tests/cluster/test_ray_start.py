@@ -67,6 +67,7 @@ def test_an_unreachable_ray_address_is_a_clear_startup_error(tiny_served, ray_tm
     (("--disaggregated", "--ray", "--decode-resources", '{"decode": -1}'), "must be a number between 0"),
     (("--disaggregated", "--ray", "--decode-resources", '{"num_gpus": "one"}'), "must be a number between 0"),
     (("--disaggregated", "--decode-resources", '{"decode": 1}'), "place workers on Ray: add --ray"),
+    (("--disaggregated", "--ray-placement", "spread"), "place workers on Ray: add --ray"),
     (("--ray", "--prefill-resources", '{"prefill": 1}'), "--prefill-resources needs --disaggregated"),
     (("--disaggregated", "--ray", "nohost"), "give auto or the head node's HOST:PORT"),
 ])
