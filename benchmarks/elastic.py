@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shutil
 import statistics
@@ -166,7 +167,10 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     ray_tmp = tempfile.mkdtemp(prefix="ss-ray-", dir="/tmp")
-    extra = ["--ray", "auto"] if args.launcher == "ray" else []
+    # Half a CPU per worker in Ray's accounting: the local Ray declares this host's 2 cores, and
+    # the scale-up needs room for a third worker (locally the OS simply shares the cores).
+    half = json.dumps({"num_cpus": 0.5})
+    extra = ["--ray", "auto", "--prefill-resources", half, "--decode-resources", half] if args.launcher == "ray" else []
     s = ServerProcess("--model", args.model, "--disaggregated", "--threads", "1", "--max-model-len", "2048",
                       "--log-level", "WARNING", *extra, env=dict(os.environ, RAY_TMPDIR=ray_tmp), startup_timeout=600)
     try:

@@ -18,6 +18,7 @@ import time
 import httpx
 
 from splitserve.kv import shm
+from splitserve.process_tree import descendants, pid_alive
 
 
 # Logs this process created and has not removed yet (a test suite removes the rest at its end).
@@ -53,38 +54,6 @@ def wait_for(what, timeout: float = 30.0, step: float = 0.2):
             return value
         time.sleep(step)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is dead for our purposes
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except OSError:
-        return False
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live process below `pid` (Linux /proc), children first."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], list(children.get(pid, []))
-    while todo:
-        p = todo.pop(0)
-        out.append(p)
-        todo.extend(children.get(p, []))
-    return out
 
 
 class ServerProcess:

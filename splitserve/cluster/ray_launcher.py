@@ -23,15 +23,21 @@ import subprocess
 import threading
 from dataclasses import dataclass, field
 
-import ray
+# Before ray is imported (it reads this then): Ray's C++ failure handler would print a stack trace
+# for the SIGTERM that stops the server.
+os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+
+import ray  # noqa: E402
 
 from splitserve.cluster.launchers import WorkerSpec
 from splitserve.cluster.resources import actor_options, bundle
 from splitserve.cluster.worker import SECRET_ENV
+from splitserve.process_tree import descendants, end_all
 
 log = logging.getLogger("splitserve.ray")
 
 CONNECT_TIMEOUT_S = 5.0
+STOP_GRACE_S = 5.0
 
 
 class WorkerActor:
@@ -155,8 +161,6 @@ class RayLauncher:
                        for role, n in (counts or {}).items() if placement and n > 0}
 
     def _connect(self) -> None:
-        # Ray's C++ failure handler would print a stack trace for the SIGTERM that stops the server.
-        os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
         kwargs = dict(namespace="splitserve", logging_level=logging.WARNING, include_dashboard=False,
                       configure_logging=False)
         if self.address != "auto":
@@ -223,10 +227,14 @@ class RayLauncher:
         self.launches.clear()
         for group in self.groups.values():
             group.remove()
+        ours = descendants(os.getpid()) if self.started_ray else []  # the local Ray this server started
         try:
             self._thread.submit(ray.shutdown).result(timeout=60)
         finally:
             self._thread.shutdown(wait=True)
+        killed = end_all(ours, STOP_GRACE_S)  # no Ray process outlives the server that started it
+        if killed:
+            log.warning("killed %d Ray process(es) still running %.0fs after ray.shutdown()", len(killed), STOP_GRACE_S)
 
     def request_capacity(self, role: str, count: int) -> str | None:
         want = bundle(self.resources.get(role, {}), self.threads.get(role))
