@@ -8,7 +8,7 @@ Each repeat on a 1 prefill + 1 decode server (one thread per worker):
      the new worker B is ready a request is sent, which the router puts on idle B; timed to its
      first token (checked: B's decode steps grew). Split into start-to-ready and ready-to-token.
   2. drain, idle: B drained with nothing on it.
-  3. drain, in flight, long deadline: a 64-token stream on a worker that is then drained; the
+  3. drain, in flight, long deadline: a 256-token stream on a worker that is then drained; the
      drain lasts until the stream ends there and the worker exits.
   4. drain, deadline 0: the same stream moves at once to the other worker (re-placed with its
      streamed tokens); timed to the worker's exit, and the largest gap between the stream's tokens.
@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 from benchmarks.stream_timing import token_stamps  # noqa: E402
 from splitserve.testing import ServerProcess  # noqa: E402
 
+IN_FLIGHT_TOKENS = 256
 PROMPT = "Write a long story about a lighthouse keeper and the ships that pass in the night."
 
 
@@ -116,14 +117,18 @@ async def drain_in_flight(http, url: str, deadline_s: float) -> tuple[float, flo
     await http.post(url + "/cluster/scale", json={"decode": 2})
     await until(lambda: _all_ready(http, url))
     stamps: list[float] = []
-    task = asyncio.create_task(stream(http, url, 64, stamps))
+    task = asyncio.create_task(stream(http, url, IN_FLIGHT_TOKENS, stamps))
     await until(lambda: _len_at_least(stamps, 8))
     busy = [w for w in (await decoders(http, url)).values() if w["load"] and w["load"]["num_running"]]
     while not busy:
         await asyncio.sleep(0.02)
         busy = [w for w in (await decoders(http, url)).values() if w["load"] and w["load"]["num_running"]]
     t0 = time.perf_counter()
-    seconds = await drain(http, url, busy[0]["id"], deadline_s)
+    drain_task = asyncio.create_task(drain(http, url, busy[0]["id"], deadline_s))
+    await asyncio.sleep(0)
+    if len(stamps) >= IN_FLIGHT_TOKENS:
+        raise RuntimeError("the stream ended before the drain began: raise IN_FLIGHT_TOKENS")
+    seconds = await drain_task
     await task
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
     return seconds, stamps[-1] - t0, max(gaps)
@@ -183,7 +188,7 @@ def main() -> int:
     for key, label in (("to_ready", "scale-up: request -> new worker ready"),
                        ("to_first_token", "scale-up: request -> first token from the new worker"),
                        ("drain_idle", "drain, idle worker -> gone"),
-                       ("drain_inflight", "drain, 64-token stream in flight, deadline 300 s -> gone"),
+                       ("drain_inflight", "drain, 256-token stream in flight, deadline 300 s -> gone"),
                        ("drain_inflight_to_end", "  (drain -> that stream's last token)"),
                        ("drain_now", "drain, stream in flight, deadline 0 -> gone"),
                        ("drain_now_gap", "  (largest gap between the moved stream's tokens)")):

@@ -14,6 +14,8 @@ async def token_stamps(http, base_url: str, body: dict) -> list[float]:
         async for line in r.aiter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
                 chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    raise RuntimeError(f"the stream ended with an error: {chunk['error']}")
                 if chunk["choices"] and chunk["choices"][0]["text"]:
                     stamps.append(time.perf_counter())
     return stamps
