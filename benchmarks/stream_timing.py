@@ -6,9 +6,10 @@ import json
 import time
 
 
-async def token_stamps(http, base_url: str, body: dict) -> list[float]:
-    """perf_counter() at each streamed chunk that carries text; raises on an HTTP error."""
-    stamps = []
+async def token_stamps(http, base_url: str, body: dict, stamps: list | None = None) -> list[float]:
+    """perf_counter() at each streamed chunk that carries text, appended to `stamps` as they come
+    (a caller may watch it grow); raises on an HTTP error or an error event."""
+    stamps = [] if stamps is None else stamps
     async with http.stream("POST", base_url + "/v1/completions", json=dict(body, stream=True)) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
