@@ -7,8 +7,8 @@ from splitserve.config import SchedulerConfig
 from splitserve.engine.request import Request
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.scheduler import Scheduler
-from splitserve.kv.handoff import (Abort, Act, Chunk, DecodeHandoff, Done, HandoffTimeouts, Reserve, RxState, Stopped,
-                                   apply_scheduler_actions)
+from splitserve.kv.handoff import (Abort, Act, Chunk, DecodeHandoff, Done, HandoffTimeouts, Reserve, Reserved, RxState,
+                                   Stopped, apply_scheduler_actions)
 
 TO = HandoffTimeouts(stall_s=10.0, queued_s=100.0, stopped_grace_s=2.0, early_ttl_s=5.0, tombstone_s=5.0,
                      fence_max_s=20.0)
@@ -97,6 +97,25 @@ def test_a_hole_or_a_short_prefill_loses_kv():
     t.tick(0.1)
     assert sorted(t.failures()) == [("hole", FailureReason.KV_LOST), ("short", FailureReason.KV_LOST)]
     assert t.sched.block_manager.is_idle()
+
+
+def test_early_kv_past_a_reused_prefix_is_not_a_hole():
+    """KV that beats the ReserveKV starts past the decode side's cached prefix (the writer skips
+    it): a fresh prefill worker's first transfers to an older decode worker failed as kv_lost."""
+    h = DecodeHandoff(TO)
+    req = Request("r", list(range(1, 13)), PARAMS)
+    h.on(Chunk("r", 0, LAYERS, 8, 4), 0.0)  # tokens [8, 12), before the reservation
+    h.on(Reserve("r", req, 8, LAYERS), 0.1)
+    h.on(Reserved("r", True), 0.1)
+    h.on(Done("r", 5, 12), 0.2)
+    acts = h.tick(0.3)
+    assert [a.kind for a in acts] == [Act.ADMIT, Act.RELEASE_SOURCE] and h.num_failed == 0
+    # ... and early KV that starts past the reused prefix is still a hole
+    h.on(Chunk("s", 0, LAYERS, 8, 4), 1.0)
+    h.on(Reserve("s", Request("s", list(range(1, 13)), PARAMS), 4, LAYERS), 1.1)
+    h.on(Reserved("s", True), 1.1)
+    h.on(Done("s", 5, 12), 1.2)
+    assert (Act.REPORT_FAILURE, FailureReason.KV_LOST) in [(a.kind, a.arg) for a in h.tick(1.3)]
 
 
 def test_early_kv_expires_and_late_kv_for_a_dropped_transfer_is_discarded():

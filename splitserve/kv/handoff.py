@@ -160,6 +160,7 @@ class Incoming:
     wants_placement: bool = False
     stopped_at: float | None = None  # the writer stopped without PrefillDone
     hole: bool = False  # a chunk started past what had arrived for its layer: some KV was lost
+    early_starts: dict[int, int] | None = None  # before Reserve: each layer's first chunk start
     reason: FailureReason | None = None
 
     @property
@@ -248,6 +249,9 @@ class DecodeHandoff:
         t.request, t.reuse_tokens, t.created, t.wants_placement = e.request, e.reuse_tokens, now, e.writer
         early = t.arrived + [0] * (e.num_layers - len(t.arrived))
         t.arrived = [max(a, e.reuse_tokens) for a in early]
+        if t.early_starts and max(t.early_starts.values()) > e.reuse_tokens:
+            t.hole = True  # a layer's first chunk began past the prefix we hold: some KV was lost
+        t.early_starts = None
         self._enter(t, RxState.RESERVING, now)
         return [Action(Act.TRY_RESERVE, e.request_id, True)]
 
@@ -274,8 +278,14 @@ class DecodeHandoff:
             t.arrived = [0] * (e.layer + e.num_layers)
         elif len(t.arrived) < e.layer + e.num_layers:
             t.arrived.extend([0] * (e.layer + e.num_layers - len(t.arrived)))
+        early = t.state is RxState.EARLY
         for layer in range(e.layer, e.layer + e.num_layers):
-            if e.start > t.arrived[layer]:  # chunks of a layer come in token order: one went missing
+            if early and not t.arrived[layer]:
+                # Where a layer starts is judged at Reserve: the writer skips the tokens our prefix
+                # cache holds, and how many those are is not known yet.
+                t.early_starts = t.early_starts or {}
+                t.early_starts.setdefault(layer, e.start)
+            elif e.start > t.arrived[layer]:  # chunks of a layer come in token order: one went missing
                 t.hole = True
             t.arrived[layer] = max(t.arrived[layer], e.start + e.num_tokens)
         t.last_progress = now
