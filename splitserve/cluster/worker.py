@@ -292,7 +292,7 @@ class Worker:
             s.num_preemptions, e.num_steps, tx.bytes_sent, rx.bytes_received, rx.transfer_seconds, rx.num_done,
             rx.num_failed, rx.num_active + tx.num_pending, events,
             tx.bytes_direct + (rx.data.bytes_direct if rx.data else 0), e.step_seconds,
-            e.decode_steps, e.decode_step_seconds,
+            e.decode_steps, e.decode_step_seconds, e.step_tokens, e.decode_step_tokens,
         )
 
     def close(self) -> None:
