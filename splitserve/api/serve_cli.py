@@ -10,6 +10,7 @@ import time
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from splitserve.cluster.autoscale_setup import add_autoscale_args
 from splitserve.config import EngineConfig
 
 if TYPE_CHECKING:
@@ -89,6 +90,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="start every prefill at once, even when no decode worker has room for it yet")
     d.add_argument("--cluster-listen", default=None, metavar="HOST:PORT",
                    help="accept `splitserve worker --join` from other hosts here (needs SPLITSERVE_CLUSTER_SECRET)")
+    add_autoscale_args(ap)
     return ap.parse_args(argv)
 
 
@@ -134,6 +136,7 @@ async def start_cluster(args: argparse.Namespace, config: EngineConfig, started:
     `started["cluster"]` is set as soon as the cluster exists, so a stop mid-start can end it."""
     from splitserve.api.metrics import ServerMetrics
     from splitserve.api.server import ServerState, build_app
+    from splitserve.cluster.autoscale_setup import autoscale_from_args, start_autoscaler
     from splitserve.cluster.gateway import Cluster
     from splitserve.cluster.router import RouterConfig
     from splitserve.cluster.worker import SECRET_ENV
@@ -146,6 +149,7 @@ async def start_cluster(args: argparse.Namespace, config: EngineConfig, started:
         raise ValueError(f"--cluster-listen needs the cluster secret in {SECRET_ENV}")
     if args.decode_workers < 1:
         raise ValueError("at least one decode worker is needed")
+    autoscale = autoscale_from_args(args)
     path = resolve_model_path(config.model)
     tokenizer = await asyncio.to_thread(load_tokenizer, path)
     cluster = Cluster(pools_from_args(args, config), tokenizer.eos_token_ids,
@@ -154,6 +158,8 @@ async def start_cluster(args: argparse.Namespace, config: EngineConfig, started:
                       secret=secret, admission=admission_from_args(args))
     started["cluster"] = cluster
     await cluster.start()
+    if autoscale is not None:
+        start_autoscaler(cluster, autoscale)
     name = args.served_model_name or served_model_name(config.model)
     aliases = frozenset({name, config.model, served_model_name(config.model)})
     seats = config.max_num_seqs + config.max_waiting

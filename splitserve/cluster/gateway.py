@@ -113,6 +113,8 @@ class Cluster(WorkerSupervision):
         self.num_restarts = 0
         self.phase = {"prefill_s": 0.0, "prefill_n": 0, "decode_s": 0.0, "decode_n": 0}
         self._tasks: list[asyncio.Task] = []
+        self.monitor = None  # a LoadMonitor while the autoscaler runs (cluster/autoscale_setup.py)
+        self.autoscaler = None
         self._closing = False
         self._changed = asyncio.Event()
         self.startup_error: str | None = None
@@ -144,6 +146,10 @@ class Cluster(WorkerSupervision):
         failed = [w.worker_id for w in self.workers.values() if w.ready is None]
         if failed:
             raise RuntimeError(self.startup_error or f"workers failed to start: {', '.join(failed)}")
+
+    def add_background(self, coro) -> None:
+        """A task that lives as long as the cluster (cancelled by shutdown)."""
+        self._tasks.append(asyncio.create_task(coro))
 
     @property
     def healthy(self) -> bool:
@@ -353,6 +359,7 @@ class Cluster(WorkerSupervision):
         orch = RequestOrchestration(request_id)
         done = False
         self.current[request_id] = ""
+        timer = self.monitor.start(len(prompt_token_ids)) if self.monitor is not None else None
         try:
             while not done:
                 try:
@@ -368,6 +375,8 @@ class Cluster(WorkerSupervision):
                             continue  # a late message from an abandoned attempt
                         if item.token is not None:
                             emitted.append(item.token)
+                            if timer is not None:
+                                timer.on_token(item.num_cached_tokens)
                             if attempt.t_first is None:
                                 attempt.t_first = time.perf_counter()
                                 self.phase["prefill_s"] += attempt.t_first - attempt.t_dispatch
@@ -400,6 +409,8 @@ class Cluster(WorkerSupervision):
                     queue = asyncio.Queue()
         finally:
             self.current.pop(request_id, None)
+            if timer is not None:
+                self.monitor.finish(timer)
             if attempt is not None:
                 await self._abort_attempt(attempt)
 
@@ -446,4 +457,5 @@ class Cluster(WorkerSupervision):
                 "gateway_inflight": self.num_inflight,
                 "gateway_queue": self.queue.info(), "requests_replaced": self.num_replaced,
                 "requests_replaced_by_reason": dict(self.replaced_by_reason),
-                "shm_segments": len(shm.list_segments(self.cluster_id, arenas=False)), "workers": workers}
+                "shm_segments": len(shm.list_segments(self.cluster_id, arenas=False)), "workers": workers,
+                **({"autoscale": self.autoscaler.info()} if self.autoscaler is not None else {})}
