@@ -44,7 +44,8 @@ class Autoscaler:
     pools: Pools
 
     def __post_init__(self) -> None:
-        self.decisions: deque[Decision] = deque(maxlen=20)  # the ones that changed something or said why not
+        self.decisions: deque[Decision] = deque(maxlen=10)  # the latest, whatever they did
+        self.changes: deque[Decision] = deque(maxlen=50)  # the latest that asked for a new size (or were refused)
         self.last_choice: SizeChoice | None = None
         self.num_decisions = 0
 
@@ -74,16 +75,17 @@ class Autoscaler:
             return d
         r = self.policy.on_refused(now, refused)
         self._keep(r, None)
+        self.changes.append(r)  # the refusal, beside the decision it answers
         return r
 
     def _keep(self, d: Decision, rate: float | None) -> None:
         self.num_decisions += 1
-        last = self.decisions[-1] if self.decisions else None
-        if last is None or d.action is not Action.HOLD or d.reasons != last.reasons or d.state != last.state:
-            self.decisions.append(d)
-            rate_s = "" if rate is None else f" at {rate:.2f} req/s"
-            log.info("autoscale %s%s: %d:%d -> %d:%d; %s", d.action.value, rate_s, *d.current, *d.target,
-                     "; ".join(d.reasons))
+        self.decisions.append(d)
+        if d.action is not Action.HOLD:
+            self.changes.append(d)
+        rate_s = "" if rate is None else f" at {rate:.2f} req/s"
+        log.info("autoscale %s%s: %d:%d -> %d:%d; %s", d.action.value, rate_s, *d.current, *d.target,
+                 "; ".join(d.reasons))
 
     def info(self) -> dict:
         """For GET /cluster: the targets, the last decisions, the predictions for current and chosen sizes."""
@@ -108,6 +110,7 @@ class Autoscaler:
             "predictor": None if c is None else {"simulated_runs": c.evaluated, "wall_s": round(c.wall_s, 3),
                                                  "note": c.note},
             "decisions": [d.to_json() for d in self.decisions],
+            "changes": [d.to_json() for d in self.changes],
         }
 
     async def run(self, clock=time.monotonic) -> None:
