@@ -76,7 +76,7 @@ async def send_load(base_url: str, args, t0: float) -> list[tuple[float, Request
         if t >= end:
             break
         await asyncio.sleep(max(0.0, t0 + t - time.monotonic()))
-        rec = RequestRecord(request_id=i)
+        rec = RequestRecord(request_id=i, start_s=t)
         out.append((time.monotonic() - t0, rec))
         tasks.append(asyncio.create_task(client.request(rec, prompt(rng, i, args.prompt_words), args.output_len)))
         i += 1

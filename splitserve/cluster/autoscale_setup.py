@@ -78,10 +78,16 @@ class ClusterPools:
         return [(w.worker_id, w.role, w.stats) for w in self.cluster.workers.values()]
 
     async def request_sizes(self, prefill: int, decode: int) -> str | None:
+        """`Cluster.scale` (cluster/elastic.py): new workers start through the launcher, surplus ones
+        drain. A pool whose new workers cannot be placed yet (the launcher asked Ray's autoscaler for
+        the resources) or a refused size comes back as the reason."""
         try:
-            return await self.cluster.resize_for_autoscaler(prefill, decode)
-        except (ValueError, RuntimeError) as exc:
+            result = self.cluster.scale(prefill=prefill, decode=decode)
+        except ValueError as exc:  # ScaleError
             return str(exc)
+        if result.capacity:
+            return "; ".join(f"{role}: {why}" for role, why in sorted(result.capacity.items()))
+        return None
 
 
 def start_autoscaler(cluster, settings: AutoscaleSettings) -> "Autoscaler":
