@@ -25,7 +25,7 @@ OUTPUTS = tuple(_rng.randint(20, 64) for _ in range(60))
 
 
 def measurement(rate: float, ttft: float | None = None, tpot: float | None = None) -> LoadMeasurement:
-    return LoadMeasurement(30.0, rate, int(rate * 30), PROMPTS, OUTPUTS, 0.1, ttft, tpot, {})
+    return LoadMeasurement(30.0, rate, int(rate * 30), PROMPTS, OUTPUTS, 0.1, ttft, tpot, {}, num_finished=len(PROMPTS))
 
 
 class ScriptedMonitor:

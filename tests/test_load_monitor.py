@@ -55,6 +55,23 @@ def test_a_request_without_tokens_counts_as_arrival_but_not_latency():
     assert got.num_arrivals == 1 and got.ttft_ms is None and got.tpot_ms is None
 
 
+def test_an_overload_where_nothing_finishes_still_shows():
+    """Requests still waiting for their first token count with their wait so far (a lower bound),
+    and their lengths (max_tokens for the output) stand in while too few have finished."""
+    clock = Clock()
+    mon = LoadMonitor(window_s=10.0, clock=clock)
+    timers = [mon.start(200, 32) for _ in range(4)]
+    clock.t += 3.0
+    got = mon.measure()
+    assert got.num_finished == 0 and got.num_waiting_first == 4
+    assert got.ttft_ms == pytest.approx(3000.0)
+    assert got.prompt_lens == (200,) * 4 and got.output_lens == (32,) * 4
+    for t in timers:
+        t.on_token()
+        mon.finish(t)
+    assert mon.measure().num_waiting_first == 0
+
+
 def test_step_times_are_deltas_per_role_and_survive_a_restart():
     clock = Clock()
     mon = LoadMonitor(window_s=10.0, clock=clock)

@@ -56,7 +56,7 @@ class Autoscaler:
 
     def conclude(self, now: float, m: LoadMeasurement, current: tuple[int, int], choice: SizeChoice) -> Decision:
         self.last_choice = choice
-        obs = Observation(now, current, choice, m.ttft_ms, m.tpot_ms, m.num_finished, m.arrival_rate)
+        obs = Observation(now, current, choice, m.ttft_ms, m.tpot_ms, m.num_finished + m.num_waiting_first, m.arrival_rate)
         d = self.policy.step(obs)
         self._keep(d, m.arrival_rate)
         return d
@@ -99,6 +99,7 @@ class Autoscaler:
                        "decode": [p.cfg.bounds.min_decode, p.cfg.bounds.max_decode]},
             "interval_s": p.cfg.interval_s, "intervals": self.num_decisions,
             "measured": {"arrival_rate": round(m.arrival_rate, 3), "finished": m.num_finished,
+                         "waiting_first_token": m.num_waiting_first,
                          "prefix_hit_rate": round(m.prefix_hit_rate, 3), "ttft_ms": m.ttft_ms, "tpot_ms": m.tpot_ms,
                          "window_s": round(m.window_s, 1),
                          "step_times": {role: {"decode_step_ms": round(s.decode_step_s * 1000, 3),

@@ -73,7 +73,7 @@ class Observation:
     choice: SizeChoice
     observed_ttft_ms: float | None = None
     observed_tpot_ms: float | None = None
-    num_finished: int = 0
+    num_observed: int = 0  # finished requests, plus those still waiting for a first token
     arrival_rate: float = 0.0
 
 
@@ -188,11 +188,11 @@ class AutoscalePolicy:
             c, t = choice.current, choice.chosen
             reasons.append(f"predicted at {cur[0]}:{cur[1]}: " + _figures(c) + f"; smallest meeting the SLOs: "
                            f"{wanted[0]}:{wanted[1]} ({_figures(t)})" + (f" [{choice.note}]" if choice.note else ""))
-        elif obs.num_finished < MIN_OBSERVED:
+        elif obs.num_observed < MIN_OBSERVED:
             return None
         else:
             wanted = list(cur)
-        if obs.num_finished >= MIN_OBSERVED and obs.now - self.last_change >= cfg.miss_grace_s:
+        if obs.num_observed >= MIN_OBSERVED and obs.now - self.last_change >= cfg.miss_grace_s:
             misses = ((0, obs.observed_ttft_ms, cfg.slo_ttft_ms, "TTFT"), (1, obs.observed_tpot_ms, cfg.slo_tpot_ms, "TPOT"))
             for i, seen, slo, name in misses:
                 if seen is not None and seen > slo and wanted[i] <= cur[i]:
@@ -230,7 +230,7 @@ class AutoscalePolicy:
         cfg, t = self.cfg, obs.choice.chosen
         if t is None or t.ttft_ms > cfg.down_slack * cfg.slo_ttft_ms or t.tpot_ms > cfg.down_slack * cfg.slo_tpot_ms:
             return False
-        seen = obs.num_finished >= MIN_OBSERVED
+        seen = obs.num_observed >= MIN_OBSERVED
         return not (seen and ((obs.observed_ttft_ms or 0) > cfg.slo_ttft_ms or (obs.observed_tpot_ms or 0) > cfg.slo_tpot_ms))
 
     def _record(self, obs: Observation, action: Action, target: tuple[int, int], wanted, reasons: list[str]) -> Decision:

@@ -88,7 +88,7 @@ class Prediction:
 class SizeChoice:
     """The predictor's answer for one measurement."""
 
-    target: tuple[int, int] | None  # None: nothing to go on (no finished request in the window)
+    target: tuple[int, int] | None  # None: nothing to go on (no request measured in the window)
     chosen: Prediction | None
     current: Prediction | None
     evaluated: int  # simulated runs (cache misses)
@@ -216,7 +216,7 @@ class Predictor:
         t0 = self.clock()
         runs0 = self.runs
         if not m.prompt_lens or m.arrival_rate <= 0:
-            return SizeChoice(None, None, None, 0, 0.0, "no finished request in the window: nothing to size by")
+            return SizeChoice(None, None, None, 0, 0.0, "no request measured in the window: nothing to size by")
         costs = self.costs(m)
         cur = self.evaluate(*bounds.clamp(*current), m, costs)
         chosen, note = None, ""

@@ -359,7 +359,7 @@ class Cluster(WorkerSupervision):
         orch = RequestOrchestration(request_id)
         done = False
         self.current[request_id] = ""
-        timer = self.monitor.start(len(prompt_token_ids)) if self.monitor is not None else None
+        timer = self.monitor.start(len(prompt_token_ids), params.max_tokens) if self.monitor is not None else None
         try:
             while not done:
                 try:

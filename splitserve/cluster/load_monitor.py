@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 MAX_SAMPLES = 4096  # requests kept per window (bounded memory at any rate)
 SLO_PERCENTILE = 90  # the SLOs hold when this percentile of TTFT and of TPOT is within them
+MIN_FINISHED_FOR_LENGTHS = 5  # fewer finished requests than this: the lengths of those in flight count too
 
 
 @dataclass(frozen=True)
@@ -50,16 +51,16 @@ class LoadMeasurement:
     window_s: float  # the span the figures cover (shorter than the window right after start)
     arrival_rate: float  # requests per second that arrived at the gateway
     num_arrivals: int
-    prompt_lens: tuple[int, ...]  # of the finished requests, in order of finishing
-    output_lens: tuple[int, ...]
+    prompt_lens: tuple[int, ...]  # of the finished requests, in order of finishing (with too few: in flight too)
+    output_lens: tuple[int, ...]  # (a request in flight counts its max_tokens)
     prefix_hit_rate: float  # cached prompt tokens / prompt tokens
-    ttft_ms: float | None  # the SLO percentile over finished requests, None with none
+    # The SLO percentile over finished requests and, for TTFT, the wait so far of those still
+    # waiting for their first token (a lower bound: an overload where nothing finishes still shows)
+    ttft_ms: float | None
     tpot_ms: float | None
     steps: dict[str, StepTimes] = field(default_factory=dict)  # role -> its step times
-
-    @property
-    def num_finished(self) -> int:
-        return len(self.prompt_lens)
+    num_finished: int = 0
+    num_waiting_first: int = 0  # in flight without a first token yet
 
 
 def percentile(values: Iterable[float], pct: float) -> float | None:
@@ -74,11 +75,13 @@ def percentile(values: Iterable[float], pct: float) -> float | None:
 class RequestTimer:
     """One request in flight: its arrival, first and last token times, tokens and cached prompt tokens."""
 
-    __slots__ = ("t_arrival", "prompt_tokens", "cached_tokens", "t_first", "t_last", "num_tokens", "_clock")
+    __slots__ = ("t_arrival", "prompt_tokens", "max_tokens", "cached_tokens", "t_first", "t_last", "num_tokens",
+                 "_clock")
 
-    def __init__(self, t_arrival: float, prompt_tokens: int, clock: Callable[[], float]) -> None:
+    def __init__(self, t_arrival: float, prompt_tokens: int, max_tokens: int, clock: Callable[[], float]) -> None:
         self.t_arrival = t_arrival
         self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
         self.cached_tokens = 0
         self.t_first: float | None = None
         self.t_last: float | None = None
@@ -106,11 +109,12 @@ class LoadMonitor:
         self.t_start = clock()
         self._arrivals: deque[list] = deque()  # [second, arrivals in it]: bounded by the window, at any rate
         self._samples: deque[RequestSample] = deque(maxlen=MAX_SAMPLES)
+        self._inflight: set[RequestTimer] = set()  # bounded by the server's admission limit
         # (time, {worker id: (role, counters)}): cumulative counters, one snapshot per observation
         self._snapshots: deque[tuple[float, dict[str, tuple[str, tuple]]]] = deque()
 
     # ---- what the gateway reports --------------------------------------------------------
-    def start(self, prompt_tokens: int) -> RequestTimer:
+    def start(self, prompt_tokens: int, max_tokens: int = 0) -> RequestTimer:
         now = self.clock()
         sec = int(now)
         if self._arrivals and self._arrivals[-1][0] == sec:
@@ -118,10 +122,13 @@ class LoadMonitor:
         else:
             self._arrivals.append([sec, 1])
         self._trim(now)
-        return RequestTimer(now, prompt_tokens, self.clock)
+        timer = RequestTimer(now, prompt_tokens, max_tokens, self.clock)
+        self._inflight.add(timer)
+        return timer
 
     def finish(self, timer: RequestTimer) -> None:
         now = self.clock()
+        self._inflight.discard(timer)
         ttft = None if timer.t_first is None else timer.t_first - timer.t_arrival
         tpot = None
         if timer.num_tokens > 1 and timer.t_first is not None and timer.t_last is not None:
@@ -144,15 +151,19 @@ class LoadMonitor:
         span = max(min(self.window_s, now - self.t_start), 1e-9)
         arrived = sum(n for _, n in self._arrivals)
         done = list(self._samples)
+        waiting = [t for t in self._inflight if t.t_first is None]
+        lens = [(s.prompt_tokens, s.output_tokens) for s in done]
+        if len(lens) < MIN_FINISHED_FOR_LENGTHS:
+            lens += [(t.prompt_tokens, max(t.max_tokens, 1)) for t in self._inflight]
         prompt = sum(s.prompt_tokens for s in done)
         cached = sum(s.cached_tokens for s in done)
-        ttft = percentile((s.ttft_s * 1000.0 for s in done if s.ttft_s is not None), SLO_PERCENTILE)
+        ttfts = [s.ttft_s * 1000.0 for s in done if s.ttft_s is not None] + [(now - t.t_arrival) * 1000.0 for t in waiting]
         tpot = percentile((s.tpot_s * 1000.0 for s in done if s.tpot_s is not None), SLO_PERCENTILE)
         return LoadMeasurement(
             window_s=span, arrival_rate=arrived / span, num_arrivals=arrived,
-            prompt_lens=tuple(s.prompt_tokens for s in done), output_lens=tuple(s.output_tokens for s in done),
-            prefix_hit_rate=cached / prompt if prompt else 0.0, ttft_ms=ttft, tpot_ms=tpot,
-            steps=self._step_times(),
+            prompt_lens=tuple(p for p, _ in lens), output_lens=tuple(o for _, o in lens),
+            prefix_hit_rate=cached / prompt if prompt else 0.0, ttft_ms=percentile(ttfts, SLO_PERCENTILE),
+            tpot_ms=tpot, steps=self._step_times(), num_finished=len(done), num_waiting_first=len(waiting),
         )
 
     def _step_times(self) -> dict[str, StepTimes]:
