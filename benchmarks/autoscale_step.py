@@ -26,6 +26,7 @@ import time
 import httpx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from splitserve.bench.client import OpenAIClient  # noqa: E402
 from splitserve.bench.schema import RequestRecord  # noqa: E402
@@ -38,7 +39,10 @@ WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo li
 
 def parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="demo")
+    ap.add_argument("--model", default="tiny", help="`tiny` (a random few-MB Llama written to /tmp; see below), "
+                    "`demo`, or a model path")
+    ap.add_argument("--max-num-seqs", type=int, default=4, help="running requests per worker: with the tiny "
+                    "model the decode pool is bound by these seats, not by this shared 2-core machine's CPU")
     ap.add_argument("--low-rate", type=float, default=0.4)
     ap.add_argument("--high-rate", type=float, default=1.8)
     ap.add_argument("--low-s", type=float, default=40.0)
@@ -52,6 +56,8 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--interval-s", type=float, default=4.0)
     ap.add_argument("--window-s", type=float, default=12.0, help="the server's measuring window and ours")
     ap.add_argument("--static", action="store_true", help="also run the same load without --autoscale")
+    ap.add_argument("--static-only", default=None, metavar="P:D",
+                    help="only run the load against a fixed P:D without --autoscale (to choose the rates)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--png", default="docs/img/autoscale_step.png")
     ap.add_argument("--json", default=None, help="write the raw series here")
@@ -151,7 +157,7 @@ def plot(path: str, runs: dict, args) -> None:
     for name, (rows, series) in runs.items():
         ts = [r["t"] for r in rows]
         style = "-" if name == "autoscale" else "--"
-        if name == "autoscale":
+        if name == list(runs)[0]:
             ax_r.plot(ts, [r["rate"] for r in rows], "k-", label=f"sent ({args.window_s:g} s window)")
             ax_n.step([s["t"] for s in series], [s["prefill"] for s in series], "b-", where="post", label="prefill ready")
             ax_n.step([s["t"] for s in series], [s["decode"] for s in series], "g-", where="post", label="decode ready")
@@ -175,8 +181,18 @@ def plot(path: str, runs: dict, args) -> None:
     fig.savefig(path, dpi=90)
 
 
-def run_one(args, autoscale: bool) -> tuple[list[dict], list[dict], dict]:
-    common = ["--model", args.model, "--threads", "1", "--max-model-len", "1024", "--disaggregated"]
+def model_path(name: str) -> str:
+    if name != "tiny":
+        return name
+    from make_random_model import write_random_llama
+
+    return write_random_llama("/tmp/splitserve-autoscale-tiny", preset="tiny", dtype="float32")
+
+
+def run_one(args, autoscale: bool, sizes: tuple[int, int] = (1, 1)) -> tuple[list[dict], list[dict], dict]:
+    common = ["--model", model_path(args.model), "--threads", "1", "--max-model-len", "1024", "--disaggregated",
+              "--max-num-seqs", str(args.max_num_seqs),
+              "--prefill-workers", str(sizes[0]), "--decode-workers", str(sizes[1])]
     extra = (["--autoscale", "--slo-ttft-ms", str(args.slo_ttft_ms), "--slo-tpot-ms", str(args.slo_tpot_ms),
               "--max-prefill", str(args.max_prefill), "--max-decode", str(args.max_decode),
               "--autoscale-interval-s", str(args.interval_s), "--autoscale-window-s", str(args.window_s)]
@@ -205,10 +221,11 @@ def run_one(args, autoscale: bool) -> tuple[list[dict], list[dict], dict]:
 def main() -> None:
     args = parse()
     runs, out = {}, {}
-    for name, auto in (("autoscale", True), ("static", False)):
-        if name == "static" and not args.static:
-            continue
-        rows, series, summary = run_one(args, auto)
+    plan = [("autoscale", True, (1, 1))] + ([("static", False, (1, 1))] if args.static else [])
+    if args.static_only:
+        plan = [(f"static {args.static_only}", False, tuple(int(x) for x in args.static_only.split(":")))]
+    for name, auto, sizes in plan:
+        rows, series, summary = run_one(args, auto, sizes)
         runs[name] = (rows, series)
         out[name] = summary
         print(f"== {name}: " + json.dumps({k: v for k, v in summary.items() if k != "decisions"}))

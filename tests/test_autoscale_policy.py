@@ -73,7 +73,7 @@ class FakePools:
 def predictor() -> Predictor:
     cal = load_calibration()
     sim = SimConfig(max_num_seqs=64, max_num_batched_tokens=512, max_model_len=2048, record_itl=False)
-    return Predictor(PredictorConfig(SLO_TTFT, SLO_TPOT, num_requests=64), sim, {"prefill": 2000, "decode": 2000},
+    return Predictor(PredictorConfig(SLO_TTFT, SLO_TPOT, num_requests=64, trust_shape=True), sim, {"prefill": 2000, "decode": 2000},
                      cal.for_role("both") if cal else None)
 
 

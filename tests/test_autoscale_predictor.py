@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -21,7 +22,7 @@ SHAPE = load_calibration()
 
 def predictor(ttft=400.0, tpot=40.0, n=48) -> Predictor:
     sim = SimConfig(max_num_seqs=32, max_num_batched_tokens=256, max_model_len=1024, record_itl=False)
-    return Predictor(PredictorConfig(ttft, tpot, num_requests=n), sim, {"prefill": 1000, "decode": 1000},
+    return Predictor(PredictorConfig(ttft, tpot, num_requests=n, trust_shape=True), sim, {"prefill": 1000, "decode": 1000},
                      SHAPE.for_role("both") if SHAPE else None)
 
 
@@ -110,3 +111,15 @@ def test_failed_simulated_requests_miss_the_slo():
     huge = LoadMeasurement(20.0, 1.0, 20, (5000,), (10,), 0.0, None, None, {})  # longer than max_model_len
     x = pr.evaluate(1, 1, huge)
     assert not x.meets and math.isinf(x.ttft_ms)
+
+
+def test_the_server_predicts_nothing_before_the_workers_measured_their_steps():
+    """The calibration's absolute step times are another model's: a server predicts from measured ones only."""
+    pr = predictor()
+    live = Predictor(replace(pr.cfg, trust_shape=False), pr.sim_config, pr.num_blocks, pr.shape)
+    c = live.choose(load(3.0), Bounds(1, 2, 1, 2), (1, 1))
+    assert c.target is None and "not measured yet" in c.note and live.runs == 0
+    steps = {"decode": StepTimes(50, 50, 0.01, 2.0, 0, 0.0, 0.0, 0.2),
+             "prefill": StepTimes(20, 0, 0.0, 0.0, 20, 0.05, 150.0, 0.2)}
+    c = live.choose(load(3.0, steps), Bounds(1, 2, 1, 2), (1, 1))
+    assert c.target is not None and live.runs > 0

@@ -63,6 +63,9 @@ class PredictorConfig:
     num_requests: int = 96  # simulated requests per candidate (bounds each run)
     budget_s: float = 3.0  # wall time for one whole search
     seed: int = 0
+    # False (the server): no prediction before the workers measured decode and prefill steps - the
+    # calibration's absolute times are another model's on another day. True: they are the truth (tests).
+    trust_shape: bool = False
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,13 @@ def calibrated_costs(shape: Calibration | None, steps: dict[str, StepTimes], con
         p = prefill.get(role) or next(iter(prefill.values()), d)
         out[role] = MeasuredStepCost(shape, d, p)
     return out
+
+
+def _measured(steps: dict[str, StepTimes]) -> bool:
+    """Enough decode steps on the decode pool and prefill steps somewhere to rescale the cost model."""
+    d = steps.get("decode")
+    return (d is not None and d.decode_steps >= MIN_STEPS
+            and any(st.prefill_steps >= MIN_STEPS and st.prefill_tokens_per_step > 1 for st in steps.values()))
 
 
 def _sig(x: float, digits: int = 2) -> float:
@@ -217,6 +227,9 @@ class Predictor:
         runs0 = self.runs
         if not m.prompt_lens or m.arrival_rate <= 0:
             return SizeChoice(None, None, None, 0, 0.0, "no request measured in the window: nothing to size by")
+        if not self.cfg.trust_shape and not _measured(m.steps):
+            return SizeChoice(None, None, None, 0, 0.0, "the workers' decode and prefill step times are not "
+                              f"measured yet (at least {MIN_STEPS} of each in the window)")
         costs = self.costs(m)
         cur = self.evaluate(*bounds.clamp(*current), m, costs)
         chosen, note = None, ""
