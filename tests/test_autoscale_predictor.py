@@ -77,6 +77,12 @@ def test_measured_step_times_rescale_the_cost_model():
     assert costs["decode"].decode_scale == pytest.approx(2.0, rel=0.02)
     assert costs["prefill"].prefill_scale == pytest.approx(2.0, rel=0.02)
     assert costs["prefill"].decode_scale == pytest.approx(2.0, rel=0.02)  # borrowed from the decode pool
+    assert costs["decode"].loop_s == 0.0
+    # the worker loop's measured time around each step is charged on top of the step
+    looped = {r: replace(st, overhead_s=0.004) for r, st in slow.items()}
+    lc = calibrated_costs(SHAPE, looped, ctx)["decode"]
+    assert lc.time(b, b, kv, kv, b) == pytest.approx(costs["decode"].time(b, b, kv, kv, b) + 0.004)
+    assert lc.decode_scale == costs["decode"].decode_scale  # the step itself is rescaled as before
     bounds = Bounds(1, 4, 1, 4)
     fast_pick = predictor().choose(load(6.0), bounds, (1, 1))
     slow_pick = predictor().choose(load(6.0, slow), bounds, (1, 1))

@@ -18,7 +18,8 @@ class Clock:
 
 def stats(wid: str, steps: int, secs: float, toks: int, dsteps: int, dsecs: float, dtoks: int) -> m.Stats:
     return m.Stats(wid, 0, 0, 0, 0, 10, 0, 0, 0, 0, steps, step_seconds=secs, decode_steps=dsteps,
-                   decode_step_seconds=dsecs, step_tokens=toks, decode_step_tokens=dtoks)
+                   decode_step_seconds=dsecs, step_tokens=toks, decode_step_tokens=dtoks,
+                   loop_overhead_seconds=0.001 * steps, loop_overhead_steps=steps)
 
 
 def serve_one(mon: LoadMonitor, clock: Clock, prompt: int, cached: int, ttft: float, gap: float, n: int) -> None:
@@ -87,6 +88,7 @@ def test_step_times_are_deltas_per_role_and_survive_a_restart():
     assert st["prefill"].prefill_steps == 4 and st["prefill"].prefill_step_s == pytest.approx(0.1)
     assert st["prefill"].prefill_tokens_per_step == pytest.approx(256)
     assert st["decode"].busy_fraction == pytest.approx(0.4 / 5)
+    assert st["decode"].overhead_s == pytest.approx(0.001) and st["prefill"].overhead_s == pytest.approx(0.001)
     clock.t += 5
     # the decode worker restarted: its counters began again, and count from zero
     mon.observe_workers([("decode-0", "decode", stats("decode-0", 5, 0.1, 5, 5, 0.1, 5))])

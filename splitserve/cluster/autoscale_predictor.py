@@ -106,11 +106,16 @@ class MeasuredStepCost:
     shape: Calibration | None = field(default=None, repr=False)  # None: no calibration (the fallback below)
     decode_scale: float = 1.0
     prefill_scale: float = 1.0
+    loop_s: float = 0.0  # the worker loop's own time around each step (measured), added to each
     request_overhead_s: float = 0.0
 
-    def time(self, T: int, S: int, A: int, K: int, B: int, P: int = 0) -> float:
+    def step(self, T: int, S: int, A: int, K: int, B: int, P: int = 0) -> float:
+        """The engine step alone (what the workers' step_seconds measure)."""
         base = self.shape.step_time(T, S, A, K, B, P) if self.shape is not None else 0.005 + 1e-5 * T + 5e-4 * B
         return base * (self.prefill_scale if P else self.decode_scale)
+
+    def time(self, T: int, S: int, A: int, K: int, B: int, P: int = 0) -> float:
+        return self.step(T, S, A, K, B, P) + self.loop_s
 
 
 def _clamped(x: float) -> float:
@@ -122,7 +127,7 @@ def calibrated_costs(shape: Calibration | None, steps: dict[str, StepTimes], con
     """Per role, the model's step time rescaled to what the role's workers measured. A role with too
     few steps of a kind borrows the other role's factor for it (same host, same model)."""
     def model(T, S, A, K, B, P):
-        return MeasuredStepCost(shape).time(T, S, A, K, B, P)
+        return MeasuredStepCost(shape).step(T, S, A, K, B, P)
 
     decode, prefill = {}, {}
     for role, st in steps.items():
@@ -133,11 +138,12 @@ def calibrated_costs(shape: Calibration | None, steps: dict[str, StepTimes], con
         if st.prefill_steps >= MIN_STEPS and st.prefill_tokens_per_step > 1:
             t = st.prefill_tokens_per_step
             prefill[role] = _clamped(st.prefill_step_s / model(round(t), 1, t * (t + 1) / 2, t, 1, 1))
+    loop = {role: st.overhead_s for role, st in steps.items() if st.overhead_s > 0}
     out = {}
     for role in ("prefill", "decode"):
         d = decode.get(role) or next(iter(decode.values()), 1.0)
         p = prefill.get(role) or next(iter(prefill.values()), d)
-        out[role] = MeasuredStepCost(shape, d, p)
+        out[role] = MeasuredStepCost(shape, d, p, loop.get(role) or next(iter(loop.values()), 0.0))
     return out
 
 
@@ -174,7 +180,8 @@ class Predictor:
         mean = (lambda xs: sum(xs) / len(xs))
         return (_sig(m.arrival_rate), _sig(mean(m.prompt_lens)), _sig(mean(m.output_lens)),
                 round(m.prefix_hit_rate, 1),
-                *(_sig(c.decode_scale) for c in costs.values()), *(_sig(c.prefill_scale) for c in costs.values()))
+                *(_sig(c.decode_scale) for c in costs.values()), *(_sig(c.prefill_scale) for c in costs.values()),
+                *(_sig(c.loop_s) for c in costs.values()))
 
     def workload(self, m: LoadMeasurement) -> list[RequestSpec]:
         """`num_requests` Poisson arrivals at the measured rate; lengths resampled from the window.

@@ -44,6 +44,7 @@ class StepTimes:
     prefill_step_s: float  # mean wall time of a step with a prefill chunk
     prefill_tokens_per_step: float  # mean tokens computed in such a step
     busy_fraction: float  # busy seconds / (window x workers of the role)
+    overhead_s: float = 0.0  # mean worker-loop time around a step taken back to back with the previous one
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,8 @@ class RequestTimer:
         self.cached_tokens = max(self.cached_tokens, cached_tokens)
 
 
-_COUNTERS = ("num_steps", "step_seconds", "step_tokens", "decode_steps", "decode_step_seconds", "decode_step_tokens")
+_COUNTERS = ("num_steps", "step_seconds", "step_tokens", "decode_steps", "decode_step_seconds", "decode_step_tokens",
+             "loop_overhead_seconds", "loop_overhead_steps")
 
 
 class LoadMonitor:
@@ -181,7 +183,7 @@ class LoadMonitor:
                 acc[i] += a - b
             workers[role] = workers.get(role, 0) + 1
         out = {}
-        for role, (steps, secs, toks, dsteps, dsecs, dtoks) in sums.items():
+        for role, (steps, secs, toks, dsteps, dsecs, dtoks, osecs, osteps) in sums.items():
             psteps = steps - dsteps
             out[role] = StepTimes(
                 steps=int(steps), decode_steps=int(dsteps), decode_step_s=dsecs / dsteps if dsteps else 0.0,
@@ -189,6 +191,7 @@ class LoadMonitor:
                 prefill_step_s=(secs - dsecs) / psteps if psteps > 0 else 0.0,
                 prefill_tokens_per_step=(toks - dtoks) / psteps if psteps > 0 else 0.0,
                 busy_fraction=secs / max((t1 - t0) * workers[role], 1e-9),
+                overhead_s=osecs / osteps if osteps else 0.0,
             )
         return out
 

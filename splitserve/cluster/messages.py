@@ -230,6 +230,8 @@ class Stats(Msg):
     decode_step_seconds: float = 0.0
     step_tokens: int = 0  # tokens computed in all steps (with step_seconds: the cost per token)
     decode_step_tokens: int = 0  # of them in decode-only steps (/ decode_steps: the mean decode batch)
+    loop_overhead_seconds: float = 0.0  # worker loop time around steps taken back to back (outside step_seconds)
+    loop_overhead_steps: int = 0
 
 
 ToWorker = (AddRequest | PrefillRequest | ReserveKV | AbortRequests | Shutdown | KVChunk | PrefillDone | KVRelease
