@@ -13,6 +13,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "serve": ("splitserve.api.serve_cli", "main", "run the OpenAI-compatible server"),
     "worker": ("splitserve.api.serve_cli", "worker_main", "start a worker that joins a running gateway"),
+    "scale": ("splitserve.api.scale_cli", "main", "resize a running server's worker pools, or drain a worker"),
     "bench": ("splitserve.bench.cli", "main", "load-test any OpenAI-compatible endpoint"),
     "simulate": ("splitserve.sim.cli", "simulate_main", "simulate a deployment on a virtual clock"),
     "plan": ("splitserve.sim.cli", "plan_main", "size a disaggregated deployment for a workload and SLOs"),

@@ -20,6 +20,7 @@ import zmq
 from splitserve.cluster import liveness, security
 from splitserve.cluster import messages as m
 from splitserve.cluster.gateway import Cluster, EngineRequestError
+from splitserve.cluster.launchers import WorkerState
 from splitserve.cluster.logthrottle import ThrottledWarning
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.kv import tcp
@@ -275,7 +276,7 @@ def test_a_join_under_a_live_id_is_refused():
             cluster.workers["decode-x"].state = "dead"
             from splitserve.cluster.supervision import WorkerHandle
 
-            cluster.workers["decode-0"] = WorkerHandle("decode-0", "decode", None, "", process=sleeper)
+            cluster.workers["decode-0"] = WorkerHandle("decode-0", "decode", None, "", launch=sleeper)
             cluster._on_ready(_ready("decode-0", 333, fake_addr))
             assert cluster.workers["decode-0"].ready is None
             cluster._on_ready(_ready("decode-0", sleeper.pid, fake_addr, role="prefill"))
@@ -311,13 +312,13 @@ def test_a_request_that_cannot_be_encoded_leaves_no_attempt_behind():
                     pass
         assert cluster.attempts == {} and cluster.current == {}
         # A send that fails for want of a worker is forgotten too.
-        cluster.workers["decode-x"].state = "starting"
+        cluster.workers["decode-x"].state = WorkerState.STARTING
         cluster.router.set_health("decode-x", True)
         with pytest.raises(Exception):
             await cluster._dispatch("s@1", [1, 2], [], params, 0, True, asyncio.Queue(), "s")
         assert "s@1" not in cluster.attempts
         inbox.close(0)
-        cluster.workers["decode-x"].state = "ready"
+        cluster.workers["decode-x"].state = WorkerState.READY
         await cluster.shutdown()
 
     asyncio.run(scenario())

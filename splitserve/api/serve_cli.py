@@ -90,6 +90,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="start every prefill at once, even when no decode worker has room for it yet")
     d.add_argument("--cluster-listen", default=None, metavar="HOST:PORT",
                    help="accept `splitserve worker --join` from other hosts here (needs SPLITSERVE_CLUSTER_SECRET)")
+    r = ap.add_argument_group("several machines on Ray (pip install 'splitserve[ray]')")
+    r.add_argument("--ray", nargs="?", const="auto", default=None, metavar="auto|HOST:PORT",
+                   help="run each worker as a Ray actor: auto connects to a running Ray cluster or starts a local one "
+                   "(stopped with the server); HOST:PORT is the head node's address")
+    r.add_argument("--prefill-resources", default=None, metavar="JSON",
+                   help='Ray resources per prefill worker, e.g. \'{"num_cpus": 4, "prefill": 1}\' (default: its threads in CPUs)')
+    r.add_argument("--decode-resources", default=None, metavar="JSON",
+                   help="Ray resources per decode worker (aggregated: per worker)")
     add_autoscale_args(ap)
     return ap.parse_args(argv)
 
@@ -109,11 +117,24 @@ def pools_from_args(args, base: EngineConfig):
     d_cfg = replace(base, threads=args.decode_threads or args.threads or split,
                     block_size=args.decode_block_size or base.block_size,
                     device=args.decode_device or base.device)
-    pools = []
-    if args.prefill_workers:
-        pools.append(PoolSpec("prefill", args.prefill_workers, p_cfg))
-    pools.append(PoolSpec("decode", args.decode_workers, d_cfg))
-    return pools
+    # A prefill pool of 0 workers still exists: `splitserve scale --prefill N` grows it later.
+    return [PoolSpec("prefill", args.prefill_workers, p_cfg), PoolSpec("decode", args.decode_workers, d_cfg)]
+
+
+def ray_resources_from_args(args) -> dict[str, dict[str, float]]:
+    """Per-role Ray resources, checked before anything starts (no ray import here)."""
+    from splitserve.cluster.resources import parse_resources
+
+    if not args.ray:
+        if args.prefill_resources or args.decode_resources:
+            raise ValueError("--prefill-resources / --decode-resources place workers on Ray: add --ray")
+        return {}
+    decode = parse_resources(args.decode_resources, "--decode-resources")
+    if not args.disaggregated:
+        if args.prefill_resources:
+            raise ValueError("--prefill-resources needs --disaggregated (aggregated: --decode-resources)")
+        return {"both": decode}
+    return {"prefill": parse_resources(args.prefill_resources, "--prefill-resources"), "decode": decode}
 
 
 def admission_from_args(args) -> "AdmissionConfig":
@@ -151,11 +172,21 @@ async def start_cluster(args: argparse.Namespace, config: EngineConfig, started:
         raise ValueError("at least one decode worker is needed")
     autoscale = autoscale_from_args(args)
     path = resolve_model_path(config.model)
+    pools = pools_from_args(args, config)
+    admission = admission_from_args(args)
+    ray_resources = ray_resources_from_args(args)
     tokenizer = await asyncio.to_thread(load_tokenizer, path)
-    cluster = Cluster(pools_from_args(args, config), tokenizer.eos_token_ids,
+    launcher = None
+    if args.ray:
+        from splitserve.cluster.ray_launcher import RayLauncher
+
+        threads = {p.role: p.engine.threads for p in pools}
+        launcher = await asyncio.to_thread(RayLauncher, args.ray, ray_resources, threads)
+        started["launcher"] = launcher
+    cluster = Cluster(pools, tokenizer.eos_token_ids,
                       router_config=RouterConfig(local_prefill_threshold=args.local_prefill_threshold),
                       kv_transport=args.kv_transport, log_level=args.log_level, join_address=args.cluster_listen,
-                      secret=secret, admission=admission_from_args(args))
+                      secret=secret, admission=admission, launcher=launcher)
     started["cluster"] = cluster
     await cluster.start()
     if autoscale is not None:
@@ -180,8 +211,8 @@ def abandon_start(cluster) -> None:
     so it ends by itself rather than being cancelled mid-wait."""
     for w in cluster.workers.values():
         if w.ready is None:
-            if w.process is not None and w.process.poll() is None:
-                w.process.terminate()
+            if w.launch is not None:
+                cluster.launcher.stop(w.launch)
             w.ready_event.set()
 
 
@@ -244,6 +275,8 @@ async def serve(args: argparse.Namespace) -> int:
         await asyncio.gather(serving, return_exceptions=True)
         if cluster is not None:
             await cluster.shutdown()  # after the HTTP server: in-flight answers finish first (no-op if done)
+        elif started.get("launcher") is not None:  # connected to Ray, but the cluster never came to be
+            await asyncio.to_thread(started["launcher"].close)
         sock.close()
     return code
 

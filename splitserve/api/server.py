@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
+from splitserve.api.cluster_routes import add_cluster_routes
 from splitserve.api.endpoints import ChatEndpoint, CompletionEndpoint
 from splitserve.api.errors import APIError, error_body, install_error_handlers
 from splitserve.api.metrics import ServerMetrics
@@ -119,6 +120,8 @@ def build_app(state: ServerState, lifespan=None) -> FastAPI:
         info["generating"] = info["gateway_inflight"]
         info["gateway_inflight"] = max(state.admitted, info["generating"])
         return info
+
+    add_cluster_routes(app, state, authorize)
 
     def model_card() -> dict:
         return {"id": state.model_name, "object": "model", "created": int(state.started), "owned_by": "splitserve",

@@ -31,7 +31,9 @@ import zmq.asyncio
 from splitserve.cluster import liveness, security
 from splitserve.cluster import messages as m
 from splitserve.cluster.admission import AdmissionConfig
+from splitserve.cluster.elastic import ElasticPools
 from splitserve.cluster.gateway_queue import GatewayQueue, GatewayQueueFull
+from splitserve.cluster.launchers import REACHABLE, LocalLauncher, WorkerLauncher, WorkerState
 from splitserve.cluster.logthrottle import ThrottledWarning
 from splitserve.cluster.orchestrator import AttemptFailed, Outcome, RequestOrchestration
 from splitserve.cluster.supervision import WorkerHandle, WorkerSupervision
@@ -73,16 +75,34 @@ class Attempt:
     workers: tuple[str, ...]
     t_dispatch: float
     t_first: float | None = None
+    # Disaggregated: the decode worker's tokens wait here until the prefill worker's first token
+    # arrived. They travel on different sockets, so the second token can overtake the first.
+    held: list | None = None
+
+    def deliver(self, worker_id: str, item) -> None:
+        """Queue a worker's output for the request, in token order."""
+        if self.held is None:
+            self.queue.put_nowait(item)
+        elif worker_id == self.placement.prefill_worker:
+            self.queue.put_nowait(item)
+            for early in self.held:
+                self.queue.put_nowait(early)
+            self.held = None
+        else:
+            self.held.append(item)
 
 
-class Cluster(WorkerSupervision):
+class Cluster(WorkerSupervision, ElasticPools):
     def __init__(self, pools: list[PoolSpec], eos_token_ids: frozenset[int], *, router_config: RouterConfig = RouterConfig(),
                  kv_transport: str = "auto", log_level: str = "INFO",
                  join_address: str | None = None, secret: str | None = None,
-                 admission: AdmissionConfig = AdmissionConfig()) -> None:
+                 admission: AdmissionConfig = AdmissionConfig(), launcher: WorkerLauncher | None = None) -> None:
         if kv_transport not in ("auto", "shm", "tcp"):
             raise ValueError("kv_transport must be auto, shm or tcp")
         self.pools = pools
+        self.engines = {p.role: p.engine for p in pools}  # what a pool's new workers run
+        self.targets = {p.role: p.count for p in pools}  # elastic pool sizes (cluster/elastic.py)
+        self.launcher = launcher or LocalLauncher()
         self.eos_token_ids = eos_token_ids
         self.router = Router(router_config)
         # disaggregated: a request's prefill starts when a decode worker can take it
@@ -101,6 +121,10 @@ class Cluster(WorkerSupervision):
         self.collector.setsockopt(zmq.LINGER, 0)
         self.collector_addr = f"ipc://{self._dir}/gateway.sock"
         self.collector.bind(self.collector_addr)
+        self.worker_gateway_addr = self.collector_addr  # where launched workers send
+        if self.launcher.collector_host:  # workers on other hosts: the collector on this host's TCP address
+            self.collector.bind(f"tcp://{self.launcher.collector_host}:0")
+            self.worker_gateway_addr = self.collector.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.join_address = None
         if join_address:  # workers on other hosts connect here
             self.collector.bind(f"tcp://{join_address}")
@@ -121,13 +145,20 @@ class Cluster(WorkerSupervision):
         self._silence = liveness.SilenceClock()
         self._warn_dropped = ThrottledWarning(log)
         self._warn_refused = ThrottledWarning(log)
-        n = 0
+        self._started = False
+        self._retiring: dict = {}  # worker id -> DrainRecord while it drains
+        self.drains: list = []  # recent finished drains
+        self._next_index = 0
         for pool in pools:
             for _ in range(pool.count):
-                wid = f"{pool.role}-{n}"
-                bind = ("tcp://127.0.0.1:0" if kv_transport == "tcp" else f"ipc://{self._dir}/{wid}.sock")
-                self.workers[wid] = WorkerHandle(wid, pool.role, pool.engine, bind)
-                n += 1
+                wid = f"{pool.role}-{self._next_index}"
+                self._next_index += 1
+                self.workers[wid] = WorkerHandle(wid, pool.role, pool.engine, self._inbox_bind(wid))
+
+    def _inbox_bind(self, worker_id: str) -> str:
+        if self.kv_transport == "tcp" or self.launcher.tcp_inbox:
+            return "tcp://127.0.0.1:0"  # a launcher placing workers on other hosts binds its node's address
+        return f"ipc://{self._dir}/{worker_id}.sock"
 
     @property
     def mode(self) -> str:
@@ -146,6 +177,7 @@ class Cluster(WorkerSupervision):
         failed = [w.worker_id for w in self.workers.values() if w.ready is None]
         if failed:
             raise RuntimeError(self.startup_error or f"workers failed to start: {', '.join(failed)}")
+        self._started = True
 
     def add_background(self, coro) -> None:
         """A task that lives as long as the cluster (cancelled by shutdown)."""
@@ -153,7 +185,7 @@ class Cluster(WorkerSupervision):
 
     @property
     def healthy(self) -> bool:
-        return any(w.state == "ready" and w.role in ("decode", "both") for w in self.workers.values())
+        return any(w.state is WorkerState.READY and w.role in ("decode", "both") for w in self.workers.values())
 
     @property
     def max_model_len(self) -> int:
@@ -166,21 +198,22 @@ class Cluster(WorkerSupervision):
         self._closing = True
         for t in self._tasks:
             t.cancel()
-        for w in self.workers.values():
-            if w.push is not None and w.process and w.process.poll() is None:
+        launched = [w for w in self.workers.values() if w.launch is not None]
+        for w in launched:
+            if w.push is not None and self.launcher.exited(w.launch) is None:
                 try:
                     await w.push.send(m.encode(m.Shutdown()))
                 except zmq.ZMQError:
                     pass
+            elif w.ready is None:
+                self.launcher.stop(w.launch)  # still starting: it cannot read a Shutdown yet
         deadline = time.monotonic() + 5
-        for w in self.workers.values():
-            if w.process is None:
-                continue
-            while w.process.poll() is None and time.monotonic() < deadline:
+        for w in launched:
+            while self.launcher.exited(w.launch) is None and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
-            if w.process.poll() is None:
-                w.process.kill()
-                w.process.wait()
+            if self.launcher.exited(w.launch) is None:
+                self.launcher.kill(w.launch)
+        await asyncio.to_thread(self.launcher.close)
         self._fail_all(EngineDeadError("server shutting down"))
         for w in self.workers.values():
             if w.push is not None:
@@ -216,13 +249,13 @@ class Cluster(WorkerSupervision):
             for item in msg.items:
                 a = self.attempts.get(item.request_id)
                 if a is not None:
-                    a.queue.put_nowait(item)
+                    a.deliver(msg.worker_id, item)
         elif isinstance(msg, m.Stats):
             w = self.workers.get(msg.worker_id)
             if w is None:
                 return
             w.stats = msg
-            w.last_seen = time.monotonic()
+            w.last_seen = w.stats_at = time.monotonic()
             self.router.update_load(msg.worker_id, kv_blocks_free=msg.kv_blocks_free, num_running=msg.num_running,
                                     num_waiting=msg.num_waiting + msg.num_waiting_for_kv,
                                     queued_prefill_tokens=msg.queued_prefill_tokens)
@@ -240,7 +273,7 @@ class Cluster(WorkerSupervision):
             w = self.workers.get(msg.worker_id)
             if w is not None and w.ready is not None and w.ready.pid == msg.pid:
                 w.last_seen = time.monotonic()
-                if w.state == "silent":
+                if w.state is WorkerState.SILENT:
                     self._on_worker_back(w)
         elif isinstance(msg, m.Ready):
             self._on_ready(msg)
@@ -265,7 +298,7 @@ class Cluster(WorkerSupervision):
 
     async def _send(self, worker_id: str, msg: m.Msg) -> None:
         w = self.workers.get(worker_id)
-        if w is None or w.push is None or w.state != "ready":
+        if w is None or w.push is None or w.state not in REACHABLE:
             raise AttemptFailed(f"worker {worker_id} is not available", m.FailureReason.WORKER_DIED)
         try:
             data = m.encode(msg)
@@ -297,7 +330,7 @@ class Cluster(WorkerSupervision):
             except GatewayQueueFull as exc:
                 raise EngineDeadError(str(exc)) from None
             except NoWorkerAvailable:
-                restarting = any(w.state in ("starting", "silent") and w.role in ("decode", "both")
+                restarting = any(w.state in (WorkerState.STARTING, WorkerState.SILENT) and w.role in ("decode", "both")
                                  for w in self.workers.values())
                 if not restarting or time.monotonic() > deadline:
                     raise EngineDeadError("no decode worker is available") from None
@@ -317,7 +350,8 @@ class Cluster(WorkerSupervision):
         if not orch.reuse_prefix:
             placement = Placement(d, p, 0, 0)
         attempt = self.attempts[plan.sub_id] = Attempt(plan.sub_id, orch.request_id, queue, placement,
-                                                       (d,) if p is None else (d, p), time.perf_counter())
+                                                       (d,) if p is None else (d, p), time.perf_counter(),
+                                                       held=None if p is None else [])
         self.current[orch.request_id] = plan.sub_id
         outs = list(emitted)
         try:
@@ -437,8 +471,9 @@ class Cluster(WorkerSupervision):
             s = w.stats
             workers.append({
                 "id": w.worker_id, "role": w.role, "address": w.address, "pid": w.ready.pid if w.ready else (
-                    w.process.pid if w.process else None),
-                "host": w.ready.host if w.ready else None, "state": w.state, "restarts": w.restarts,
+                    self._launched_pid(w)), "launcher": self.launcher.kind if w.launch is not None else "joined",
+                "node": self.launcher.where(w.launch) if w.launch is not None else None,
+                "host": w.ready.host if w.ready else None, "state": w.state.value, "restarts": w.restarts,
                 "load": None if s is None else {
                     "num_waiting": s.num_waiting, "num_running": s.num_running,
                     "num_waiting_for_kv": s.num_waiting_for_kv, "queued_prefill_tokens": s.queued_prefill_tokens,
@@ -454,6 +489,8 @@ class Cluster(WorkerSupervision):
                 },
             })
         return {"mode": self.mode, "cluster_id": self.cluster_id, "join_address": self.join_address,
+                "launcher": self.launcher.kind, "pools": self.pools_info(),
+                "drains": [d.as_dict() for d in self.drains] + [d.as_dict() for d in self._retiring.values()],
                 "gateway_inflight": self.num_inflight,
                 "gateway_queue": self.queue.info(), "requests_replaced": self.num_replaced,
                 "requests_replaced_by_reason": dict(self.replaced_by_reason),

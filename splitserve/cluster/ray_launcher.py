@@ -1,0 +1,194 @@
+"""Workers as Ray actors (`splitserve serve --ray`). Imported only then: nothing else imports ray.
+
+Ray owns placement (each worker's actor asks for its pool's resources: CPUs, GPUs, custom
+resources naming a kind of machine), starting the process on the chosen node, and noticing when a
+node dies. splitserve keeps the rest: the gateway, the router, the scheduler, admission,
+heartbeats and failover, and every byte of KV (shared memory on one host, the TCP data channel
+across hosts, never Ray's object store).
+
+Each actor starts the ordinary worker process (`python -m splitserve.cluster.worker`) as its
+child on its node and waits on it, so a Ray-placed worker runs exactly the code a local one runs,
+and its data path does not pass through Ray at all. The child dies with the actor (PDEATHSIG and
+its parent check), and the actor's `wait` call resolves (with an error) the moment the actor or
+its node is gone: the gateway's supervision loop polls it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import socket
+import subprocess
+import threading
+from dataclasses import dataclass, field
+
+import ray
+
+from splitserve.cluster.launchers import WorkerSpec
+from splitserve.cluster.resources import actor_options, bundle
+from splitserve.cluster.worker import SECRET_ENV
+
+log = logging.getLogger("splitserve.ray")
+
+CONNECT_TIMEOUT_S = 5.0
+
+
+class WorkerActor:
+    """Runs one splitserve worker process on the node Ray placed this actor on."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.started = threading.Event()
+
+    def start(self, spec: WorkerSpec, secret: bytes) -> tuple[int, str]:
+        """Start the worker process; returns its pid and this node's Ray id."""
+        node_ip = ray.util.get_node_ip_address()
+        inbox = f"tcp://{node_ip}:0"  # peers on other nodes reach it here
+        env = dict(os.environ, **{SECRET_ENV: secret.decode()})
+        env.pop("OMP_NUM_THREADS", None)  # Ray sets it from num_cpus; the worker sets its own threads
+        self.proc = subprocess.Popen(spec.argv(inbox, spec.gateway_addr, os.getpid()), env=env)
+        self.started.set()
+        return self.proc.pid, ray.get_runtime_context().get_node_id()
+
+    def wait(self) -> int:
+        self.started.wait()
+        return self.proc.wait()
+
+    def terminate(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+
+
+@dataclass
+class RayLaunch:
+    actor: object
+    start_ref: object
+    run_ref: object
+    role: str
+    pid: int | None = None
+    node_id: str | None = None
+    gone: str | None = None
+    killed: bool = field(default=False)
+
+
+def _check_reachable(address: str) -> None:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise RuntimeError(f"--ray {address!r}: give auto or the head node's HOST:PORT (e.g. 10.0.0.1:6379)")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise RuntimeError(f"cannot reach the Ray cluster at {address}: {exc}") from None
+
+
+class RayLauncher:
+    kind = "ray"
+    tcp_inbox = True
+
+    def __init__(self, address: str, resources: dict[str, dict[str, float]], threads: dict[str, int | None]) -> None:
+        """`resources`/`threads`: per role. Connects (or starts a local Ray) on its own thread,
+        which lives until `close`: Ray ties the processes a local start creates to that thread."""
+        self.address = address
+        self.resources, self.threads = resources, threads
+        self.started_ray = False
+        self.launches: list[RayLaunch] = []
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="splitserve-ray")
+        try:
+            self._thread.submit(self._connect).result()
+        except BaseException:
+            self._thread.shutdown(wait=False)
+            raise
+        self.collector_host = ray.util.get_node_ip_address()
+        self._actor_cls = ray.remote(WorkerActor)
+
+    def _connect(self) -> None:
+        # Ray's C++ failure handler would print a stack trace for the SIGTERM that stops the server.
+        os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+        kwargs = dict(namespace="splitserve", logging_level=logging.WARNING, include_dashboard=False,
+                      configure_logging=False)
+        if self.address != "auto":
+            _check_reachable(self.address)
+            ray.init(address=self.address, **kwargs)
+            return
+        try:
+            ray.init(address="auto", **kwargs)
+        except ConnectionError:  # no cluster running: start one here, and stop it in close()
+            ray.init(**kwargs)
+            self.started_ray = True
+        log.info("connected to Ray (%s)", "a local instance this server started" if self.started_ray else "running")
+
+    # ---- WorkerLauncher ----------------------------------------------------------------------
+    def start(self, spec: WorkerSpec, secret: bytes) -> RayLaunch:
+        opts = actor_options(self.resources.get(spec.role, {}), self.threads.get(spec.role))
+        actor = self._actor_cls.options(max_concurrency=4, name=None, **opts).remote()
+        start_ref = actor.start.remote(spec, secret)
+        launch = RayLaunch(actor, start_ref, actor.wait.remote(), spec.role)
+        self.launches.append(launch)
+        return launch
+
+    def pid(self, launch: RayLaunch) -> int | None:
+        if launch.pid is None and launch.gone is None:
+            done, _ = ray.wait([launch.start_ref], timeout=0)
+            if done:
+                try:
+                    launch.pid, launch.node_id = ray.get(done[0])
+                except ray.exceptions.RayError:
+                    pass
+        return launch.pid
+
+    def where(self, launch: RayLaunch) -> str | None:
+        self.pid(launch)
+        return launch.node_id
+
+    def exited(self, launch: RayLaunch) -> str | None:
+        if launch.gone is None:
+            done, _ = ray.wait([launch.run_ref], timeout=0)
+            if done:
+                try:
+                    launch.gone = f"exit code {ray.get(done[0])}"
+                except ray.exceptions.RayError as exc:  # the actor or its node died
+                    launch.gone = f"its Ray actor died ({type(exc).__name__})"
+                self._forget(launch)
+        return launch.gone
+
+    def stop(self, launch: RayLaunch) -> None:
+        if launch.gone is None:
+            launch.actor.terminate.remote()
+
+    def kill(self, launch: RayLaunch) -> None:
+        if not launch.killed:
+            launch.killed = True
+            ray.kill(launch.actor, no_restart=True)
+
+    def close(self) -> None:
+        for launch in list(self.launches):
+            self.kill(launch)
+        self.launches.clear()
+        try:
+            self._thread.submit(ray.shutdown).result(timeout=60)
+        finally:
+            self._thread.shutdown(wait=True)
+
+    def request_capacity(self, role: str, count: int) -> str | None:
+        want = bundle(self.resources.get(role, {}), self.threads.get(role))
+        free = ray.available_resources()
+        short = {k: v * count for k, v in want.items() if free.get(k, 0.0) < v * count}
+        if not short:
+            return None
+        try:
+            from ray.autoscaler.sdk import request_resources
+
+            request_resources(bundles=[want] * count)
+            asked = "asked Ray's autoscaler for them"
+        except Exception as exc:  # no autoscaler on this cluster
+            asked = f"Ray's autoscaler could not be asked ({exc})"
+        return (f"Ray has not the free resources for {count} more {role} worker(s) (need {short}, free "
+                f"{ {k: free.get(k, 0.0) for k in short} }); they start when resources appear; {asked}")
+
+    def _forget(self, launch: RayLaunch) -> None:
+        if not launch.killed:
+            launch.killed = True
+            ray.kill(launch.actor, no_restart=True)  # the actor outlived its worker: end it too
+        if launch in self.launches:
+            self.launches.remove(launch)
