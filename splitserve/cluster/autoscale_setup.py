@@ -107,7 +107,8 @@ def start_autoscaler(cluster, settings: AutoscaleSettings) -> "Autoscaler":
     pc = settings.policy
     predictor = Predictor.for_local_cpu(PredictorConfig(pc.slo_ttft_ms, pc.slo_tpot_ms), sim, blocks)
     monitor = LoadMonitor(settings.window_s)
-    scaler = Autoscaler(monitor, predictor, AutoscalePolicy(pc), ClusterPools(cluster))
+    pools = ClusterPools(cluster)
+    scaler = Autoscaler(monitor, predictor, AutoscalePolicy(pc, target=pools.ready_sizes()), pools)
     cluster.monitor, cluster.autoscaler = monitor, scaler
     cluster.add_background(scaler.run())
     return scaler

@@ -7,40 +7,30 @@ memory, processes) after the scenario."""
 
 from __future__ import annotations
 
-import os
-import sys
 import threading
 import time
 
 import openai
 import pytest
 
-from tests.hf_models import write_tiny_model
+from tests.served_models import write_tiny_served_model
 from tests.server_utils import ServerProcess
 
 pytestmark = pytest.mark.slow
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 @pytest.fixture(scope="module")
 def tiny_servable(tiny_model_root):
-    """The tiny Llama with a byte-level tokenizer and a chat template (servable over HTTP)."""
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    from make_random_model import _write_byte_tokenizer
-
-    path = write_tiny_model(tiny_model_root, "llama-tied")
-    if not os.path.isfile(os.path.join(path, "tokenizer.json")):
-        _write_byte_tokenizer(path, 384)
-    return path
+    return write_tiny_served_model(tiny_model_root)
 
 
 def send_until(server: ServerProcess, stop: threading.Event, errors: list, count: list) -> None:
     client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    model = client.models.list().data[0].id
     i = 0
-    while not stop.is_set():
+    while not stop.is_set() and not errors:
         try:
-            out = client.completions.create(model="x", prompt=f"request {i}: " + "words and more words " * 8,
+            out = client.completions.create(model=model, prompt=f"request {i}: " + "words and more words " * 8,
                                             max_tokens=16, temperature=0, extra_body={"ignore_eos": True})
             assert out.usage.completion_tokens == 16
             count.append(1)
@@ -73,7 +63,7 @@ def test_load_step_scales_the_prefill_pool_up_and_get_cluster_shows_the_decision
             while time.time() < deadline:
                 info = server.cluster()
                 ready = [w for w in info["workers"] if w["role"] == "prefill" and w["state"] == "ready"]
-                if len(ready) == 2 and len(count) >= 5:
+                if (len(ready) == 2 and len(count) >= 5) or errors:
                     break
                 time.sleep(0.5)
             served = len(count)
@@ -90,11 +80,14 @@ def test_load_step_scales_the_prefill_pool_up_and_get_cluster_shows_the_decision
         up = [d for d in auto["changes"] if d["action"] == "scale_up"]
         assert up and up[0]["current"] == {"prefill": 1, "decode": 1} and up[0]["target"]["prefill"] == 2
         assert any("prefill 1 -> 2" in r for r in up[0]["reasons"])
-        assert up[0]["predicted_current"]["meets_slo"] is False
-        assert up[0]["predicted_target"] == {**up[0]["predicted_target"], "prefill": 2, "decode": 1}
+        # whichever saw it first: the TTFT the gateway observed, or the simulator's prediction
+        assert any("observed TTFT" in r or "predicted at 1:1" in r for r in up[0]["reasons"]), up[0]
         assert auto["measured"]["arrival_rate"] > 0 and auto["measured"]["finished"] > 0
-        assert auto["predicted_current"] is not None and auto["predictor"]["simulated_runs"] >= 0
         assert {"decode", "prefill"} <= set(auto["measured"]["step_times"])
+        # by now the simulator has the measured step times: no size meets a 1 ms TTFT, the largest is chosen
+        assert auto["predicted_current"]["meets_slo"] is False and auto["predicted_current"]["ttft_ms"] > 1
+        assert auto["predicted_target"]["prefill"] == 2 and auto["predicted_target"]["meets_slo"] is False
+        assert "no size within the bounds" in auto["predictor"]["note"]
         info = server.wait_idle(timeout=30)  # the leak check (the server's stop checks processes and shm)
         new = [w for w in info["workers"] if w["role"] == "prefill" and w["id"] != "prefill-0"]
         assert len(new) == 1 and new[0]["load"]["num_steps"] > 0  # the new worker took prefills
