@@ -184,9 +184,13 @@ def test_observed_miss_adds_a_worker_the_predictor_did_not_ask_for():
     out = run_intervals(a, mon, pools, [0.5] * 2, start=8, tpot=SLO_TPOT * 2)
     assert pools.ready == (1, 2)
     assert any("observed TPOT" in r for d, _ in out for r in d.reasons)
-    # the miss's size is a floor for a while, even though the predictor says 1:1 is plenty
-    out = run_intervals(a, mon, pools, [0.5] * 10, start=10)
+    # the miss's size is a floor while the load it was missed at lasts, though the predictor says 1:1 is plenty
+    out = run_intervals(a, mon, pools, [0.5 * 0.9] * 30, start=10)
     assert all(ready == (1, 2) for _, ready in out)
+    assert any("decode could shrink to 1" in r for d, _ in out for r in d.reasons)
+    # once the load falls clearly below it (and the hold time passed), the pool shrinks back
+    out = run_intervals(a, mon, pools, [0.3] * 6, start=40)
+    assert pools.ready == (1, 1)
 
 
 def test_policy_config_rejects_nonsense():

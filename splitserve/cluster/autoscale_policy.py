@@ -7,7 +7,9 @@ Hysteresis, so that noise never makes it flap:
 * **Up fast.** A pool whose predicted size is above its current one grows at once (at most
   `max_step_up` workers per decision); so does a pool whose SLO the gateway observed missed while
   the predictor saw no need (TTFT -> prefill, TPOT -> decode), and that size then stays a floor
-  for `hold_after_miss_s`.
+  for `hold_after_miss_s`, and after that for as long as the load stays above `floor_load` x the
+  arrival rate of the miss (the predictor was wrong at that load: its "smaller is enough" is not
+  trusted there again).
 * **Down slowly.** A pool shrinks by `max_step_down` only when, for `down_after` intervals in a
   row, the predictor wanted it smaller *and* said that smaller size meets both SLOs with margin
   (predicted percentile <= `down_slack` x SLO), nothing was missed, and `cooldown_s` passed since
@@ -52,6 +54,7 @@ class PolicyConfig:
     down_slack: float = 0.8  # ... and the smaller size's predicted percentile is at most this x SLO
     cooldown_s: float = 30.0  # no shrinking this soon after any change
     hold_after_miss_s: float = 60.0  # a size reached because of an observed miss is a floor this long
+    floor_load: float = 0.8
     miss_grace_s: float = 30.0  # observed misses are ignored this long after a change (the window still holds the old ones)
     settle_s: float = 300.0  # a target whose workers are not ready by then is given up (and re-decided)
     backoff_s: float = 10.0  # first wait after a refused resource request
@@ -109,6 +112,10 @@ class _PoolMemory:
     streak_max: int = 0
     floor: int = 0
     floor_until: float = float("-inf")
+    floor_rate: float = float("inf")  # the arrival rate when the floor was set
+
+    def floor_at(self, now: float, rate: float, load_fraction: float) -> int:
+        return self.floor if now < self.floor_until or rate >= load_fraction * self.floor_rate else 0
 
 
 @dataclass
@@ -198,7 +205,7 @@ class AutoscalePolicy:
                 if seen is not None and seen > slo and wanted[i] <= cur[i]:
                     wanted[i] = cur[i] + 1
                     mem = self.pools[i]
-                    mem.floor, mem.floor_until = wanted[i], obs.now + cfg.hold_after_miss_s
+                    mem.floor, mem.floor_until, mem.floor_rate = wanted[i], obs.now + cfg.hold_after_miss_s, obs.arrival_rate
                     reasons.append(f"observed {name} p90 {seen:.0f} ms > SLO {slo:g} ms: one more "
                                    f"{'prefill' if i == 0 else 'decode'} worker than predicted")
         return cfg.bounds.clamp(*wanted)
@@ -216,7 +223,7 @@ class AutoscalePolicy:
             return base
         mem.slack_streak += 1
         mem.streak_max = max(mem.streak_max, wanted)
-        floor = mem.floor if obs.now < mem.floor_until else 0
+        floor = mem.floor_at(obs.now, obs.arrival_rate, cfg.floor_load)
         if (mem.slack_streak < cfg.down_after or obs.now - self.last_change < cfg.cooldown_s
                 or self.state is PolicyState.SCALING or max(mem.streak_max, floor) >= base):
             reasons.append(f"{name} could shrink to {wanted} ({mem.slack_streak}/{cfg.down_after} intervals of slack)")
