@@ -177,6 +177,19 @@ def test_refused_resources_are_reported_and_retried_with_backoff():
     assert a.policy.backoff == 0.0 and a.policy.state is PolicyState.STEADY
 
 
+def test_a_refused_target_is_withdrawn_when_the_need_passes():
+    pools = FakePools()
+    pools.refuse = "no resources"
+    a, mon, pools = scaler(pools=pools, backoff_s=10.0)
+    run_intervals(a, mon, pools, [12.0] * 2)
+    assert a.policy.state is PolicyState.WAITING_CAPACITY and a.policy.target != (1, 1)
+    out = run_intervals(a, mon, pools, [0.3] * 4, start=2)  # the load went away before the resources came
+    back = [d for d, _ in out if d.action is Action.SCALE_DOWN]
+    assert back and back[0].target == (1, 1) and any("no longer waiting" in r for r in back[0].reasons)
+    assert pools.requests[-1][1] == (1, 1)  # the pools were told: pending workers withdrawn
+    assert a.policy.state is PolicyState.STEADY and a.policy.target == (1, 1)
+
+
 def test_observed_miss_adds_a_worker_the_predictor_did_not_ask_for():
     a, mon, pools = scaler()
     out = run_intervals(a, mon, pools, [0.5] * 8)  # past the grace after start

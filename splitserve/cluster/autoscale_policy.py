@@ -170,17 +170,22 @@ class AutoscalePolicy:
         new = tuple(self._pool_size(i, base[i], wanted[i], obs, reasons) for i in (0, 1))
         new = cfg.bounds.clamp(*new)
         if new == base:
-            if self.state is PolicyState.WAITING_CAPACITY:
-                self.state = PolicyState.STEADY  # the need passed while we waited
             if self.state is PolicyState.SCALING:
                 reasons.append(f"waiting for {self.target[0]}:{self.target[1]} to be ready")
-            return self._record(obs, Action.HOLD, self.target if self.state is PolicyState.SCALING else cur,
-                                wanted, reasons or ["at the predicted size"])
+                return self._record(obs, Action.HOLD, self.target, wanted, reasons)
+            if self.target != cur:  # a target given up (its resources never came): withdraw the workers still pending
+                reasons.append(f"no longer waiting for {self.target[0]}:{self.target[1]}: back to {cur[0]}:{cur[1]}")
+                return self._change(obs, Action.SCALE_DOWN, cur, wanted, reasons)
+            self.state = PolicyState.STEADY
+            return self._record(obs, Action.HOLD, cur, wanted, reasons or ["at the predicted size"])
         up = any(n > c for n, c in zip(new, base))
         down = any(n < c for n, c in zip(new, base))
         action = Action.SCALE if up and down else Action.SCALE_UP if up else Action.SCALE_DOWN
+        return self._change(obs, action, new, wanted, reasons)
+
+    def _change(self, obs: Observation, action: Action, new: tuple[int, int], wanted, reasons: list[str]) -> Decision:
         self.state = PolicyState.SCALING
-        self.scaling_since = self.last_change = now
+        self.scaling_since = self.last_change = obs.now
         self.target = new
         for mem in self.pools:
             mem.slack_streak = mem.streak_max = 0
