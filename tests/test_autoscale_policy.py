@@ -213,3 +213,28 @@ def test_policy_config_rejects_nonsense():
         Bounds(2, 1, 1, 1)
     with pytest.raises(ValueError):
         Bounds(0, 1, 1, 1)
+
+
+def test_an_observed_ttft_miss_grows_the_pool_the_simulator_says_delays_first_tokens():
+    """Requests wait for a decode seat before their prefill starts: with 2 seats per decode worker a
+    TTFT miss is the decode pool's; with 64 seats and long prompts it is the prefill pool's."""
+    cal = load_calibration()
+    for seats, want in ((2, (1, 2)), (64, (2, 1))):
+        sim = SimConfig(max_num_seqs=seats, max_num_batched_tokens=512, max_model_len=2048, record_itl=False)
+        pred = Predictor(PredictorConfig(20_000.0, 1000.0, num_requests=64, trust_shape=True), sim,
+                         {"prefill": 2000, "decode": 2000}, cal.for_role("both") if cal else None)
+        cfg = PolicyConfig(20_000.0, 1000.0, Bounds(1, 3, 1, 3), interval_s=INTERVAL, miss_grace_s=0.0)
+        pools = FakePools()
+        a = Autoscaler(ScriptedMonitor(), pred, AutoscalePolicy(cfg), pools)
+        out = run_intervals(a, a.monitor, pools, [3.0], ttft=30_000.0)  # observed far worse than predicted
+        d = out[0][0]
+        assert d.action is Action.SCALE_UP and d.target == want, (seats, d.target, d.reasons)
+        assert any("observed TTFT" in r for r in d.reasons)
+
+
+def test_one_pool_shrinks_per_decision():
+    a, mon, pools = scaler(pools=FakePools(3, 3))
+    out = run_intervals(a, mon, pools, [0.3] * 40)
+    sizes = [ready for _, ready in out]
+    assert sizes[-1] == (1, 1)
+    assert all(sum(x) - sum(y) <= 1 for x, y in zip(sizes, sizes[1:]))

@@ -64,7 +64,12 @@ class Autoscaler:
     def decide(self, now: float) -> Decision:
         """One interval's measurement, prediction and decision, in this thread (the tests' fake clock)."""
         m, current = self.observe()
-        return self.conclude(now, m, current, self.predictor.choose(m, self.policy.cfg.bounds, current))
+        return self.conclude(now, m, current, self._predict(m, current))
+
+    def _predict(self, m: LoadMeasurement, current: tuple[int, int]) -> SizeChoice:
+        cfg = self.policy.cfg
+        missed = (m.ttft_ms or 0.0) > cfg.slo_ttft_ms  # then which pool to grow is the simulator's to say
+        return self.predictor.choose(m, cfg.bounds, current, observed_miss=missed)
 
     async def apply(self, d: Decision, now: float) -> Decision:
         """Carry out a decision that changes the size; a refusal becomes the policy's next decision."""
@@ -122,7 +127,7 @@ class Autoscaler:
             try:
                 m, current = self.observe()
                 # the simulator off the event loop; it reads only the frozen measurement
-                choice = await asyncio.to_thread(self.predictor.choose, m, self.policy.cfg.bounds, current)
+                choice = await asyncio.to_thread(self._predict, m, current)
                 await self.apply(self.conclude(clock(), m, current, choice), clock())
             except asyncio.CancelledError:
                 raise

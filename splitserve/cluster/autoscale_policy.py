@@ -10,10 +10,11 @@ Hysteresis, so that noise never makes it flap:
   for `hold_after_miss_s`, and after that for as long as the load stays above `floor_load` x the
   arrival rate of the miss (the predictor was wrong at that load: its "smaller is enough" is not
   trusted there again).
-* **Down slowly.** A pool shrinks by `max_step_down` only when, for `down_after` intervals in a
-  row, the predictor wanted it smaller *and* said that smaller size meets both SLOs with margin
-  (predicted percentile <= `down_slack` x SLO), nothing was missed, and `cooldown_s` passed since
-  the last change. Near a boundary the smaller size never has that margin, so it stays.
+* **Down slowly.** One pool shrinks by `max_step_down` per decision, only when, for `down_after`
+  intervals in a row, the predictor wanted it smaller *and* predicted that one worker fewer still
+  meets both SLOs at 25% more load than measured (`SizeChoice.shrink`), nothing was missed, and
+  `cooldown_s` passed since the last change. Near a boundary the smaller size never has that
+  margin, so noise in the measured load cannot make it flap.
 * **Refused capacity** (the launcher could not get the resources): reported in the decision,
   retried after a backoff that doubles up to `backoff_max_s`, never in a tight loop.
 """
@@ -51,7 +52,6 @@ class PolicyConfig:
     max_step_up: int = 2
     max_step_down: int = 1
     down_after: int = 3  # intervals of sustained slack before a pool shrinks
-    down_slack: float = 0.8  # ... and the smaller size's predicted percentile is at most this x SLO
     cooldown_s: float = 30.0  # no shrinking this soon after any change
     hold_after_miss_s: float = 60.0  # a size reached because of an observed miss is a floor this long
     floor_load: float = 0.8
@@ -65,8 +65,8 @@ class PolicyConfig:
             raise ValueError("--slo-ttft-ms and --slo-tpot-ms must be > 0")
         if self.interval_s <= 0:
             raise ValueError("--autoscale-interval-s must be > 0")
-        if self.max_step_up < 1 or self.max_step_down < 1 or self.down_after < 1 or not 0 < self.down_slack <= 1:
-            raise ValueError("autoscale steps and down_after must be >= 1, down_slack in (0, 1]")
+        if self.max_step_up < 1 or self.max_step_down < 1 or self.down_after < 1:
+            raise ValueError("autoscale steps and down_after must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -167,8 +167,9 @@ class AutoscalePolicy:
         if wanted is None:
             return self._record(obs, Action.HOLD, self.target, None, reasons or ["nothing measured yet"])
         base = self.target if self.state is PolicyState.SCALING else cur
-        new = tuple(self._pool_size(i, base[i], wanted[i], obs, reasons) for i in (0, 1))
-        new = cfg.bounds.clamp(*new)
+        prefill = self._pool_size(0, base[0], wanted[0], obs, reasons, may_shrink=True)
+        decode = self._pool_size(1, base[1], wanted[1], obs, reasons, may_shrink=prefill >= base[0])  # one at a time
+        new = cfg.bounds.clamp(prefill, decode)
         if new == base:
             if self.state is PolicyState.SCALING:
                 reasons.append(f"waiting for {self.target[0]}:{self.target[1]} to be ready")
@@ -206,16 +207,29 @@ class AutoscalePolicy:
             wanted = list(cur)
         if obs.num_observed >= MIN_OBSERVED and obs.now - self.last_change >= cfg.miss_grace_s:
             misses = ((0, obs.observed_ttft_ms, cfg.slo_ttft_ms, "TTFT"), (1, obs.observed_tpot_ms, cfg.slo_tpot_ms, "TPOT"))
-            for i, seen, slo, name in misses:
-                if seen is not None and seen > slo and wanted[i] <= cur[i]:
-                    wanted[i] = cur[i] + 1
-                    mem = self.pools[i]
-                    mem.floor, mem.floor_until, mem.floor_rate = wanted[i], obs.now + cfg.hold_after_miss_s, obs.arrival_rate
-                    reasons.append(f"observed {name} p90 {seen:.0f} ms > SLO {slo:g} ms: one more "
-                                   f"{'prefill' if i == 0 else 'decode'} worker than predicted")
+            for pool, seen, slo, name in misses:
+                if seen is None or seen <= slo or any(w > c for w, c in zip(wanted, cur)):
+                    continue
+                i = self._pool_for_miss(pool, obs)
+                wanted[i] = cur[i] + 1
+                mem = self.pools[i]
+                mem.floor, mem.floor_until, mem.floor_rate = wanted[i], obs.now + cfg.hold_after_miss_s, obs.arrival_rate
+                reasons.append(f"observed {name} p90 {seen:.0f} ms > SLO {slo:g} ms: one more "
+                               f"{'prefill' if i == 0 else 'decode'} worker than predicted")
         return cfg.bounds.clamp(*wanted)
 
-    def _pool_size(self, i: int, base: int, wanted: int, obs: Observation, reasons: list[str]) -> int:
+    @staticmethod
+    def _pool_for_miss(pool: int, obs: Observation) -> int:
+        """A TTFT miss grows the pool whose extra worker the simulator says cuts TTFT most (a busy
+        decode pool delays first tokens too: requests wait for a seat before their prefill); TPOT: decode."""
+        grow = obs.choice.grow
+        if pool == 1 or not grow:
+            return pool
+        best = min(grow, key=lambda x: (x.ttft_ms, x.decode))
+        return 0 if best.prefill > obs.current[0] else 1
+
+    def _pool_size(self, i: int, base: int, wanted: int, obs: Observation, reasons: list[str],
+                   may_shrink: bool) -> int:
         cfg, mem = self.cfg, self.pools[i]
         name = "prefill" if i == 0 else "decode"
         if wanted > base:
@@ -223,13 +237,13 @@ class AutoscalePolicy:
             step = min(wanted, base + cfg.max_step_up)
             reasons.append(f"{name} {base} -> {step} (wanted {wanted})")
             return step
-        if wanted == base or not self._has_margin(obs):
+        if wanted == base or not self._has_margin(i, obs):
             mem.slack_streak = mem.streak_max = 0
             return base
         mem.slack_streak += 1
         mem.streak_max = max(mem.streak_max, wanted)
         floor = mem.floor_at(obs.now, obs.arrival_rate, cfg.floor_load)
-        if (mem.slack_streak < cfg.down_after or obs.now - self.last_change < cfg.cooldown_s
+        if (mem.slack_streak < cfg.down_after or obs.now - self.last_change < cfg.cooldown_s or not may_shrink
                 or self.state is PolicyState.SCALING or max(mem.streak_max, floor) >= base):
             reasons.append(f"{name} could shrink to {wanted} ({mem.slack_streak}/{cfg.down_after} intervals of slack)")
             return base
@@ -237,10 +251,12 @@ class AutoscalePolicy:
         reasons.append(f"{name} {base} -> {step} after {mem.slack_streak} intervals of slack")
         return step
 
-    def _has_margin(self, obs: Observation) -> bool:
-        """The smaller size meets both SLOs with margin (predicted), and the gateway sees no miss."""
-        cfg, t = self.cfg, obs.choice.chosen
-        if t is None or t.ttft_ms > cfg.down_slack * cfg.slo_ttft_ms or t.tpot_ms > cfg.down_slack * cfg.slo_tpot_ms:
+    def _has_margin(self, i: int, obs: Observation) -> bool:
+        """One worker fewer in pool `i` meets both SLOs at more load than measured (predicted), and
+        the gateway sees no miss."""
+        cfg, cur = self.cfg, obs.current
+        smaller = (cur[0] - 1, cur[1]) if i == 0 else (cur[0], cur[1] - 1)
+        if not any((x.prefill, x.decode) == smaller and x.meets for x in obs.choice.shrink):
             return False
         seen = obs.num_observed >= MIN_OBSERVED
         return not (seen and ((obs.observed_ttft_ms or 0) > cfg.slo_ttft_ms or (obs.observed_tpot_ms or 0) > cfg.slo_tpot_ms))

@@ -16,7 +16,7 @@ import math
 import random
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from splitserve.bench.workloads import RequestSpec
 from splitserve.cluster.admission import AdmissionConfig
@@ -60,8 +60,9 @@ class Bounds:
 class PredictorConfig:
     slo_ttft_ms: float
     slo_tpot_ms: float
-    num_requests: int = 96  # simulated requests per candidate (bounds each run)
-    budget_s: float = 3.0  # wall time for one whole search
+    num_requests: int = 64  # simulated requests per candidate (bounds each run)
+    budget_s: float = 4.0  # wall time for one whole search
+    shrink_headroom: float = 0.25  # a smaller size must meet the SLOs at this much more load
     seed: int = 0
     # False (the server): no prediction before the workers measured decode and prefill steps - the
     # calibration's absolute times are another model's on another day. True: they are the truth (tests).
@@ -97,6 +98,12 @@ class SizeChoice:
     evaluated: int  # simulated runs (cache misses)
     wall_s: float
     note: str = ""
+    # One worker fewer in a pool that the chosen size has smaller, at (1 + shrink_headroom) x the
+    # measured rate: the policy shrinks a pool only if this still meets the SLOs.
+    shrink: tuple[Prediction, ...] = ()
+    # One worker more in each pool, at the measured rate: which pool an observed TTFT miss that
+    # the prediction did not see should grow (asked for with `observed_miss`).
+    grow: tuple[Prediction, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -227,9 +234,11 @@ class Predictor:
         return calibrated_costs(self.shape, m.steps, prompt + out / 2)
 
     # ---- the search -----------------------------------------------------------------------
-    def choose(self, m: LoadMeasurement, bounds: Bounds, current: tuple[int, int]) -> SizeChoice:
+    def choose(self, m: LoadMeasurement, bounds: Bounds, current: tuple[int, int],
+               observed_miss: bool = False) -> SizeChoice:
         """The smallest size within `bounds` predicted to meet both SLOs (among equal totals, the
-        one with the most slack); the largest size when none does, or when the budget runs out first."""
+        one with the most slack); the largest size when none does, or when the budget runs out first.
+        Also the predictions the policy's hysteresis needs: `shrink` and (with `observed_miss`) `grow`."""
         t0 = self.clock()
         runs0 = self.runs
         if not m.prompt_lens or m.arrival_rate <= 0:
@@ -257,7 +266,21 @@ class Predictor:
             top = (bounds.max_prefill, bounds.max_decode)
             chosen = self.evaluate(*top, m, costs)
             note = note or "no size within the bounds meets the SLOs: the largest"
-        return SizeChoice((chosen.prefill, chosen.decode), chosen, cur, self.runs - runs0, self.clock() - t0, note)
+        target = (chosen.prefill, chosen.decode)
+        here = bounds.clamp(*current)
+        heavier = replace(m, arrival_rate=m.arrival_rate * (1.0 + self.cfg.shrink_headroom))
+        shrink = tuple(self.evaluate(*s, heavier, costs) for s in _neighbours(here, -1, bounds)
+                       if s[0] >= target[0] and s[1] >= target[1])  # toward the chosen size only
+        grow = ()
+        if observed_miss and target[0] <= here[0] and target[1] <= here[1]:
+            grow = tuple(self.evaluate(*s, m, costs) for s in _neighbours(here, +1, bounds))
+        return SizeChoice(target, chosen, cur, self.runs - runs0, self.clock() - t0, note, shrink, grow)
+
+
+def _neighbours(size: tuple[int, int], step: int, bounds: Bounds) -> list[tuple[int, int]]:
+    """`size` with one pool changed by `step` (prefill first), where the bounds allow it."""
+    out = [(size[0] + step, size[1]), (size[0], size[1] + step)]
+    return [s for s in out if bounds.clamp(*s) == s]
 
 
 def sim_config_for(engine, local_prefill_threshold: int, admission: AdmissionConfig) -> SimConfig:
