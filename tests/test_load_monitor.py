@@ -48,6 +48,21 @@ def test_rate_lengths_hits_and_percentiles_over_the_window():
     assert later.arrival_rate == 0 and later.num_finished == 0 and later.ttft_ms is None
 
 
+def test_a_rate_step_shows_within_a_third_of_the_window_and_a_drop_takes_all_of_it():
+    clock = Clock()
+    mon = LoadMonitor(window_s=30.0, clock=clock)
+    for _ in range(30):  # 1 request/s for 30 s
+        mon.finish(mon.start(10))
+        clock.t += 1.0
+    assert mon.measure().arrival_rate == pytest.approx(1.0, rel=0.1)
+    for _ in range(40):  # then 4/s for 10 s: the last third of the window says 4, the window ~2
+        mon.finish(mon.start(10))
+        clock.t += 0.25
+    assert mon.measure().arrival_rate == pytest.approx(4.0, rel=0.15)
+    clock.t += 15.0  # nothing for 15 s: the window still holds the burst
+    assert mon.measure().arrival_rate == pytest.approx(40 / 30, rel=0.15)
+
+
 def test_a_request_without_tokens_counts_as_arrival_but_not_latency():
     clock = Clock()
     mon = LoadMonitor(window_s=5.0, clock=clock)

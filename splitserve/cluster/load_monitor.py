@@ -50,7 +50,9 @@ class StepTimes:
 @dataclass(frozen=True)
 class LoadMeasurement:
     window_s: float  # the span the figures cover (shorter than the window right after start)
-    arrival_rate: float  # requests per second that arrived at the gateway
+    # Requests per second that arrived at the gateway: over the window, or over its last third when
+    # that is higher (a rate step shows within a third of the window; a drop takes the whole window)
+    arrival_rate: float
     num_arrivals: int
     prompt_lens: tuple[int, ...]  # of the finished requests, in order of finishing (with too few: in flight too)
     output_lens: tuple[int, ...]  # (a request in flight counts its max_tokens)
@@ -152,6 +154,9 @@ class LoadMonitor:
         self._trim(now)
         span = max(min(self.window_s, now - self.t_start), 1e-9)
         arrived = sum(n for _, n in self._arrivals)
+        recent_s = span / 3
+        recent = sum(n for sec, n in self._arrivals if sec >= now - recent_s)
+        rate = max(arrived / span, recent / max(recent_s, 1.0))
         done = list(self._samples)
         waiting = [t for t in self._inflight if t.t_first is None]
         lens = [(s.prompt_tokens, s.output_tokens) for s in done]
@@ -162,7 +167,7 @@ class LoadMonitor:
         ttfts = [s.ttft_s * 1000.0 for s in done if s.ttft_s is not None] + [(now - t.t_arrival) * 1000.0 for t in waiting]
         tpot = percentile((s.tpot_s * 1000.0 for s in done if s.tpot_s is not None), SLO_PERCENTILE)
         return LoadMeasurement(
-            window_s=span, arrival_rate=arrived / span, num_arrivals=arrived,
+            window_s=span, arrival_rate=rate, num_arrivals=arrived,
             prompt_lens=tuple(p for p, _ in lens), output_lens=tuple(o for _, o in lens),
             prefix_hit_rate=cached / prompt if prompt else 0.0, ttft_ms=percentile(ttfts, SLO_PERCENTILE),
             tpot_ms=tpot, steps=self._step_times(), num_finished=len(done), num_waiting_first=len(waiting),
