@@ -55,7 +55,8 @@ class PolicyConfig:
     cooldown_s: float = 30.0  # no shrinking this soon after any change
     hold_after_miss_s: float = 60.0  # a size reached because of an observed miss is a floor this long
     floor_load: float = 0.8
-    miss_grace_s: float = 30.0  # observed misses are ignored this long after a change (the window still holds the old ones)
+    miss_grace_s: float = 30.0  # observed misses are ignored this long after a change is asked for and
+    # after it is reached (the window still holds the requests that waited before)
     settle_s: float = 300.0  # a target whose workers are not ready by then is given up (and re-decided)
     backoff_s: float = 10.0  # first wait after a refused resource request
     backoff_max_s: float = 160.0
@@ -156,6 +157,7 @@ class AutoscalePolicy:
             if cur == self.target:
                 self.state = PolicyState.STEADY
                 self.backoff = 0.0
+                self.last_change = now  # grace and cooldown count from when the new size serves
                 reasons.append(f"reached {cur[0]}:{cur[1]}")
             elif now - self.scaling_since > cfg.settle_s:
                 self.state = PolicyState.STEADY
