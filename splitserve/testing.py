@@ -18,6 +18,7 @@ import time
 import httpx
 
 from splitserve.kv import shm
+from splitserve.process_tree import descendants, pid_alive
 
 
 # Logs this process created and has not removed yet (a test suite removes the rest at its end).
@@ -44,36 +45,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is dead for our purposes
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except OSError:
-        return False
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live process below `pid` (Linux /proc), children first."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], list(children.get(pid, []))
-    while todo:
-        p = todo.pop(0)
-        out.append(p)
-        todo.extend(children.get(p, []))
-    return out
+def wait_for(what, timeout: float = 30.0, step: float = 0.2):
+    """Poll `what()` until it returns something truthy (returned); AssertionError after `timeout`."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = what()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 class ServerProcess:

@@ -98,6 +98,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help='Ray resources per prefill worker, e.g. \'{"num_cpus": 4, "prefill": 1}\' (default: its threads in CPUs)')
     r.add_argument("--decode-resources", default=None, metavar="JSON",
                    help="Ray resources per decode worker (aggregated: per worker)")
+    r.add_argument("--ray-placement", default=None, choices=["spread", "pack"],
+                   help="each pool's workers in a Ray placement group: spread (one per node) or pack (fewest nodes)")
     add_autoscale_args(ap)
     return ap.parse_args(argv)
 
@@ -126,8 +128,8 @@ def ray_resources_from_args(args) -> dict[str, dict[str, float]]:
     from splitserve.cluster.resources import parse_resources
 
     if not args.ray:
-        if args.prefill_resources or args.decode_resources:
-            raise ValueError("--prefill-resources / --decode-resources place workers on Ray: add --ray")
+        if args.prefill_resources or args.decode_resources or args.ray_placement:
+            raise ValueError("--prefill-resources / --decode-resources / --ray-placement place workers on Ray: add --ray")
         return {}
     decode = parse_resources(args.decode_resources, "--decode-resources")
     if not args.disaggregated:
@@ -181,7 +183,8 @@ async def start_cluster(args: argparse.Namespace, config: EngineConfig, started:
         from splitserve.cluster.ray_launcher import RayLauncher
 
         threads = {p.role: p.engine.threads for p in pools}
-        launcher = await asyncio.to_thread(RayLauncher, args.ray, ray_resources, threads)
+        launcher = await asyncio.to_thread(RayLauncher, args.ray, ray_resources, threads, args.ray_placement,
+                                           {p.role: p.count for p in pools})
         started["launcher"] = launcher
     cluster = Cluster(pools, tokenizer.eos_token_ids,
                       router_config=RouterConfig(local_prefill_threshold=args.local_prefill_threshold),

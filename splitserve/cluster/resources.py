@@ -20,8 +20,9 @@ def parse_resources(text: str | None, flag: str) -> dict[str, float]:
     if not isinstance(value, dict):
         raise ValueError(f"{flag} must be a JSON object of resource name -> amount")
     for name, amount in value.items():
-        if not name or isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0 <= amount <= 1e6:
-            raise ValueError(f"{flag}: {name!r} must be a number between 0 and 1e6, not {amount!r}")
+        limit = 1e15 if name == "memory" else 1e6  # memory in bytes; the rest in units
+        if not name or isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0 <= amount <= limit:
+            raise ValueError(f"{flag}: {name!r} must be a number between 0 and {limit:g}, not {amount!r}")
     return {k: float(v) for k, v in value.items()}
 
 

@@ -44,16 +44,6 @@ async def stream_text(http: httpx.AsyncClient, base_url: str, prompt: str, max_t
     return "".join(parts)
 
 
-def wait_for(what, timeout: float = 120.0, step: float = 0.1):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        got = what()
-        if got:
-            return got
-        time.sleep(step)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 async def async_wait_for(what, timeout: float = 120.0, step: float = 0.1):
     deadline = time.time() + timeout
     while time.time() < deadline:

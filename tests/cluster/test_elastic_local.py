@@ -11,8 +11,8 @@ import sys
 import httpx
 import pytest
 
-from splitserve.testing import ServerProcess, pid_alive
-from tests.cluster.conftest import PROMPTS, TINY_ARGS, async_wait_for, completion, stream_text, wait_for
+from splitserve.testing import ServerProcess, pid_alive, wait_for
+from tests.cluster.conftest import PROMPTS, TINY_ARGS, async_wait_for, completion, stream_text
 
 pytestmark = pytest.mark.slow
 

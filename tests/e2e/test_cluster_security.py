@@ -25,7 +25,7 @@ from splitserve.cluster import messages as m
 from splitserve.cluster import security
 from splitserve.cluster.worker import SECRET_ENV
 from splitserve.kv import shm
-from tests.server_utils import ServerProcess, free_port, pid_alive
+from tests.server_utils import ServerProcess, free_port, pid_alive, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -195,16 +195,6 @@ async def _streams(base_url: str, prompts: list[str], max_tokens: int, on_tokens
         return list(await asyncio.gather(*tasks))
 
 
-def _wait_for(what, timeout: float = 30.0, step: float = 0.2):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = what()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_a_sigstopped_decode_worker_is_routed_around_and_comes_back():
     with ServerProcess(*COMMON, "--disaggregated", "--decode-workers", "2") as s:
         expected = asyncio.run(_streams(s.base_url, PROMPTS, 40))
@@ -228,18 +218,18 @@ def test_a_sigstopped_decode_worker_is_routed_around_and_comes_back():
         finally:
             for w in stopped:
                 os.kill(w["pid"], signal.SIGCONT)
-        _wait_for(lambda: state() == "ready")
+        wait_for(lambda: state() == "ready")
         s.wait_idle(timeout=60)  # the woken worker read its aborts and freed everything
         # No decode worker beating: /health says so, and recovers with them.
         decoders = [w for w in s.cluster()["workers"] if w["role"] == "decode"]
         for w in decoders:
             os.kill(w["pid"], signal.SIGSTOP)
         try:
-            _wait_for(lambda: httpx.get(s.base_url + "/health").status_code == 503)
+            wait_for(lambda: httpx.get(s.base_url + "/health").status_code == 503)
         finally:
             for w in decoders:
                 os.kill(w["pid"], signal.SIGCONT)
-        _wait_for(lambda: httpx.get(s.base_url + "/health").status_code == 200)
+        wait_for(lambda: httpx.get(s.base_url + "/health").status_code == 200)
         assert _complete(s.base_url, PROMPTS[1], 40) == expected[1]
         assert all(w["restarts"] == 0 for w in s.cluster()["workers"])
         s.wait_idle(timeout=60)
