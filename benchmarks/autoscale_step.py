@@ -95,7 +95,11 @@ async def poll_cluster(server: ServerProcess, t0: float, stop: asyncio.Event) ->
     series = []
     async with httpx.AsyncClient(timeout=10) as http:
         while not stop.is_set():
-            info = (await http.get(server.base_url + "/cluster", headers=server.headers)).json()
+            try:
+                info = (await http.get(server.base_url + "/cluster", headers=server.headers)).json()
+            except httpx.TransportError:  # a kept-alive connection closed under us on a loaded host: ask again
+                await asyncio.sleep(0.1)
+                continue
             ready = [w["role"] for w in info["workers"] if w["state"] == "ready"]
             auto = info.get("autoscale") or {}
             series.append({"t": time.monotonic() - t0, "prefill": ready.count("prefill"),
