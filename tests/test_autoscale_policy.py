@@ -238,3 +238,39 @@ def test_one_pool_shrinks_per_decision():
     sizes = [ready for _, ready in out]
     assert sizes[-1] == (1, 1)
     assert all(sum(x) - sum(y) <= 1 for x, y in zip(sizes, sizes[1:]))
+
+
+def test_a_worker_that_goes_silent_is_not_withdrawn_and_a_target_never_ready_is():
+    a, mon, pools = scaler(settle_s=20.0)
+    run_intervals(a, mon, pools, [12.0] * 3)
+    grown = pools.ready
+    assert sum(grown) > 2 and a.policy.state is PolicyState.STEADY
+    pools.ready = (grown[0] - 1, grown[1])  # one worker silent (out of routing) for a while
+    out = run_intervals(a, mon, pools, [12.0] * 3, start=3)
+    assert all(d.action is not Action.SCALE_DOWN for d, _ in out), [d.reasons for d, _ in out]
+    assert a.policy.target == grown
+    # a target whose workers never become ready is given up after settle_s, and withdrawn once not needed
+    a, mon, pools = scaler(settle_s=20.0)
+    pools.request_sizes = _never_ready(pools)
+    out = run_intervals(a, mon, pools, [12.0] * 8 + [0.3] * 8)
+    assert any("not ready after 20 s" in r for d, _ in out for r in d.reasons)
+    assert pools.requests[-1][1] == (1, 1) and a.policy.target == (1, 1)
+
+
+def _never_ready(pools: FakePools):
+    async def request_sizes(prefill: int, decode: int) -> str | None:
+        pools.requests.append((pools.now, (prefill, decode)))
+        return None  # accepted, but nothing ever starts
+    return request_sizes
+
+
+def test_when_the_simulator_cannot_tell_the_pools_apart_a_ttft_miss_grows_the_busier_one():
+    from splitserve.cluster.autoscale_policy import Observation
+    from splitserve.cluster.autoscale_predictor import Prediction, SizeChoice
+
+    same = (Prediction(2, 1, 100.0, 5.0, True), Prediction(1, 2, 104.0, 5.0, True))
+    for busy, want in (((0.9, 0.2), (2, 1)), ((0.2, 0.6), (1, 2))):
+        cfg = PolicyConfig(SLO_TTFT, SLO_TPOT, Bounds(1, 3, 1, 3), miss_grace_s=0.0)
+        choice = SizeChoice((1, 1), same[0], Prediction(1, 1, 120.0, 5.0, True), 0, 0.0, grow=same)
+        d = AutoscalePolicy(cfg).step(Observation(0.0, (1, 1), choice, SLO_TTFT * 3, 5.0, 20, 3.0, busy))
+        assert d.target == want, (busy, d.target, d.reasons)

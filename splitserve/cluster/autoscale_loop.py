@@ -56,7 +56,9 @@ class Autoscaler:
 
     def conclude(self, now: float, m: LoadMeasurement, current: tuple[int, int], choice: SizeChoice) -> Decision:
         self.last_choice = choice
-        obs = Observation(now, current, choice, m.ttft_ms, m.tpot_ms, m.num_finished + m.num_waiting_first, m.arrival_rate)
+        busy = tuple(m.steps[r].busy_fraction if r in m.steps else 0.0 for r in ("prefill", "decode"))
+        obs = Observation(now, current, choice, m.ttft_ms, m.tpot_ms, m.num_finished + m.num_waiting_first,
+                          m.arrival_rate, busy)
         d = self.policy.step(obs)
         self._keep(d, m.arrival_rate)
         return d

@@ -79,6 +79,7 @@ class Observation:
     observed_tpot_ms: float | None = None
     num_observed: int = 0  # finished requests, plus those still waiting for a first token
     arrival_rate: float = 0.0
+    busy: tuple[float, float] = (0.0, 0.0)  # prefill and decode workers' measured busy fractions
 
 
 @dataclass(frozen=True)
@@ -159,9 +160,10 @@ class AutoscalePolicy:
                 self.backoff = 0.0
                 self.last_change = now  # grace and cooldown count from when the new size serves
                 reasons.append(f"reached {cur[0]}:{cur[1]}")
-            elif now - self.scaling_since > cfg.settle_s:
-                self.state = PolicyState.STEADY
-                reasons.append(f"{self.target[0]}:{self.target[1]} not ready after {cfg.settle_s:g} s: deciding again")
+            elif now - self.scaling_since > cfg.settle_s:  # as good as refused: decide again, maybe withdraw
+                self.state, self.retry_at = PolicyState.WAITING_CAPACITY, now
+                self.refusal = f"{self.target[0]}:{self.target[1]} not ready after {cfg.settle_s:g} s"
+                reasons.append(f"{self.refusal}: deciding again")
         if self.state is PolicyState.WAITING_CAPACITY and self.retry_at is not None and now < self.retry_at:
             return self._record(obs, Action.HOLD, self.target, None,
                                 [f"resources refused: {self.refusal}; retry at {self.retry_at:.1f}"])
@@ -176,7 +178,9 @@ class AutoscalePolicy:
             if self.state is PolicyState.SCALING:
                 reasons.append(f"waiting for {self.target[0]}:{self.target[1]} to be ready")
                 return self._record(obs, Action.HOLD, self.target, wanted, reasons)
-            if self.target != cur:  # a target given up (its resources never came): withdraw the workers still pending
+            if self.state is PolicyState.WAITING_CAPACITY and self.target != cur:
+                # a target given up (its resources never came): withdraw the workers still pending. (A
+                # worker that went silent or died is not this: it comes back, or is restarted.)
                 reasons.append(f"no longer waiting for {self.target[0]}:{self.target[1]}: back to {cur[0]}:{cur[1]}")
                 return self._change(obs, Action.SCALE_DOWN, cur, wanted, reasons)
             self.state = PolicyState.STEADY
@@ -225,10 +229,13 @@ class AutoscalePolicy:
         """A TTFT miss grows the pool whose extra worker the simulator says cuts TTFT most (a busy
         decode pool delays first tokens too: requests wait for a seat before their prefill); TPOT: decode."""
         grow = obs.choice.grow
-        if pool == 1 or not grow:
-            return pool
-        best = min(grow, key=lambda x: (x.ttft_ms, x.decode))
-        return 0 if best.prefill > obs.current[0] else 1
+        if pool == 1 or len(grow) < 2:
+            return pool if not grow else (0 if grow[0].prefill > obs.current[0] else 1)
+        a, b = sorted(grow, key=lambda x: x.ttft_ms)
+        if b.ttft_ms > 1.1 * a.ttft_ms:
+            return 0 if a.prefill > obs.current[0] else 1
+        # the simulator cannot tell them apart: the busier pool, by the workers' own step times
+        return 0 if obs.busy[0] > obs.busy[1] else 1
 
     def _pool_size(self, i: int, base: int, wanted: int, obs: Observation, reasons: list[str],
                    may_shrink: bool) -> int:
