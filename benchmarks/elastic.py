@@ -8,10 +8,11 @@ Each repeat on a 1 prefill + 1 decode server (one thread per worker):
      the new worker B is ready a request is sent, which the router puts on idle B; timed to its
      first token (checked: B's decode steps grew). Split into start-to-ready and ready-to-token.
   2. drain, idle: B drained with nothing on it.
-  3. drain, in flight, long deadline: a 64-token stream on a worker that is then drained; the
-     drain lasts until the stream ends there and the worker exits.
-  4. drain, deadline 0: the same stream moves at once to the other worker (re-placed with its
-     streamed tokens); timed to the worker's exit, and the largest gap between the stream's tokens.
+  3. drain, in flight, long deadline: two 256-token streams, one on each decode worker; one
+     worker is drained: the drain lasts until its stream ends there and the worker exits.
+  4. drain, deadline 0: the same, but the drained worker's stream moves at once to the other
+     worker (re-placed with its streamed tokens); timed to the worker's exit, and the largest gap
+     between tokens of either stream.
 """
 
 from __future__ import annotations
@@ -34,15 +35,13 @@ sys.path.insert(0, os.path.dirname(HERE))
 from benchmarks.stream_timing import token_stamps  # noqa: E402
 from splitserve.testing import ServerProcess  # noqa: E402
 
+IN_FLIGHT_TOKENS = 256
 PROMPT = "Write a long story about a lighthouse keeper and the ships that pass in the night."
 
 
 async def stream(http, base_url: str, max_tokens: int, stamps: list | None = None) -> int:
     body = {"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
-    got = await token_stamps(http, base_url, body)
-    if stamps is not None:
-        stamps.extend(got)
-    return len(got)
+    return len(await token_stamps(http, base_url, body, stamps))
 
 
 async def cluster(http, base_url: str) -> dict:
@@ -112,21 +111,27 @@ async def _gone(http, url, wid):
 
 
 async def drain_in_flight(http, url: str, deadline_s: float) -> tuple[float, float, float]:
-    """(drain seconds, seconds from the drain to the stream's end, the stream's largest token gap)."""
+    """(drain seconds, seconds from the drain to the last stream's end, the largest token gap).
+    Two streams, one per decode worker, so the drained worker surely holds one."""
     await http.post(url + "/cluster/scale", json={"decode": 2})
     await until(lambda: _all_ready(http, url))
-    stamps: list[float] = []
-    task = asyncio.create_task(stream(http, url, 64, stamps))
-    await until(lambda: _len_at_least(stamps, 8))
-    busy = [w for w in (await decoders(http, url)).values() if w["load"] and w["load"]["num_running"]]
-    while not busy:
-        await asyncio.sleep(0.02)
-        busy = [w for w in (await decoders(http, url)).values() if w["load"] and w["load"]["num_running"]]
+    stamps: list[list[float]] = [[], []]
+    tasks = [asyncio.create_task(stream(http, url, IN_FLIGHT_TOKENS, s)) for s in stamps]
+    await until(lambda: _len_at_least(min(stamps, key=len), 8))
+    await until(lambda: _both_running(http, url))
+    victim = sorted(await decoders(http, url))[0]
     t0 = time.perf_counter()
-    seconds = await drain(http, url, busy[0]["id"], deadline_s)
-    await task
-    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-    return seconds, stamps[-1] - t0, max(gaps)
+    if max(len(s) for s in stamps) >= IN_FLIGHT_TOKENS:
+        raise RuntimeError("a stream ended before the drain began: raise IN_FLIGHT_TOKENS")
+    seconds = await drain(http, url, victim, deadline_s)
+    await asyncio.gather(*tasks)
+    gaps = [b - a for s in stamps for a, b in zip(s, s[1:])]
+    return seconds, max(s[-1] for s in stamps) - t0, max(gaps)
+
+
+async def _both_running(http, url):
+    ws = (await decoders(http, url)).values()
+    return len(ws) == 2 and all(w["load"] and w["load"]["num_running"] for w in ws)
 
 
 async def _all_ready(http, url):
@@ -183,7 +188,7 @@ def main() -> int:
     for key, label in (("to_ready", "scale-up: request -> new worker ready"),
                        ("to_first_token", "scale-up: request -> first token from the new worker"),
                        ("drain_idle", "drain, idle worker -> gone"),
-                       ("drain_inflight", "drain, 64-token stream in flight, deadline 300 s -> gone"),
+                       ("drain_inflight", "drain, 256-token stream on it, deadline 300 s -> gone"),
                        ("drain_inflight_to_end", "  (drain -> that stream's last token)"),
                        ("drain_now", "drain, stream in flight, deadline 0 -> gone"),
                        ("drain_now_gap", "  (largest gap between the moved stream's tokens)")):

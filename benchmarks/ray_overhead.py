@@ -67,14 +67,17 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=4, help="requests per server per round")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--ray", default="auto")
+    ap.add_argument("--logs", default=None, metavar="DIR", help="keep the two servers' logs here")
     args = ap.parse_args()
     ray_tmp = tempfile.mkdtemp(prefix="ss-ray-", dir="/tmp")
     env = dict(os.environ, RAY_TMPDIR=ray_tmp)
     servers = {}
     try:
-        servers["local"] = ServerProcess("--model", args.model, *PAIR, startup_timeout=600).start()
+        logs = {n: os.path.join(args.logs, f"{n}.log") if args.logs else None for n in ("local", "ray")}
+        servers["local"] = ServerProcess("--model", args.model, *PAIR, startup_timeout=600,
+                                         log_path=logs["local"]).start()
         servers["ray"] = ServerProcess("--model", args.model, *PAIR, "--ray", args.ray, env=env,
-                                       startup_timeout=600).start()
+                                       startup_timeout=600, log_path=logs["ray"]).start()
         samples = asyncio.run(measure(servers, args.rounds, args.requests, args.max_tokens))
     finally:
         for s in servers.values():

@@ -59,7 +59,7 @@ class WorkerSupervision:
                           self._segment_owner(w.worker_id), tuple(sorted(self.eos_token_ids)), self.log_level)
         w.launch = self.launcher.start(spec, self.secret)
         w.last_seen = time.monotonic()
-        log.info("started %s (%s launcher, pid %s)", w.worker_id, self.launcher.kind, self.launcher.pid(w.launch))
+        log.info("spawned %s (%s launcher, pid %s)", w.worker_id, self.launcher.kind, self.launcher.pid(w.launch))
 
     def _launched_pid(self, w: WorkerHandle | None) -> int | None:
         return self.launcher.pid(w.launch) if w is not None and w.launch is not None else None
