@@ -129,3 +129,19 @@ def test_the_server_predicts_nothing_before_the_workers_measured_their_steps():
              "prefill": StepTimes(20, 0, 0.0, 0.0, 20, 0.05, 150.0, 0.2)}
     c = live.choose(load(3.0, steps), Bounds(1, 2, 1, 2), (1, 1))
     assert c.target is not None and live.runs > 0
+
+
+def test_seats_held_until_the_next_load_report_raise_the_predicted_ttft_of_a_seat_bound_pool():
+    """With 2 seats per decode worker and fast steps, the report lag is a large share of each
+    request's seat time: the predictor that models it predicts a longer TTFT, and wants more decode."""
+    sim = SimConfig(max_num_seqs=2, max_num_batched_tokens=256, max_model_len=1024, record_itl=False)
+    steps = {"decode": StepTimes(500, 500, 0.0015, 2.0, 0, 0.0, 0.0, 0.5, overhead_s=0.0005),
+             "prefill": StepTimes(100, 0, 0.0, 0.0, 100, 0.02, 150.0, 0.3)}
+    m = load(5.0, steps)
+    plain = Predictor(PredictorConfig(1000.0, 50.0, num_requests=48), sim, {"prefill": 1000, "decode": 1000}, SHAPE)
+    lagged = Predictor(replace(plain.cfg, report_interval_s=0.25), sim, plain.num_blocks, SHAPE)
+    a, b = plain.evaluate(1, 1, m), lagged.evaluate(1, 1, m)
+    assert b.ttft_ms > 1.5 * a.ttft_ms, (a, b)
+    assert b.tpot_ms == pytest.approx(a.tpot_ms, rel=0.3)  # per-token time is not what changes
+    bounds = Bounds(1, 2, 1, 3)
+    assert lagged.choose(m, bounds, (1, 1)).target[1] >= plain.choose(m, bounds, (1, 1)).target[1]

@@ -63,6 +63,9 @@ class PredictorConfig:
     num_requests: int = 64  # simulated requests per candidate (bounds each run)
     budget_s: float = 4.0  # wall time for one whole search
     shrink_headroom: float = 0.25  # a smaller size must meet the SLOs at this much more load
+    # The live gateway sees a decode seat free only at the worker's next load report (this often):
+    # each simulated request holds its seat half an interval longer, as extra decode steps. 0: off.
+    report_interval_s: float = 0.0
     seed: int = 0
     # False (the server): no prediction before the workers measured decode and prefill steps - the
     # calibration's absolute times are another model's on another day. True: they are the truth (tests).
@@ -154,6 +157,17 @@ def calibrated_costs(shape: Calibration | None, steps: dict[str, StepTimes], con
     return out
 
 
+MAX_LAG_TOKENS = 1024  # bounds a simulated request's extra steps whatever the step time
+
+
+def _report_lag_tokens(report_interval_s: float, decode: StepTimes | None) -> int:
+    """Decode steps in half a load-report interval, at the decode pool's measured cycle time."""
+    if report_interval_s <= 0 or decode is None or decode.decode_steps < MIN_STEPS:
+        return 0
+    cycle = decode.decode_step_s + decode.overhead_s
+    return min(MAX_LAG_TOKENS, round(0.5 * report_interval_s / cycle)) if cycle > 0 else 0
+
+
 def _measured(steps: dict[str, StepTimes]) -> bool:
     """Enough decode steps on the decode pool and prefill steps somewhere to rescale the cost model."""
     d = steps.get("decode")
@@ -195,10 +209,11 @@ class Predictor:
         The same uniform draws at every rate, so a higher rate is the same requests, closer together."""
         rng = random.Random(f"splitserve-autoscale:{self.cfg.seed}")
         t, specs = 0.0, []
+        held = _report_lag_tokens(self.cfg.report_interval_s, m.steps.get("decode"))
         for i in range(self.cfg.num_requests):
             t += -math.log(1.0 - rng.random()) / m.arrival_rate
             j = rng.randrange(len(m.prompt_lens))
-            prompt, out = max(m.prompt_lens[j], 1), max(m.output_lens[j], 1)
+            prompt, out = max(m.prompt_lens[j], 1), max(m.output_lens[j], 1) + held
             shared = min(int(m.prefix_hit_rate * prompt), prompt - 1)
             specs.append(RequestSpec(i, prompt, out, arrival_s=t, prefix_group=0 if shared else None,
                                      shared_prefix_len=shared))

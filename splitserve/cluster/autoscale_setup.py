@@ -105,7 +105,10 @@ def start_autoscaler(cluster, settings: AutoscaleSettings) -> "Autoscaler":
     if not decode.max_model_len:
         sim.max_model_len = cluster.max_model_len
     pc = settings.policy
-    predictor = Predictor.for_local_cpu(PredictorConfig(pc.slo_ttft_ms, pc.slo_tpot_ms), sim, blocks)
+    from splitserve.cluster.worker import STATS_INTERVAL_S
+
+    predictor = Predictor.for_local_cpu(PredictorConfig(pc.slo_ttft_ms, pc.slo_tpot_ms,
+                                                        report_interval_s=STATS_INTERVAL_S), sim, blocks)
     monitor = LoadMonitor(settings.window_s)
     pools = ClusterPools(cluster)
     scaler = Autoscaler(monitor, predictor, AutoscalePolicy(pc, target=pools.ready_sizes()), pools)
