@@ -13,6 +13,13 @@ import json
 import os
 
 PRESETS = {
+    # A few MB: steps cost little, so a load is bound by seats and queues, not by this machine's cores
+    # (benchmarks/autoscale_step.py).
+    "tiny": dict(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=512, max_position_embeddings=2048,
+        tie_word_embeddings=True, rope_theta=10000.0, rms_norm_eps=1e-5,
+    ),
     # ~852M parameters: 16 layers, hidden 2048, GQA 32/8, untied 32k vocab.
     "llama-0.85b": dict(
         hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,

@@ -10,6 +10,7 @@ import time
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from splitserve.cluster.autoscale_setup import add_autoscale_args
 from splitserve.config import EngineConfig
 
 if TYPE_CHECKING:
@@ -99,6 +100,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="Ray resources per decode worker (aggregated: per worker)")
     r.add_argument("--ray-placement", default=None, choices=["spread", "pack"],
                    help="each pool's workers in a Ray placement group: spread (one per node) or pack (fewest nodes)")
+    add_autoscale_args(ap)
     return ap.parse_args(argv)
 
 
@@ -157,6 +159,7 @@ async def start_cluster(args: argparse.Namespace, config: EngineConfig, started:
     `started["cluster"]` is set as soon as the cluster exists, so a stop mid-start can end it."""
     from splitserve.api.metrics import ServerMetrics
     from splitserve.api.server import ServerState, build_app
+    from splitserve.cluster.autoscale_setup import autoscale_from_args, start_autoscaler
     from splitserve.cluster.gateway import Cluster
     from splitserve.cluster.router import RouterConfig
     from splitserve.cluster.worker import SECRET_ENV
@@ -169,6 +172,7 @@ async def start_cluster(args: argparse.Namespace, config: EngineConfig, started:
         raise ValueError(f"--cluster-listen needs the cluster secret in {SECRET_ENV}")
     if args.decode_workers < 1:
         raise ValueError("at least one decode worker is needed")
+    autoscale = autoscale_from_args(args)
     path = resolve_model_path(config.model)
     pools = pools_from_args(args, config)
     admission = admission_from_args(args)
@@ -188,6 +192,8 @@ async def start_cluster(args: argparse.Namespace, config: EngineConfig, started:
                       secret=secret, admission=admission, launcher=launcher)
     started["cluster"] = cluster
     await cluster.start()
+    if autoscale is not None:
+        start_autoscaler(cluster, autoscale)
     name = args.served_model_name or served_model_name(config.model)
     aliases = frozenset({name, config.model, served_model_name(config.model)})
     seats = config.max_num_seqs + config.max_waiting

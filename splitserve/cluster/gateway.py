@@ -137,6 +137,8 @@ class Cluster(WorkerSupervision, ElasticPools):
         self.num_restarts = 0
         self.phase = {"prefill_s": 0.0, "prefill_n": 0, "decode_s": 0.0, "decode_n": 0}
         self._tasks: list[asyncio.Task] = []
+        self.monitor = None  # a LoadMonitor while the autoscaler runs (cluster/autoscale_setup.py)
+        self.autoscaler = None
         self._closing = False
         self._changed = asyncio.Event()
         self.startup_error: str | None = None
@@ -176,6 +178,10 @@ class Cluster(WorkerSupervision, ElasticPools):
         if failed:
             raise RuntimeError(self.startup_error or f"workers failed to start: {', '.join(failed)}")
         self._started = True
+
+    def add_background(self, coro) -> None:
+        """A task that lives as long as the cluster (cancelled by shutdown)."""
+        self._tasks.append(asyncio.create_task(coro))
 
     @property
     def healthy(self) -> bool:
@@ -387,6 +393,7 @@ class Cluster(WorkerSupervision, ElasticPools):
         orch = RequestOrchestration(request_id)
         done = False
         self.current[request_id] = ""
+        timer = self.monitor.start(len(prompt_token_ids), params.max_tokens) if self.monitor is not None else None
         try:
             while not done:
                 try:
@@ -402,6 +409,8 @@ class Cluster(WorkerSupervision, ElasticPools):
                             continue  # a late message from an abandoned attempt
                         if item.token is not None:
                             emitted.append(item.token)
+                            if timer is not None:
+                                timer.on_token(item.num_cached_tokens)
                             if attempt.t_first is None:
                                 attempt.t_first = time.perf_counter()
                                 self.phase["prefill_s"] += attempt.t_first - attempt.t_dispatch
@@ -434,6 +443,8 @@ class Cluster(WorkerSupervision, ElasticPools):
                     queue = asyncio.Queue()
         finally:
             self.current.pop(request_id, None)
+            if timer is not None:
+                self.monitor.finish(timer)
             if attempt is not None:
                 await self._abort_attempt(attempt)
 
@@ -483,4 +494,5 @@ class Cluster(WorkerSupervision, ElasticPools):
                 "gateway_inflight": self.num_inflight,
                 "gateway_queue": self.queue.info(), "requests_replaced": self.num_replaced,
                 "requests_replaced_by_reason": dict(self.replaced_by_reason),
-                "shm_segments": len(shm.list_segments(self.cluster_id, arenas=False)), "workers": workers}
+                "shm_segments": len(shm.list_segments(self.cluster_id, arenas=False)), "workers": workers,
+                **({"autoscale": self.autoscaler.info()} if self.autoscaler is not None else {})}

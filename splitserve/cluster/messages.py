@@ -228,6 +228,10 @@ class Stats(Msg):
     step_seconds: float = 0.0  # wall time inside engine steps, summed (busy time)
     decode_steps: int = 0  # steps whose every chunk is one token
     decode_step_seconds: float = 0.0
+    step_tokens: int = 0  # tokens computed in all steps (with step_seconds: the cost per token)
+    decode_step_tokens: int = 0  # of them in decode-only steps (/ decode_steps: the mean decode batch)
+    loop_overhead_seconds: float = 0.0  # worker loop time around steps taken back to back (outside step_seconds)
+    loop_overhead_steps: int = 0
 
 
 ToWorker = (AddRequest | PrefillRequest | ReserveKV | AbortRequests | Shutdown | KVChunk | PrefillDone | KVRelease

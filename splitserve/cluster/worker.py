@@ -95,6 +95,10 @@ class Worker:
             engine.kv_sender.ensure_arena()  # fault its pages in now, not during the first request
         engine.scheduler.block_manager.events = []
         self.running = True
+        # Loop iterations that stepped with no idle wait: their time outside the step (polling,
+        # sending outputs, stats), so the autoscaler's simulator can charge a step its whole cycle.
+        self.loop_overhead_s = 0.0
+        self.loop_overhead_steps = 0
         self._last_stats = 0.0
         self.dropped_frames = 0
         self._warn_dropped = ThrottledWarning(log)
@@ -129,6 +133,8 @@ class Worker:
 
         engine = self.engine
         while self.running:
+            t_iter = time.perf_counter()
+            stepped_s = -1.0
             if self.deferred:
                 deferred, self.deferred = self.deferred, []
                 for frames in deferred:
@@ -156,13 +162,18 @@ class Worker:
             engine.kv_sender.poll()
             self._report_failures(engine.poll_transfers())
             if engine.has_work():
+                before = engine.step_seconds
                 outs = engine.step()
+                stepped_s = engine.step_seconds - before
                 if outs:
                     self.to_gateway(m.Outputs(self.worker_id, [self._token_out(o) for o in outs]))
             for rid, message, queue_full in engine.grammars.take_failures():  # compile failed, or no room after it
                 reason = m.FailureReason.QUEUE_FULL if queue_full else m.FailureReason.INVALID
                 self.to_gateway(m.RequestError(rid, message, self.worker_id, reason))
             self._maybe_send_stats()
+            if busy and stepped_s >= 0:
+                self.loop_overhead_s += time.perf_counter() - t_iter - stepped_s
+                self.loop_overhead_steps += 1
             if not busy and self.parent_pid is not None and os.getppid() != self.parent_pid:
                 log.warning("parent gone; exiting")
                 break
@@ -292,7 +303,8 @@ class Worker:
             s.num_preemptions, e.num_steps, tx.bytes_sent, rx.bytes_received, rx.transfer_seconds, rx.num_done,
             rx.num_failed, rx.num_active + tx.num_pending, events,
             tx.bytes_direct + (rx.data.bytes_direct if rx.data else 0), e.step_seconds,
-            e.decode_steps, e.decode_step_seconds,
+            e.decode_steps, e.decode_step_seconds, e.step_tokens, e.decode_step_tokens,
+            self.loop_overhead_s, self.loop_overhead_steps,
         )
 
     def close(self) -> None:

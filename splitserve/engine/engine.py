@@ -117,6 +117,8 @@ class LLMEngine:
         self.step_seconds = 0.0  # wall time inside step(), summed
         self.decode_steps = 0  # steps whose every chunk is one token, and their share of step_seconds
         self.decode_step_seconds = 0.0
+        self.step_tokens = 0  # tokens computed, summed over steps (the autoscaler's cost model: time per token)
+        self.decode_step_tokens = 0  # of them in decode-only steps (= sequences: the mean decode batch)
         self.load_seconds = time.perf_counter() - t0
         log.info("engine ready in %.2fs: %s, %s on %s, %d KV blocks of %d tokens, max_model_len=%d",
                  self.load_seconds, self.arch.family, self.dtype, self.device, num_blocks, config.block_size, max_len)
@@ -293,9 +295,11 @@ class LLMEngine:
             ))
         dt = time.perf_counter() - t0
         self.step_seconds += dt  # busy time: what a simulated step models
+        self.step_tokens += plan.num_tokens
         if plan.num_tokens == len(plan.items):  # every chunk one token: decode only
             self.decode_steps += 1
             self.decode_step_seconds += dt
+            self.decode_step_tokens += plan.num_tokens
         return outputs
 
     def has_work(self) -> bool:
