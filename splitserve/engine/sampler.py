@@ -9,6 +9,7 @@ a seeded torch.Generator filling 49k exponentials cost ~1.3 ms per row per step 
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
 
@@ -20,7 +21,8 @@ _MASK = float("-inf")
 
 
 class _Scratch(threading.local):
-    """Per-thread buffers for the sampler's batch-sized intermediates, reused across steps.
+    """Per-thread buffers for the sampler's batch-sized intermediates, reused across steps (they
+    only grow: the largest batch x vocabulary seen, a few per engine thread).
 
     A fresh 32 x 49k float tensor is 6 MB that glibc maps and the kernel zero-fills page by page
     on every step; on a loaded 2-core VM the sampler's four such allocations cost several ms a
@@ -29,21 +31,14 @@ class _Scratch(threading.local):
     def __init__(self) -> None:
         self.buffers: dict[str, torch.Tensor] = {}
 
-    def get(self, name: str, like: torch.Tensor, shape: tuple[int, ...] | None = None,
-            dtype: torch.dtype | None = None) -> torch.Tensor:
+    def get(self, name: str, like: torch.Tensor, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """A `shape` (default: like's) tensor of like's dtype and device, contents undefined."""
         shape = tuple(like.shape) if shape is None else shape
-        dtype = like.dtype if dtype is None else dtype
+        n = math.prod(shape)
         buf = self.buffers.get(name)
-        if buf is None or buf.dtype != dtype or buf.device != like.device or buf.numel() < _numel(shape):
-            buf = self.buffers[name] = torch.empty(_numel(shape), dtype=dtype, device=like.device)
-        return buf[: _numel(shape)].view(shape)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+        if buf is None or buf.dtype != like.dtype or buf.device != like.device or buf.numel() < n:
+            buf = self.buffers[name] = torch.empty(n, dtype=like.dtype, device=like.device)
+        return buf[:n].view(shape)
 
 
 _scratch = _Scratch()
