@@ -106,3 +106,16 @@ def test_in_place_softmax_and_buffered_cumsum_are_bit_identical():
         assert torch.equal(ref.view(torch.int32), inplace.view(torch.int32))
         cdf = torch.cumsum(ref, dim=-1, out=sampler._scratch.get("cdf", ref))
         assert torch.equal(torch.cumsum(ref, dim=-1).view(torch.int32), cdf.view(torch.int32))
+
+
+def test_buffers_made_in_inference_mode_serve_outside_it():
+    """The engine samples under torch.inference_mode; a buffer it made there must stay usable by a
+    caller outside it (an inference tensor could not be written in place there)."""
+    reqs = [Request(f"i{i}", [1], SamplingParams(temperature=1.0), seed=i) for i in range(3)]
+    logits = torch.randn(3, 4099)
+    bitmask = torch.full((3, (4099 + 31) // 32), -1, dtype=torch.int32)
+    sampler._scratch.buffers.clear()
+    with torch.inference_mode():
+        inside, _ = sample(logits.clone(), reqs, ([0, 1, 2], bitmask))
+    outside, _ = sample(logits.clone(), reqs, ([0, 1, 2], bitmask))
+    assert inside == outside == reference_sample(logits, reqs)

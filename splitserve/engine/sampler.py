@@ -37,7 +37,8 @@ class _Scratch(threading.local):
         n = math.prod(shape)
         buf = self.buffers.get(name)
         if buf is None or buf.dtype != like.dtype or buf.device != like.device or buf.numel() < n:
-            buf = self.buffers[name] = torch.empty(n, dtype=like.dtype, device=like.device)
+            with torch.inference_mode(False):  # a normal tensor: writable in and out of inference mode
+                buf = self.buffers[name] = torch.empty(n, dtype=like.dtype, device=like.device)
         return buf[:n].view(shape)
 
 
@@ -111,8 +112,9 @@ def _bound_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """[256, 8]: entry (b, j) is +inf when bit j of byte b is set (token allowed), else -inf."""
     table = _BOUND_TABLES.get((dtype, device))
     if table is None:
-        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
-        table = torch.where(bits.bool(), float("inf"), _MASK).to(dtype=dtype, device=device)
+        with torch.inference_mode(False):
+            bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
+            table = torch.where(bits.bool(), float("inf"), _MASK).to(dtype=dtype, device=device)
         _BOUND_TABLES[(dtype, device)] = table
     return table
 
