@@ -70,7 +70,6 @@ class GrammarGate:
     # Compute each step's mask on the mask thread during the forward pass. Off: on the engine's
     # thread before sampling (the general path the overlapped one is tested against).
     overlap = True
-    mask_threads: int | None = None  # llguidance's executor threads (None: its default)
 
     def __init__(self, tokenizer_path: str, vocab_size: int, eos_token_ids: frozenset[int],
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -160,8 +159,8 @@ class GrammarGate:
             states.append(state)
             new_tokens.append(state.unseen(req.token_ids, req.num_prompt_tokens))
         if self.overlap:
-            return StepMask(rows, future=self.backend.submit_mask(states, new_tokens, self.mask_threads))
-        return StepMask(rows, bitmask=self.backend.advance_and_fill(states, new_tokens, self.mask_threads))
+            return StepMask(rows, future=self.backend.submit_mask(states, new_tokens))
+        return StepMask(rows, bitmask=self.backend.advance_and_fill(states, new_tokens))
 
     def check_integrity(self, scheduled: list[Request]) -> None:
         """No request that can be scheduled has a grammar still compiling (it would be parked)."""

@@ -103,7 +103,7 @@ class GrammarBackend:
         self._mask_pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
         self._lltokenizer = None
         self._tokenizer_lock = threading.Lock()
-        self._executors: dict[int | None, object] = {}  # llguidance's parallel mask executors, by thread count
+        self._executor = None  # llguidance's parallel mask executor (its default threads: 80% of the cores)
         words = (vocab_size + 31) // 32
         self._eos_only = np.zeros(words, dtype=np.int32)  # what a finished or broken matcher allows
         for t in self.eos_token_ids:
@@ -168,22 +168,19 @@ class GrammarBackend:
             return self._lltokenizer
 
     # ---- masking -----------------------------------------------------------------------------
-    def advance_and_fill(self, states: list[RequestGrammar], new_tokens: list[list[int]],
-                         threads: int | None = None) -> torch.Tensor:
+    def advance_and_fill(self, states: list[RequestGrammar], new_tokens: list[list[int]]) -> torch.Tensor:
         """Feed each matcher its unseen tokens, then compute the batch's bitmask (see fill_bitmask)."""
         for state, new in zip(states, new_tokens):
             if state.matcher is not None:
                 state.consume(new)
-        return self.fill_bitmask(states, threads)
+        return self.fill_bitmask(states)
 
-    def submit_mask(self, states: list[RequestGrammar], new_tokens: list[list[int]],
-                    threads: int | None = None) -> Future:
+    def submit_mask(self, states: list[RequestGrammar], new_tokens: list[list[int]]) -> Future:
         """advance_and_fill on the mask thread; the matchers are its own until the future is done."""
-        return self._mask_pool.submit(self.advance_and_fill, states, new_tokens, threads)
+        return self._mask_pool.submit(self.advance_and_fill, states, new_tokens)
 
-    def fill_bitmask(self, states: list[RequestGrammar], threads: int | None = None) -> torch.Tensor:
-        """One int32 bitmask row per state (bit t of row r: token t allowed), computed in one call
-        by llguidance's executor with `threads` threads (None: its default, 80% of the cores)."""
+    def fill_bitmask(self, states: list[RequestGrammar]) -> torch.Tensor:
+        """One int32 bitmask row per state (bit t of row r: token t allowed), computed in one call."""
         import llguidance
 
         words = (self.vocab_size + 31) // 32
@@ -195,10 +192,9 @@ class GrammarBackend:
             else:
                 live.append((s.matcher, i))
         if live:
-            executor = self._executors.get(threads)
-            if executor is None:
-                executor = self._executors[threads] = llguidance.LLExecutor(threads)
-            executor.unsafe_compute_mask_ptr(live, bitmask.data_ptr(), words * 4, len(states))
+            if self._executor is None:
+                self._executor = llguidance.LLExecutor()
+            self._executor.unsafe_compute_mask_ptr(live, bitmask.data_ptr(), words * 4, len(states))
         return bitmask
 
     def close(self) -> None:

@@ -94,8 +94,8 @@ def _run_recording(engine, workload, overlap: bool, monkeypatch) -> tuple[list, 
     masks = []
     real = type(backend).advance_and_fill
 
-    def recording(self, states, new_tokens, threads=None):
-        bitmask = real(self, states, new_tokens, threads)
+    def recording(self, states, new_tokens):
+        bitmask = real(self, states, new_tokens)
         masks.append(bitmask.clone())
         return bitmask
 
