@@ -121,3 +121,22 @@ def test_compile_past_the_deadline_fails_the_request_and_frees_its_blocks(prompt
     finally:
         release.set()
     pair.assert_clean()
+
+
+def test_abort_while_parked_frees_the_blocks(prompts, monkeypatch):
+    json_prompt, _ = prompts
+    params = SamplingParams(max_tokens=24, temperature=1.0, grammar=json_schema_spec(SCHEMA, "s"))
+    pair = Pair("demo", d_kw=dict(max_model_len=512))
+    release = _blocked_compile(monkeypatch, pair.D)
+    try:
+        free_before = pair.D.scheduler.block_manager.num_free_blocks
+        _prefill_and_land(pair, "json", json_prompt, params)
+        _step_d(pair, {})
+        assert "json" in pair.D.grammars.waiting
+        assert pair.D.abort_request("json")
+        assert not pair.D.grammars.waiting and not pair.D.scheduler.requests
+        assert pair.D.scheduler.block_manager.num_free_blocks == free_before
+        assert pair.D.is_idle() and not pair.D.grammars.take_failures()
+    finally:
+        release.set()
+    pair.assert_clean()
