@@ -28,7 +28,7 @@ from splitserve.structured.matcher import GrammarBackend, GrammarStatus
 
 log = logging.getLogger(__name__)
 
-# A grammar still compiling this long after its request arrived fails the request (llguidance
+# A grammar still compiling this long after its request was parked fails the request (llguidance
 # compiles real-world schemas in ~1 ms; this is a runaway grammar, not a slow one).
 MAX_COMPILE_S = 30.0
 
