@@ -3,13 +3,19 @@ batch 1 and 32 (interleaved rounds), and grammar compile time for ten real-world
 and cached.
 
     python benchmarks/structured_speed.py [--rounds 3] [--tokens 48] [--threads 2] [--batches 1,32]
+                                          [--dtype float32]
 
 TPOT: the mean wall time of decode-only engine steps while all B requests run (the engine in
-this process, float32, seeded sampling at temperature 1, ignore_eos so every row lives for all
-steps). The constrained schema requires a long array of records (minItems 50), so no row's
-grammar can complete inside the measured steps: every step pays for a live mask on every row.
-Each round runs unconstrained then constrained, seconds apart. Also printed: the share of a
-constrained step spent computing the batch bitmask (llguidance) and applying it (the sampler).
+this process, seeded sampling at temperature 1, ignore_eos so every row lives for all steps).
+The constrained schema requires a long array of records (minItems 50), so no row's grammar can
+complete inside the measured steps: every step pays for a live mask on every row. Three variants
+per round, in an order that alternates between rounds: unconstrained; the schema with each
+step's mask computed on the mask thread during the forward pass (the engine's default); the
+schema with the mask computed on the engine's thread before sampling (`GrammarGate.overlap`
+off, the general path). Printed per variant: the median over rounds of each round's mean TPOT,
+and the 20th percentile of all its steps (on a shared machine a step only gets slower from other
+load, so a low percentile is the better estimate of the uncontended cost); and, timed inside
+the steps, the engine thread's time to start the mask, to wait for it, and to apply it.
 Compile: a fresh backend per schema (cold: build the matcher and compute its first mask) and a
 cache hit (copy the cached matcher and compute its first mask); the tokenizer's one-time
 conversion for llguidance is printed apart.
@@ -32,7 +38,12 @@ LONG_SCHEMA = {"type": "object", "properties": {"records": {"type": "array", "mi
     "required": ["id", "name", "tags"], "additionalProperties": False}}}, "required": ["records"]}
 
 
-def decode_tpot(engine, prompt, batch: int, tokens: int, grammar, timers) -> float:
+VARIANTS = ("unconstrained", "schema, overlapped mask", "schema, mask before sampling")
+TIMERS = ("start", "wait", "apply")
+
+
+def decode_steps(engine, prompt, batch: int, tokens: int, grammar) -> list[float]:
+    """Wall times of the decode-only steps while all `batch` requests run (the first dropped)."""
     from splitserve.engine.sampling_params import SamplingParams
 
     for i in range(batch):
@@ -48,29 +59,67 @@ def decode_tpot(engine, prompt, batch: int, tokens: int, grammar, timers) -> flo
         if engine.decode_steps > before and running == batch:
             times.append(dt)
     assert engine.is_idle()
-    return statistics.mean(times[1:]) if len(times) > 1 else float("nan")
+    return times[1:]
 
 
 def instrument(engine, timers: dict) -> None:
-    """Time the bitmask computation and its application inside the real step."""
+    """Time, on the engine's thread inside the real steps: starting the mask (reading new tokens,
+    or the whole mask when it is not overlapped), waiting for it, applying it."""
     import splitserve.engine.sampler as sampler
+    from splitserve.structured.gate import StepMask
 
     gate = engine.grammars
-    real_constrain, real_apply = gate.constrain, sampler.apply_token_bitmask
+    real_constrain, real_apply, real_result = gate.constrain, sampler.apply_token_bitmask, StepMask.result
 
-    def constrain(reqs):
-        t0 = time.perf_counter()
-        out = real_constrain(reqs)
-        timers["mask"] += time.perf_counter() - t0
-        return out
+    def timed(key, fn):
+        def run(*args):
+            t0 = time.perf_counter()
+            out = fn(*args)
+            timers[key] += time.perf_counter() - t0
+            return out
+        return run
 
-    def apply(*args):
-        t0 = time.perf_counter()
-        real_apply(*args)
-        timers["apply"] += time.perf_counter() - t0
+    gate.constrain = timed("start", real_constrain)
+    sampler.apply_token_bitmask = timed("apply", real_apply)
+    StepMask.result = timed("wait", real_result)
 
-    gate.constrain = constrain
-    sampler.apply_token_bitmask = apply
+
+def measure_batch(engine, prompt, spec, batch: int, args, timers: dict) -> dict:
+    """{variant: {"rounds": [mean TPOT], "steps": [step times], "timers": {key: [share per round]}}}."""
+    out = {v: {"rounds": [], "steps": [], "timers": {k: [] for k in TIMERS}} for v in VARIANTS}
+    for r in range(args.rounds):
+        for variant in (VARIANTS if r % 2 == 0 else VARIANTS[::-1]):
+            engine.grammars.overlap = variant == VARIANTS[1]
+            timers.update(dict.fromkeys(TIMERS, 0.0))
+            busy = engine.decode_step_seconds
+            steps = decode_steps(engine, prompt, batch, args.tokens, None if variant == VARIANTS[0] else spec)
+            busy = engine.decode_step_seconds - busy
+            cell = out[variant]
+            cell["rounds"].append(statistics.mean(steps))
+            cell["steps"] += steps
+            for k in TIMERS:
+                cell["timers"][k].append(timers[k] / busy)
+    engine.grammars.overlap = True
+    return out
+
+
+def p20(values: list[float]) -> float:
+    return sorted(values)[len(values) // 5]
+
+
+def report_batch(batch: int, out: dict) -> None:
+    base = out[VARIANTS[0]]
+    f_med, f_p20 = statistics.median(base["rounds"]), p20(base["steps"])
+    for variant in VARIANTS:
+        cell = out[variant]
+        med, low = statistics.median(cell["rounds"]), p20(cell["steps"])
+        line = f"batch {batch:>3} {variant:<30} TPOT median {med * 1e3:7.2f} ms, p20 {low * 1e3:7.2f} ms"
+        if variant != VARIANTS[0]:
+            per_round = ", ".join(f"{100 * (c / f - 1):+.1f}" for f, c in zip(base["rounds"], cell["rounds"]))
+            shares = ", ".join(f"{k} {100 * statistics.median(cell['timers'][k]):.1f}%" for k in TIMERS)
+            line += (f"; overhead median {100 * (med / f_med - 1):+5.1f}% (rounds: {per_round}), "
+                     f"p20 {100 * (low / f_p20 - 1):+5.1f}%; engine thread: {shares}")
+        print(line, flush=True)
 
 
 def compile_times(engine) -> None:
@@ -113,7 +162,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--no-compile", action="store_true", help="skip the compile-time table")
     args = ap.parse_args()
 
     from splitserve.config import EngineConfig
@@ -121,31 +172,22 @@ def main() -> None:
     from splitserve.models.tokenizer import load_tokenizer
     from splitserve.structured.grammar import json_schema_spec
 
-    engine = LLMEngine(EngineConfig(model="demo", dtype="float32", threads=args.threads, device=args.device,
+    engine = LLMEngine(EngineConfig(model="demo", dtype=args.dtype, threads=args.threads, device=args.device,
                                     max_model_len=1024, max_num_seqs=64, num_kv_blocks=512))
     tok = load_tokenizer(engine.model_path)
     prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "List fifty records as JSON."}]),
                         add_special_tokens=False)
     spec = json_schema_spec(LONG_SCHEMA, "schema")
-    timers = {"mask": 0.0, "apply": 0.0}
+    timers = dict.fromkeys(TIMERS, 0.0)
     instrument(engine, timers)
-    decode_tpot(engine, prompt, 2, 4, spec, timers)  # warm-up: compile, caches, threads
-    print(f"demo model, float32, {args.threads} threads, {args.tokens} tokens per request, device {args.device}")
+    decode_steps(engine, prompt, 2, 4, spec)  # warm-up: compile, caches, threads
+    print(f"# structured_speed {time.strftime('%Y-%m-%d %H:%M')} UTC: demo model, {args.dtype}, {args.threads} "
+          f"threads, {os.cpu_count()} cores, {args.tokens} tokens per request, {args.rounds} rounds, "
+          f"device {args.device}", flush=True)
     for batch in (int(b) for b in args.batches.split(",")):
-        free, constrained, mask_share, apply_share = [], [], [], []
-        for _ in range(args.rounds):
-            free.append(decode_tpot(engine, prompt, batch, args.tokens, None, timers))
-            timers.update(mask=0.0, apply=0.0)
-            t_before = engine.decode_step_seconds
-            constrained.append(decode_tpot(engine, prompt, batch, args.tokens, spec, timers))
-            busy = engine.decode_step_seconds - t_before
-            mask_share.append(timers["mask"] / busy)
-            apply_share.append(timers["apply"] / busy)
-        f, c = statistics.median(free), statistics.median(constrained)
-        print(f"batch {batch:>3}: TPOT unconstrained {f * 1e3:7.2f} ms, JSON schema {c * 1e3:7.2f} ms, "
-              f"overhead {100 * (c / f - 1):+5.1f}% (rounds: {', '.join(f'{100 * (b / a - 1):+.1f}%' for a, b in zip(free, constrained))}); "
-              f"mask {100 * statistics.median(mask_share):.1f}% + apply {100 * statistics.median(apply_share):.1f}% of constrained decode time")
-    compile_times(engine)
+        report_batch(batch, measure_batch(engine, prompt, spec, batch, args, timers))
+    if not args.no_compile:
+        compile_times(engine)
     engine.close()
 
 

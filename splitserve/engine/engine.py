@@ -24,7 +24,7 @@ from splitserve.kv.handoff import apply_scheduler_actions
 from splitserve.models.llama import LlamaModel
 from splitserve.models.loader import iter_weights, load_arch_config
 from splitserve.models.registry import resolve_model_path
-from splitserve.structured.gate import GrammarGate
+from splitserve.structured.gate import DecodeAdmission, GrammarGate
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,9 @@ class LLMEngine:
                                   kv_storage=self.kv_segment.buf if self.kv_segment else None)
         self.eos_token_ids = frozenset(self.arch.eos_token_ids) | tokenizer_eos
         self._init_kv(kv)
-        self.grammars = GrammarGate(self.model_path, self.arch.vocab_size, self.eos_token_ids)
+        self.grammars = GrammarGate(self.model_path, self.arch.vocab_size, self.eos_token_ids, clock=self.clock)
+        # a decode worker's request whose KV lands before its grammar compiled waits in the gate
+        self._handoff_scheduler = DecodeAdmission(self.scheduler, self.grammars)
         self._prompt_logprobs: dict[str, dict[int, TokenLogprobs]] = {}  # until the first token
         self._rng = random.Random(config.seed)
         self.num_steps = 0
@@ -238,7 +240,7 @@ class LLMEngine:
         return failed
 
     def _run_handoff(self, actions) -> list[tuple[str, FailureReason]]:
-        rest = apply_scheduler_actions(self.scheduler, self.handoff, actions, self.clock())
+        rest = apply_scheduler_actions(self._handoff_scheduler, self.handoff, actions, self.clock())
         return self.kv_receiver.execute(rest) if rest else []
 
     def abort_request(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> bool:
@@ -341,3 +343,5 @@ class LLMEngine:
 
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()
+        s = self.scheduler
+        self.grammars.check_integrity([*s.running, *s.waiting, *s.kv_ready])

@@ -159,17 +159,24 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, plan: StepPlan, block_tables: dict[str, list[int]], layer_hook=None,
                 constrain=None) -> StepResult:
-        """`constrain(requests)`: the grammar rows and their token bitmask for this step's samples, or None."""
+        """`constrain(requests)`: starts this step's grammar mask for the requests that sample (a
+        StepMask, or None); it is computed while the forward pass runs and taken before sampling."""
         if plan.is_empty:
             return StepResult({}, {})
         input_ids, positions, meta, sample_rows, sample_reqs = self.prepare(plan, block_tables)
-        hidden = self.model.forward(input_ids, positions, meta, self.kv_caches, layer_hook)
-        prompt_lps = self._prompt_logprobs(plan, hidden)
-        if not sample_rows:
-            return StepResult({}, {}, prompt_lps)
-        rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
-        logits = self.model.compute_logits(hidden.index_select(0, rows))
-        tokens, logprobs = sample(logits, sample_reqs, constrain(sample_reqs) if constrain is not None else None)
+        mask = constrain(sample_reqs) if constrain is not None and sample_reqs else None
+        try:
+            hidden = self.model.forward(input_ids, positions, meta, self.kv_caches, layer_hook)
+            prompt_lps = self._prompt_logprobs(plan, hidden)
+            if not sample_rows:
+                return StepResult({}, {}, prompt_lps)
+            rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
+            logits = self.model.compute_logits(hidden.index_select(0, rows))
+        except BaseException:
+            if mask is not None:
+                mask.settle()  # the matchers are the mask thread's until it is done
+            raise
+        tokens, logprobs = sample(logits, sample_reqs, mask.result() if mask is not None else None)
         sampled = {r.request_id: t for r, t in zip(sample_reqs, tokens)}
         lps = {r.request_id: lp for r, lp in zip(sample_reqs, logprobs) if lp is not None}
         return StepResult(sampled, lps, prompt_lps)

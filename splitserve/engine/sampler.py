@@ -9,14 +9,40 @@ a seeded torch.Generator filling 49k exponentials cost ~1.3 ms per row per step 
 
 from __future__ import annotations
 
+import math
+import threading
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from splitserve.engine.request import Request
 
 _MASK = float("-inf")
+
+
+class _Scratch(threading.local):
+    """Per-thread buffers for the sampler's batch-sized intermediates, reused across steps (they
+    only grow: the largest batch x vocabulary seen, a few per engine thread).
+
+    A fresh 32 x 49k float tensor is 6 MB that glibc maps and the kernel zero-fills page by page
+    on every step; on a loaded 2-core VM the sampler's four such allocations cost several ms a
+    step, more than the arithmetic. Written with out= the same kernels give the same values."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, like: torch.Tensor, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """A `shape` (default: like's) tensor of like's dtype and device, contents undefined."""
+        shape = tuple(like.shape) if shape is None else shape
+        n = math.prod(shape)
+        buf = self.buffers.get(name)
+        if buf is None or buf.dtype != like.dtype or buf.device != like.device or buf.numel() < n:
+            with torch.inference_mode(False):  # a normal tensor: writable in and out of inference mode
+                buf = self.buffers[name] = torch.empty(n, dtype=like.dtype, device=like.device)
+        return buf[:n].view(shape)
+
+
+_scratch = _Scratch()
 
 
 @dataclass(slots=True)
@@ -57,15 +83,40 @@ def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> None:
 
 def apply_token_bitmask(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> None:
     """Grammar constraints for the whole batch in one call: bit t of bitmask[i] set means token t
-    is allowed in row rows[i]; every other token's logit becomes -inf (in place)."""
-    vocab = logits.shape[1]
-    allowed = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little", count=vocab)
-    banned = torch.from_numpy(allowed).view(torch.bool).logical_not_().to(logits.device)
-    if len(rows) == logits.shape[0]:
-        logits.masked_fill_(banned, _MASK)
+    is allowed in row rows[i]; every other token's logit becomes -inf (in place).
+
+    Each mask byte (8 tokens) picks a row of 8 bounds from a 256-entry table: +inf where the bit
+    is set, -inf where not; an elementwise minimum with those bounds leaves an allowed logit as it
+    is (signed zeros included) and makes a banned one -inf. One gather and one minimum over the
+    batch cost ~6x less than unpacking bits into a bool mask and masked_fill (32 x 49k on a CPU:
+    0.5 ms against 3.2 ms). A NaN logit stays NaN (its row is meaningless either way)."""
+    num_rows, vocab = logits.shape
+    nbytes = -(-vocab // 8)
+    table = _bound_table(logits.dtype, logits.device)
+    # int32 words -> little-endian bytes: byte k holds tokens 8k..8k+7, bit j token 8k+j
+    mask_bytes = bitmask.view(torch.uint8)[:, :nbytes].to(logits.device)
+    flat = _scratch.get("bounds", logits, (len(rows) * nbytes, 8))
+    bounds = torch.index_select(table, 0, mask_bytes.reshape(-1).to(torch.int32), out=flat)
+    bounds = bounds.view(len(rows), nbytes * 8)[:, :vocab]
+    if len(rows) == num_rows:
+        torch.minimum(logits, bounds, out=logits)
     else:
         index = torch.tensor(rows, dtype=torch.long, device=logits.device)
-        logits[index] = logits[index].masked_fill_(banned, _MASK)
+        logits.index_copy_(0, index, torch.minimum(logits.index_select(0, index), bounds))
+
+
+_BOUND_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _bound_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[256, 8]: entry (b, j) is +inf when bit j of byte b is set (token allowed), else -inf."""
+    table = _BOUND_TABLES.get((dtype, device))
+    if table is None:
+        with torch.inference_mode(False):
+            bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
+            table = torch.where(bits.bool(), float("inf"), _MASK).to(dtype=dtype, device=device)
+        _BOUND_TABLES[(dtype, device)] = table
+    return table
 
 
 def sample(logits: torch.Tensor, requests: list[Request],
@@ -82,14 +133,22 @@ def sample(logits: torch.Tensor, requests: list[Request],
         apply_token_bitmask(logits, *token_bitmask)
 
     random_rows = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
-    if len(random_rows) < len(requests):
-        tokens = torch.argmax(logits, dim=-1)
-    else:  # every row samples: the argmax over the vocabulary would be thrown away
-        tokens = torch.empty(len(requests), dtype=torch.long, device=logits.device)
+    # every row samples: no argmax (it would be thrown away) and no row gather (the temperature
+    # writes the sampler's own copy)
+    every = bool(random_rows) and len(random_rows) == len(requests)
     if random_rows:
-        sub = _process_for_sampling(logits[random_rows], [requests[i].sampling_params for i in random_rows])
-        tokens[random_rows] = _inverse_cdf_draw(torch.softmax(sub.float(), dim=-1), [
+        sub = _process_for_sampling(logits if every else logits[random_rows],
+                                    [requests[i].sampling_params for i in random_rows])
+        probs = sub.float()  # the sampler's own tensor (scratch or new): softmax in place
+        torch.softmax(probs, dim=-1, out=probs)
+        drawn = _inverse_cdf_draw(probs, [
             _step_uniform(requests[i].seed, requests[i].num_output_tokens) for i in random_rows])
+    if every:
+        tokens = drawn
+    else:
+        tokens = torch.argmax(logits, dim=-1)
+        if random_rows:
+            tokens[random_rows] = drawn
 
     token_list = tokens.tolist()
     logprob_list: list[TokenLogprobs | None] = [None] * len(requests)
@@ -120,7 +179,7 @@ def target_logprobs(logits: torch.Tensor, targets: list[int], k: int) -> list[To
 def _inverse_cdf_draw(probs: torch.Tensor, uniforms: list[float]) -> torch.Tensor:
     """Row r's token: the first index whose cumulative probability exceeds u_r x the row's total
     (a token of probability 0 is never picked: its cumulative sum does not rise)."""
-    cdf = torch.cumsum(probs, dim=-1)
+    cdf = torch.cumsum(probs, dim=-1, out=_scratch.get("cdf", probs))
     u = torch.tensor(uniforms, dtype=cdf.dtype, device=cdf.device).unsqueeze(1) * cdf[:, -1:]
     picked = torch.searchsorted(cdf, u, right=True).squeeze(1)
     # u x total can round up to the total itself (u within 2^-24 of 1): take the row's last
@@ -137,7 +196,7 @@ def _process_for_sampling(logits: torch.Tensor, params) -> torch.Tensor:
     """Temperature, then top-k, top-p and min-p filtering, vectorised over rows."""
     dev = logits.device
     temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=dev)
-    logits = logits / temps.unsqueeze(1)
+    logits = torch.div(logits, temps.unsqueeze(1), out=_scratch.get("scaled", logits))
     vocab = logits.shape[1]
     ks = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
     if any(ks):

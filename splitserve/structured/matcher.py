@@ -6,9 +6,11 @@ compiles); the engine parks the request until `poll()` says READY. Compiled gram
 by the spec's hash; a request gets a copy of the cached matcher.
 
 A matcher's position is a function of the request's output tokens alone: before each sampling
-step `sync()` feeds it the output tokens it has not seen yet. That is how a decode worker, a
-preempted request or a failover's new placement resumes exactly where generation stopped: the
-fresh matcher replays the tokens already generated (the prefill worker's first token included).
+step it consumes the output tokens it has not seen yet (`unseen()`, then `consume()` on the mask
+thread, which then computes the step's bitmask while the forward pass runs). That is how a
+decode worker, a preempted request or a failover's new placement resumes exactly where generation
+stopped: the fresh matcher replays the tokens already generated (the prefill worker's first token
+included).
 """
 
 from __future__ import annotations
@@ -63,12 +65,15 @@ class RequestGrammar:
                 pass
         return self.poll()
 
-    def sync(self, token_ids, num_prompt_tokens: int) -> None:
-        """Feed the matcher every output token it has not seen (replay after a handoff or failover)."""
+    def unseen(self, token_ids, num_prompt_tokens: int) -> list[int]:
+        """The output tokens the matcher has not consumed yet (read on the engine's thread)."""
         start = num_prompt_tokens + self.num_consumed
-        if start >= len(token_ids):
+        return list(token_ids[start:]) if start < len(token_ids) else []
+
+    def consume(self, new: list[int]) -> None:
+        """Advance the matcher over `new` (replay after a handoff or failover: several at once)."""
+        if not new:
             return
-        new = list(token_ids[start:])
         self.num_consumed += len(new)
         if not self.matcher.is_error() and not self.matcher.consume_tokens(new):
             log.warning("a generated token broke the grammar: %s", self.matcher.get_error())
@@ -93,9 +98,12 @@ class GrammarBackend:
         self.num_compiled = 0
         self.num_cache_hits = 0
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-compile")
+        # Each step's matcher advance + bitmask runs here while the engine's thread runs the
+        # forward pass (llguidance drops the GIL while it computes masks).
+        self._mask_pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
         self._lltokenizer = None
         self._tokenizer_lock = threading.Lock()
-        self._executor = None
+        self._executor = None  # llguidance's parallel mask executor (its default threads: 80% of the cores)
         words = (vocab_size + 31) // 32
         self._eos_only = np.zeros(words, dtype=np.int32)  # what a finished or broken matcher allows
         for t in self.eos_token_ids:
@@ -160,6 +168,17 @@ class GrammarBackend:
             return self._lltokenizer
 
     # ---- masking -----------------------------------------------------------------------------
+    def advance_and_fill(self, states: list[RequestGrammar], new_tokens: list[list[int]]) -> torch.Tensor:
+        """Feed each matcher its unseen tokens, then compute the batch's bitmask (see fill_bitmask)."""
+        for state, new in zip(states, new_tokens):
+            if state.matcher is not None:
+                state.consume(new)
+        return self.fill_bitmask(states)
+
+    def submit_mask(self, states: list[RequestGrammar], new_tokens: list[list[int]]) -> Future:
+        """advance_and_fill on the mask thread; the matchers are its own until the future is done."""
+        return self._mask_pool.submit(self.advance_and_fill, states, new_tokens)
+
     def fill_bitmask(self, states: list[RequestGrammar]) -> torch.Tensor:
         """One int32 bitmask row per state (bit t of row r: token t allowed), computed in one call."""
         import llguidance
@@ -180,3 +199,4 @@ class GrammarBackend:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._mask_pool.shutdown(wait=True)  # a step's mask never outlives the engine
