@@ -55,7 +55,7 @@ class Admission:
     """A claim on `n` seats of the bounded queue, released exactly once."""
 
     def __init__(self, state: ServerState, n: int) -> None:
-        if state.admitted + n > state.max_inflight:
+        if state.admitted + n > state.inflight_limit():
             raise APIError(503, "the server is overloaded; retry later", "service_unavailable", code="overloaded")
         state.admitted += n
         self.state, self.n = state, n

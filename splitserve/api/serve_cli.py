@@ -200,7 +200,7 @@ async def start_cluster(args: argparse.Namespace, config: EngineConfig, started:
     state = ServerState(
         client=cluster, tokenizer=tokenizer, model_name=name, model_aliases=aliases,
         max_model_len=cluster.max_model_len, max_inflight=seats * max(1, args.decode_workers if args.disaggregated else 1),
-        api_key=args.api_key, metrics=ServerMetrics(cluster, name), started=time.time(),
+        api_key=args.api_key, metrics=ServerMetrics(cluster, name), started=time.time(), seats_per_worker=seats,
         split_special_tokens=args.split_special_tokens,
         chat_template=chat_template,
         tool_call_parser=args.tool_call_parser,

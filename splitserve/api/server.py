@@ -37,7 +37,7 @@ class ServerState:
     model_name: str
     model_aliases: frozenset[str]
     max_model_len: int
-    max_inflight: int
+    max_inflight: int  # the bound on sub-requests accepted and not yet answered (see inflight_limit)
     api_key: str | None
     metrics: ServerMetrics
     started: float
@@ -47,10 +47,19 @@ class ServerState:
     admitted: int = 0  # sub-requests accepted and not yet answered: the bounded queue
     chat_template: str | None = None  # --chat-template FILE's text
     tool_call_parser: str | None = None  # --tool-call-parser NAME (None: from the chat template)
+    seats_per_worker: int = 0  # > 0: the bound follows the serving pool's size as it scales
     prompt_builder: PromptBuilder = field(init=False)
 
     def __post_init__(self) -> None:
         self.prompt_builder = PromptBuilder(self.tokenizer, self.max_model_len)
+
+    def inflight_limit(self) -> int:
+        """Seats per worker times the decode (or aggregated) pool's target: a pool scaled at run
+        time takes as many more requests as it has seats, and a shrunk one queues fewer."""
+        targets = getattr(self.client, "targets", None)
+        if not self.seats_per_worker or not targets:
+            return self.max_inflight
+        return self.seats_per_worker * max(1, targets.get("decode", targets.get("both", 1)))
 
 
 # ---- ASGI guards -------------------------------------------------------------------------------
