@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import jsonschema
@@ -70,11 +71,15 @@ def test_parse_pydantic_model(server):
 
 
 def test_sampled_nested_schema_all_validate(server):
-    texts = []
-    for seed in range(1, 8):  # 7 requests x n=16: 112 sampled choices, every one constrained
-        r = server.client.chat.completions.create(
+    def ask(seed):
+        return server.client.chat.completions.create(
             model=MODEL, messages=_chat("Make up a user record."), n=16, temperature=1.0, seed=seed, max_tokens=160,
             response_format={"type": "json_schema", "json_schema": {"name": "user", "schema": NESTED, "strict": True}})
+
+    texts = []
+    with ThreadPoolExecutor(7) as pool:  # 7 requests x n=16 at once: 112 sampled choices, one batch
+        answers = list(pool.map(ask, range(1, 8)))
+    for r in answers:
         for c in r.choices:
             assert c.finish_reason == "stop", c.message.content
             jsonschema.validate(json.loads(c.message.content), NESTED)
