@@ -153,7 +153,7 @@ def test_bench_agent_chains_make_real_tool_round_trips(server):
 
     async def scenario():
         async with Recording(server.base_url, model=MODEL, ignore_eos=False, min_tokens=False) as client:
-            specs = agent_chains(num_chains=2, steps=3, tool_tokens=16, answer_tokens=32, tool_calling=True)
+            specs = agent_chains(num_chains=2, steps=3, tool_tokens=16, answer_tokens=100, tool_calling=True)
             return await run_load(client, specs, concurrency=2)
 
     out = asyncio.run(scenario())
